@@ -1,0 +1,688 @@
+"""The Bayesian sparse transformer: scBERT's Performer encoder + a Bayesian, structurally prunable classifier head.
+
+Data flow: tokens (batch, genes+1) -> encoder -> encodings (batch, genes+1, dim) -> head -> logits. The encoder is
+deterministic, so Monte Carlo prediction encodes once and samples only the head, vectorised over samples:
+logits (samples, batch, classes).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from performer_pytorch import PerformerConfig, PerformerLM, convert_scbert_state_dict, is_scbert_state_dict
+from utils import UserError, atomic_write, package_versions
+
+CHECKPOINT_FORMAT = "bayesian-sparse-transformer/1"
+PRUNABLE_LAYERS = ("fc1", "fc2")
+PRUNE_MODES = ("physical", "mask")
+LOG_SIGMA_RANGE = (-12.0, 0.0)  # sigma in [6e-6, 1]: no collapse to a point mass, no noise swamping the mean
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------------------
+
+
+class StructuredMask(nn.Module):
+    """Row (output) and column (input) masks for structured pruning in `mask` mode; all ones until pruned."""
+
+    def _init_masks(self, in_features: int, out_features: int) -> None:
+        self.register_buffer("out_mask", torch.ones(out_features))
+        self.register_buffer("in_mask", torch.ones(in_features))
+
+    def weight_mask(self) -> Tensor:
+        return self.out_mask[:, None] * self.in_mask[None, :]  # (out, in)
+
+
+class PrunableLinear(StructuredMask):
+    """A deterministic linear layer (scBERT's nn.Linear, same parameter names) with structured masks."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        reference = nn.Linear(in_features, out_features)  # PyTorch's default initialisation
+        self.weight = nn.Parameter(reference.weight.detach().clone())
+        self.bias = nn.Parameter(reference.bias.detach().clone())
+        self._init_masks(in_features, out_features)
+
+    def mean_weight(self) -> Tensor:
+        return self.weight * self.weight_mask()
+
+    def forward(self, x: Tensor, noise: dict[str, Tensor] | None = None) -> Tensor:
+        return F.linear(x, self.mean_weight(), self.bias * self.out_mask)
+
+
+class BayesianLinear(StructuredMask):
+    """Linear layer with a mean-field Gaussian posterior over weight and bias, trained by variational inference.
+
+    q(w) = N(mu, sigma^2) with sigma = exp(log_sigma) clamped to LOG_SIGMA_RANGE; prior N(0, prior_sigma^2).
+    `deterministic=True` uses the means (pre-warm epochs, MAP prediction). With `local_reparam=True` training
+    samples pre-activations instead of weights (Kingma et al., 2015): lower-variance gradients, no weight sample.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        prior_sigma: float = 0.1,
+        init_log_sigma: float = -5.0,
+        local_reparam: bool = False,
+    ):
+        super().__init__()
+        if prior_sigma <= 0:
+            raise ValueError(f"prior_sigma must be positive, got {prior_sigma}")
+        reference = nn.Linear(in_features, out_features)
+        self.weight_mu = nn.Parameter(reference.weight.detach().clone())
+        self.bias_mu = nn.Parameter(reference.bias.detach().clone())
+        self.weight_log_sigma = nn.Parameter(torch.full((out_features, in_features), float(init_log_sigma)))
+        self.bias_log_sigma = nn.Parameter(torch.full((out_features,), float(init_log_sigma)))
+        self._init_masks(in_features, out_features)
+        self.prior_sigma = prior_sigma
+        self.local_reparam = local_reparam
+        self.deterministic = False
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_mu.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_mu.shape[0]
+
+    def weight_sigma(self) -> Tensor:
+        return self.weight_log_sigma.clamp(*LOG_SIGMA_RANGE).exp()
+
+    def bias_sigma(self) -> Tensor:
+        return self.bias_log_sigma.clamp(*LOG_SIGMA_RANGE).exp()
+
+    def mean_weight(self) -> Tensor:
+        return self.weight_mu * self.weight_mask()
+
+    def draw_noise(self, num_samples: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Standard normal noise for `num_samples` weight draws: weight (S, out, in), bias (S, out)."""
+        device = generator.device if generator is not None else self.weight_mu.device
+        shape_w, shape_b = (num_samples, *self.weight_mu.shape), (num_samples, self.out_features)
+        noise = {
+            "weight": torch.randn(shape_w, generator=generator, device=device),
+            "bias": torch.randn(shape_b, generator=generator, device=device),
+        }
+        return {name: value.to(self.weight_mu.device) for name, value in noise.items()}
+
+    def forward(self, x: Tensor, noise: dict[str, Tensor] | None = None) -> Tensor:
+        """x (batch, in) or (S, batch, in); `noise` from `draw_noise` gives (S, batch, out), else (…, out)."""
+        mask = self.weight_mask()
+        if self.deterministic:
+            return F.linear(x, self.weight_mu * mask, self.bias_mu * self.out_mask)
+        if noise is None and self.local_reparam:
+            mean = F.linear(x, self.weight_mu * mask, self.bias_mu * self.out_mask)
+            var = F.linear(x.pow(2), (self.weight_sigma() * mask).pow(2), (self.bias_sigma() * self.out_mask).pow(2))
+            return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+        if noise is None:
+            noise = {name: value[0] for name, value in self.draw_noise(1).items()}
+        weight = (self.weight_mu + self.weight_sigma() * noise["weight"]) * mask  # (out, in) or (S, out, in)
+        bias = (self.bias_mu + self.bias_sigma() * noise["bias"]) * self.out_mask  # (out,) or (S, out)
+        if weight.dim() == 2:
+            return F.linear(x, weight, bias)
+        if x.dim() == 2:  # the same inputs for every sample (the first Bayesian layer after the encoder)
+            x = x.expand(weight.shape[0], *x.shape)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # (S, batch, out)
+
+    def kl_divergence(self) -> Tensor:
+        """Closed-form KL(q || prior) summed over unpruned weights and biases."""
+
+        def kl(mu: Tensor, sigma: Tensor) -> Tensor:
+            p = self.prior_sigma
+            return math.log(p) - sigma.log() + (sigma.pow(2) + mu.pow(2)) / (2 * p * p) - 0.5
+
+        weight_kl = (kl(self.weight_mu, self.weight_sigma()) * self.weight_mask()).sum()
+        return weight_kl + (kl(self.bias_mu, self.bias_sigma()) * self.out_mask).sum()
+
+    @classmethod
+    def from_linear(
+        cls, layer: PrunableLinear, *, prior_sigma: float, init_log_sigma: float, local_reparam: bool
+    ) -> BayesianLinear:
+        """Port a trained deterministic layer: its weights become the posterior means (Stage A -> Stage B)."""
+        out_features, in_features = layer.weight.shape
+        bayes = cls(
+            in_features, out_features, prior_sigma=prior_sigma, init_log_sigma=init_log_sigma,
+            local_reparam=local_reparam,
+        ).to(layer.weight.device)
+        with torch.no_grad():
+            bayes.weight_mu.copy_(layer.weight)
+            bayes.bias_mu.copy_(layer.bias)
+            bayes.out_mask.copy_(layer.out_mask)
+            bayes.in_mask.copy_(layer.in_mask)
+        return bayes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Classifier head (scBERT's `Identity` head)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadConfig:
+    """scBERT's head: conv over dim -> ReLU -> fc1 -> ReLU/dropout -> fc2 -> ReLU/dropout -> fc3.
+
+    hidden1/hidden2/kept_inputs are the current (possibly physically pruned) widths; base_* the original ones.
+    """
+
+    seq_len: int
+    dim: int
+    num_classes: int
+    hidden1: int = 512
+    hidden2: int = 128
+    dropout: float = 0.0
+    bayes: bool = False
+    prior_sigma: float = 0.1
+    init_log_sigma: float = -5.0
+    local_reparam: bool = False
+    kept_inputs: int | None = None  # gene positions fc1 still reads after physical column pruning
+    base_hidden1: int | None = None
+    base_hidden2: int | None = None
+
+    def __post_init__(self) -> None:
+        self.base_hidden1 = self.base_hidden1 or self.hidden1
+        self.base_hidden2 = self.base_hidden2 or self.hidden2
+
+    @property
+    def fc1_in(self) -> int:
+        return self.seq_len if self.kept_inputs is None else self.kept_inputs
+
+
+class ClassifierHead(nn.Module):
+    """Maps encodings (batch, genes+1, dim) to logits (batch, classes), or (S, batch, classes) given noise."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        c = self.config = config
+        self.conv1 = nn.Conv2d(1, 1, (1, c.dim))  # scBERT's per-gene projection; kept as Conv2d for its key names
+        # Gene positions fc1 reads after physical column pruning; None (not saved) while fc1 reads them all.
+        self.register_buffer("input_index", None if c.kept_inputs is None else torch.arange(c.kept_inputs))
+        self.fc1 = self._make_linear(c.fc1_in, c.hidden1)
+        self.fc2 = self._make_linear(c.hidden1, c.hidden2)
+        self.fc3 = nn.Linear(c.hidden2, c.num_classes)
+        self.dropout1 = nn.Dropout(c.dropout)
+        self.dropout2 = nn.Dropout(c.dropout)
+
+    def _make_linear(self, in_features: int, out_features: int) -> nn.Module:
+        c = self.config
+        if c.bayes:
+            return BayesianLinear(
+                in_features, out_features, prior_sigma=c.prior_sigma, init_log_sigma=c.init_log_sigma,
+                local_reparam=c.local_reparam,
+            )
+        return PrunableLinear(in_features, out_features)
+
+    def bayesian_layers(self) -> dict[str, BayesianLinear]:
+        return {name: layer for name, layer in (("fc1", self.fc1), ("fc2", self.fc2)) if isinstance(layer, BayesianLinear)}
+
+    def gene_features(self, encodings: Tensor) -> Tensor:
+        """(batch, genes+1, dim) -> (batch, fc1_in): the conv is a dot product over dim, done as one GEMV."""
+        weight = self.conv1.weight.view(1, -1)  # (1, dim)
+        features = torch.relu(F.linear(encodings, weight, self.conv1.bias).squeeze(-1))
+        if self.input_index is not None:
+            features = features.index_select(1, self.input_index)
+        return features
+
+    def draw_noise(self, num_samples: int, generator: torch.Generator | None = None) -> dict[str, dict[str, Tensor]]:
+        return {name: layer.draw_noise(num_samples, generator) for name, layer in self.bayesian_layers().items()}
+
+    def classify(self, features: Tensor, noise: dict[str, dict[str, Tensor]] | None = None) -> Tensor:
+        noise = noise or {}
+        x = self.dropout1(torch.relu(self.fc1(features, noise.get("fc1"))))
+        x = self.dropout2(torch.relu(self.fc2(x, noise.get("fc2"))))
+        return self.fc3(x)
+
+    def forward(self, encodings: Tensor, noise: dict[str, dict[str, Tensor]] | None = None) -> Tensor:
+        return self.classify(self.gene_features(encodings), noise)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The full model
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    encoder: PerformerConfig
+    head: HeadConfig
+
+    def to_dict(self) -> dict:
+        return {"encoder": asdict(self.encoder), "head": asdict(self.head)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        return cls(encoder=PerformerConfig(**data["encoder"]), head=HeadConfig(**data["head"]))
+
+
+class BayesianSparseTransformer(nn.Module):
+    """PerformerLM encoder + ClassifierHead. forward(tokens (batch, genes+1)) -> logits (batch, classes)."""
+
+    def __init__(self, config: ModelConfig, gene_vectors: Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.encoder = PerformerLM(config.encoder, gene_vectors)
+        self.head = ClassifierHead(config.head)
+
+    @property
+    def is_bayesian(self) -> bool:
+        return bool(self.head.bayesian_layers())
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        return self.encoder(tokens)  # (batch, genes+1, dim)
+
+    def forward(self, tokens: Tensor, noise: dict | None = None) -> Tensor:
+        return self.head(self.encode(tokens), noise)
+
+    def set_deterministic(self, deterministic: bool) -> None:
+        """Use posterior means (True) or sample weights (False) in every Bayesian layer."""
+        for layer in self.head.bayesian_layers().values():
+            layer.deterministic = deterministic
+
+    def kl_divergence(self) -> Tensor:
+        layers = self.head.bayesian_layers().values()
+        if not layers:
+            return self.head.fc3.weight.new_zeros(())
+        return sum(layer.kl_divergence() for layer in layers)
+
+    def mc_logits(
+        self,
+        tokens: Tensor,
+        num_samples: int,
+        *,
+        generator: torch.Generator | None = None,
+        noise: dict | None = None,
+    ) -> Tensor:
+        """Encode once, then sample the head: logits (S, batch, classes).
+
+        Pass the same `noise` (from `self.head.draw_noise`) for every batch to evaluate one fixed set of S networks:
+        predictions then depend neither on batch size nor on batch order.
+        """
+        features = self.head.gene_features(self.encode(tokens))  # (batch, fc1_in)
+        deterministic = not self.is_bayesian or all(layer.deterministic for layer in self.head.bayesian_layers().values())
+        if deterministic:
+            return self.head.classify(features).expand(num_samples, -1, -1)
+        if noise is None:
+            noise = self.head.draw_noise(num_samples, generator)
+        return self.head.classify(features, noise)
+
+    def mc_probs(self, tokens: Tensor, num_samples: int, **kwargs) -> Tensor:
+        return self.mc_logits(tokens, num_samples, **kwargs).float().softmax(dim=-1)  # (S, batch, classes)
+
+    def to_bayesian(self, *, prior_sigma: float = 0.1, init_log_sigma: float = -5.0, local_reparam: bool = False) -> None:
+        """Turn fc1/fc2 into Bayesian layers whose means are the trained weights (in place)."""
+        if self.is_bayesian:
+            return
+        for name in PRUNABLE_LAYERS:
+            layer = getattr(self.head, name)
+            setattr(
+                self.head, name,
+                BayesianLinear.from_linear(layer, prior_sigma=prior_sigma, init_log_sigma=init_log_sigma, local_reparam=local_reparam),
+            )
+        self.config.head = replace(
+            self.config.head, bayes=True, prior_sigma=prior_sigma, init_log_sigma=init_log_sigma, local_reparam=local_reparam
+        )
+        self.head.config = self.config.head
+
+    # ---- structured pruning ---------------------------------------------------------------------------------
+
+    def prune(self, amount: float, *, layers: tuple[str, ...] = PRUNABLE_LAYERS, dim: int = 0, mode: str = "physical") -> dict:
+        """Remove the smallest-L2-norm slices of fc1/fc2 until `amount` of each layer's original slices are gone.
+
+        dim=0 prunes rows (output neurons), dim=1 columns (inputs). Scores use the posterior means. `mask` zeroes
+        the slices in place (weights, biases and, for the next layer, the matching inputs); `physical` rebuilds the
+        layers smaller so the pruned head really is smaller and faster. Returns `pruning_stats()`.
+        """
+        if not 0.0 <= amount < 1.0:
+            raise ValueError(f"amount must be in [0, 1), got {amount}")
+        if dim not in (0, 1):
+            raise ValueError(f"dim must be 0 (rows) or 1 (columns), got {dim}")
+        if mode not in PRUNE_MODES:
+            raise ValueError(f"mode must be one of {PRUNE_MODES}, got {mode!r}")
+        for name in layers:
+            if name not in PRUNABLE_LAYERS:
+                raise ValueError(f"can only prune {PRUNABLE_LAYERS}, got {name!r}")
+            unit = _prunable_unit(name, dim)
+            layer = getattr(self.head, name)
+            active = layer.out_mask if dim == 0 else layer.in_mask
+            keep = _choose_kept(layer.mean_weight(), active, dim, self._base_width(unit), amount)
+            if keep is not None:
+                (self._remove_physically if mode == "physical" else self._remove_by_mask)(unit, keep)
+        return self.pruning_stats()
+
+    def _base_width(self, unit: str) -> int:
+        c = self.config.head
+        return {"inputs": c.seq_len, "hidden1": c.base_hidden1, "hidden2": c.base_hidden2}[unit]
+
+    def _remove_by_mask(self, unit: str, keep: Tensor) -> None:
+        producer, consumer = _UNIT_LAYERS[unit]
+        with torch.no_grad():
+            if producer is None:
+                mask = getattr(self.head, consumer).in_mask
+            else:
+                mask = getattr(self.head, producer).out_mask
+            mask.zero_()[keep] = 1.0
+            if producer is not None and consumer != "fc3":
+                getattr(self.head, consumer).in_mask.copy_(mask)
+
+    def _remove_physically(self, unit: str, keep: Tensor) -> None:
+        head = self.head
+        producer, consumer = _UNIT_LAYERS[unit]
+        if producer is not None:
+            setattr(head, producer, _slice_layer(getattr(head, producer), rows=keep))
+        setattr(head, consumer, _slice_layer(getattr(head, consumer), cols=keep))
+        c = self.config.head
+        if unit == "inputs":
+            current = head.input_index if head.input_index is not None else torch.arange(c.seq_len, device=keep.device)
+            head.input_index = current[keep].clone()
+            c.kept_inputs = len(keep)
+        else:
+            setattr(c, unit, len(keep))
+
+    def pruning_stats(self) -> dict:
+        """Parameter counts and per-layer structured sparsity relative to the unpruned head."""
+        c = self.config.head
+        base_shapes = {"fc1": (c.base_hidden1, c.seq_len), "fc2": (c.base_hidden2, c.base_hidden1)}
+        stats: dict = {"layers": {}}
+        active_total = base_total = 0
+        for name in PRUNABLE_LAYERS:
+            layer = getattr(self.head, name)
+            rows, cols = int(layer.out_mask.sum()), int(layer.in_mask.sum())
+            base_rows, base_cols = base_shapes[name]
+            active_total += rows * cols
+            base_total += base_rows * base_cols
+            stats["layers"][name] = {
+                "shape": list(layer.mean_weight().shape),
+                "active_rows": rows,
+                "active_cols": cols,
+                "row_sparsity": 1 - rows / base_rows,
+                "col_sparsity": 1 - cols / base_cols,
+                "weight_sparsity": 1 - rows * cols / (base_rows * base_cols),
+            }
+        stats["fc12_sparsity"] = 1 - active_total / base_total
+        stats["fc12_active_weights"] = active_total
+        stats["fc12_base_weights"] = base_total
+        stats["total_params"] = sum(p.numel() for p in self.parameters())
+        stats["head_params"] = sum(p.numel() for p in self.head.parameters())
+        stats["nonzero_params"] = _count_nonzero_effective(self)
+        return stats
+
+
+# Which layer produces and which consumes each prunable unit: pruning a unit removes rows of the producer and
+# columns of the consumer (fc1 column pruning removes gene positions: there is no producer layer to shrink).
+_UNIT_LAYERS = {"inputs": (None, "fc1"), "hidden1": ("fc1", "fc2"), "hidden2": ("fc2", "fc3")}
+
+
+def _prunable_unit(layer: str, dim: int) -> str:
+    if dim == 0:
+        return "hidden1" if layer == "fc1" else "hidden2"
+    return "inputs" if layer == "fc1" else "hidden1"
+
+
+def _choose_kept(weight: Tensor, active: Tensor, dim: int, base_width: int, amount: float) -> Tensor | None:
+    """Sorted indices of the slices to keep along `dim`, or None when nothing has to go.
+
+    `active` marks slices not yet pruned by mask; masked slices are never kept, so a physical prune after a masked
+    one drops them too.
+    """
+    target = base_width - round(amount * base_width)
+    n_active = int(active.sum())
+    if n_active <= target and n_active == active.numel():
+        return None
+    norms = weight.detach().norm(p=2, dim=1 - dim).masked_fill(active == 0, -1.0)  # one L2 norm per slice
+    return torch.topk(norms, min(target, n_active), sorted=False).indices.sort().values
+
+
+def _slice_layer(layer: nn.Module, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Module:
+    """A copy of `layer` keeping only the given rows/columns (means, variances, biases and masks alike)."""
+    out_features, in_features = layer.weight.shape if isinstance(layer, nn.Linear) else layer.mean_weight().shape
+    device = next(layer.parameters()).device
+    rows = rows if rows is not None else torch.arange(out_features, device=device)
+    cols = cols if cols is not None else torch.arange(in_features, device=device)
+    if isinstance(layer, nn.Linear):  # fc3 loses the inputs of removed hidden2 neurons
+        new = nn.Linear(len(cols), len(rows)).to(layer.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(layer.weight[rows][:, cols])
+            new.bias.copy_(layer.bias[rows])
+        return new
+    if isinstance(layer, BayesianLinear):
+        new = BayesianLinear(len(cols), len(rows), prior_sigma=layer.prior_sigma, local_reparam=layer.local_reparam)
+        new.deterministic = layer.deterministic
+        pairs = (("weight_mu", "weight_log_sigma"), ("bias_mu", "bias_log_sigma"))
+    else:
+        new = PrunableLinear(len(cols), len(rows))
+        pairs = (("weight", None), ("bias", None))
+    new = new.to(device)
+    with torch.no_grad():
+        for weight_name, sigma_name in pairs:
+            for name in filter(None, (weight_name, sigma_name)):
+                source = getattr(layer, name)
+                getattr(new, name).copy_(source[rows][:, cols] if source.dim() == 2 else source[rows])
+        new.out_mask.copy_(layer.out_mask[rows])
+        new.in_mask.copy_(layer.in_mask[cols])
+    return new
+
+
+def _count_nonzero_effective(model: BayesianSparseTransformer) -> int:
+    """Parameters that still act: everything outside fc1/fc2 plus their unmasked weights and biases."""
+    head = model.head
+    total = sum(p.numel() for p in model.parameters())
+    for name in PRUNABLE_LAYERS:
+        layer = getattr(head, name)
+        copies = 2 if isinstance(layer, BayesianLinear) else 1  # mean and sigma per weight
+        full = layer.weight_mask().numel() + layer.out_mask.numel()
+        active = int(layer.weight_mask().sum() + layer.out_mask.sum())
+        total -= copies * (full - active)
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gene2vec vectors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_gene_vectors(path: str | Path, genes: list[str], dim: int) -> Tensor:
+    """Gene embedding table (genes+1, dim) from a `.npy` in gene order or a text file `SYMBOL v1 … vN`.
+
+    Text vectors are aligned by symbol; genes without a vector get zeros (counted in a warning). The last row,
+    for scBERT's appended token, is zero as in scBERT.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"gene2vec file not found: {path}; pass an existing --gene2vec_path or drop the option")
+    if path.suffix == ".npy":
+        try:
+            vectors = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            raise UserError(f"cannot read {path} as a numpy array ({err}); save it with np.save") from err
+        if vectors.ndim != 2 or vectors.shape[0] not in (len(genes), len(genes) + 1) or vectors.shape[1] != dim:
+            raise UserError(
+                f"{path} has shape {vectors.shape}, expected ({len(genes)}, {dim}) — one {dim}-d vector per gene, in "
+                "the data's gene order; or use the text format 'SYMBOL v1 … vN' to align by gene name"
+            )
+        table = np.zeros((len(genes) + 1, dim), dtype=np.float32)
+        table[: len(genes)] = vectors[: len(genes)]
+        return torch.from_numpy(table)
+    by_symbol: dict[str, np.ndarray] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            fields = line.split()
+            if len(fields) <= 2:  # word2vec header "count dim" or a blank line
+                continue
+            if len(fields) != dim + 1:
+                raise UserError(f"{path}:{line_number} has {len(fields) - 1} values, expected {dim} (the model --dim)")
+            try:
+                by_symbol[fields[0]] = np.asarray(fields[1:], dtype=np.float32)
+            except ValueError as err:
+                raise UserError(f"{path}:{line_number}: not a number ({err})") from err
+    table = np.zeros((len(genes) + 1, dim), dtype=np.float32)
+    missing = 0
+    for index, gene in enumerate(genes):
+        if gene in by_symbol:
+            table[index] = by_symbol[gene]
+        else:
+            missing += 1
+    if missing == len(genes):
+        raise UserError(f"no gene of the data has a vector in {path}; check that both use gene symbols")
+    if missing:
+        warnings.warn(f"{missing} of {len(genes)} genes have no gene2vec vector in {path}; they get zeros", stacklevel=2)
+    return torch.from_numpy(table)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A loaded, self-describing checkpoint: the model rebuilt from the file alone, plus its metadata."""
+
+    model: BayesianSparseTransformer
+    genes: list[str]
+    classes: list[str]
+    bin_num: int
+    stage: str
+    args: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    training_state: dict | None = None
+    versions: dict = field(default_factory=dict)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: BayesianSparseTransformer,
+    *,
+    genes: list[str],
+    classes: list[str],
+    bin_num: int,
+    stage: str,
+    args: dict | None = None,
+    metrics: dict | None = None,
+    training_state: dict | None = None,
+) -> None:
+    """Write everything needed to rebuild and use the model, atomically (a kill never leaves a torn file)."""
+    module = model.module if hasattr(model, "module") else model  # unwrap DistributedDataParallel
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": module.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "genes": list(genes),
+        "classes": list(classes),
+        "bin_num": int(bin_num),
+        "stage": stage,
+        "args": dict(args or {}),
+        "metrics": dict(metrics or {}),
+        "versions": package_versions(),
+        "training_state": training_state,
+    }
+    with atomic_write(path, "wb") as handle:
+        torch.save(payload, handle)
+
+
+def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load with weights_only=True (never runs code from the file); every failure is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}; check --model_path")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"refusing to load {path}: it contains Python objects other than tensors and plain data, which could run "
+            "code; load only checkpoints you trust, re-saved as a plain state dict"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or another file type): {err}".splitlines()[0]) from err
+    if not isinstance(payload, dict):
+        raise UserError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary")
+    return payload
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild a model saved by `save_checkpoint` from the file alone (no architecture flags)."""
+    payload = read_checkpoint_file(path, map_location)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        hint = " (it looks like a scBERT checkpoint: use it as a pretrained encoder with finetune_sparse.py)" if (
+            is_scbert_state_dict(_state_dict_of(payload))
+        ) else ""
+        raise UserError(f"{path} is not a checkpoint of this project{hint}")
+    try:
+        config = ModelConfig.from_dict(payload["model_config"])
+        model = BayesianSparseTransformer(config)
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path} is damaged or built for another architecture: {str(err).splitlines()[0]}") from err
+    model.to(map_location)
+    return Checkpoint(
+        model=model,
+        genes=list(payload["genes"]),
+        classes=list(payload["classes"]),
+        bin_num=int(payload["bin_num"]),
+        stage=str(payload["stage"]),
+        args=payload.get("args") or {},
+        metrics=payload.get("metrics") or {},
+        training_state=payload.get("training_state"),
+        versions=payload.get("versions") or {},
+    )
+
+
+def _state_dict_of(payload: dict) -> dict:
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(payload.get(key), dict):
+            return payload[key]
+    return payload
+
+
+def load_pretrained_encoder(model: BayesianSparseTransformer, path: str | Path) -> list[str]:
+    """Initialise `model.encoder` (and the head, when it fits) from scBERT's checkpoint or one of ours.
+
+    Returns human-readable notes about what was loaded and what was skipped.
+    """
+    payload = read_checkpoint_file(path)
+    source = _state_dict_of(payload)
+    if payload.get("format") == CHECKPOINT_FORMAT:
+        encoder_sd = {k[len("encoder."):]: v for k, v in source.items() if k.startswith("encoder.")}
+        head_sd = {k[len("head."):]: v for k, v in source.items() if k.startswith("head.")}
+    elif is_scbert_state_dict(source):
+        encoder_sd, leftover = convert_scbert_state_dict(source)
+        # A fine-tuned scBERT keeps its classifier under to_out.{conv1,fc1,fc2,fc3}; a pretrained one has only the
+        # language-model output to_out.{weight,bias}, which has no use here.
+        head_sd = {k[len("to_out."):]: v for k, v in leftover.items() if k.startswith("to_out.") and k.count(".") == 2}
+    else:
+        raise UserError(f"{path} is neither a checkpoint of this project nor a scBERT PerformerLM state dict")
+    own = model.encoder.state_dict()
+    for key, value in encoder_sd.items():
+        if key in own and own[key].shape != value.shape:
+            raise UserError(
+                f"{path} was built for another architecture: {key} has shape {tuple(value.shape)} there and "
+                f"{tuple(own[key].shape)} here; match --dim/--depth/--heads/--bin_num and the gene count to the checkpoint"
+            )
+    unexpected = sorted(set(encoder_sd) - set(own))
+    missing = sorted(k for k in set(own) - set(encoder_sd) if not k.endswith(("calls_since_redraw", "num_redraws")))
+    if unexpected or missing:
+        raise UserError(
+            f"{path} does not match this encoder (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "match --depth/--local_attn_heads/--no_pos_embed to the checkpoint"
+        )
+    model.encoder.load_state_dict(encoder_sd, strict=False)
+    notes = [f"loaded {len(encoder_sd)} encoder tensors from {path}"]
+    head_own = model.head.state_dict()
+    fits = head_sd and all(k in head_own and head_own[k].shape == v.shape for k, v in head_sd.items())
+    if fits:
+        model.head.load_state_dict(head_sd, strict=False)
+        notes.append(f"loaded the classifier head ({len(head_sd)} tensors)")
+    elif head_sd:
+        notes.append("the checkpoint's classifier head does not fit this data's genes/classes; the head starts fresh")
+    return notes
