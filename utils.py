@@ -1,0 +1,718 @@
+"""Data layer, metrics and small shared helpers for the Bayesian sparse transformer.
+
+Data flows one way: AnnData -> validated log-normalized csr matrix (cells, genes) -> gene-aligned matrix
+-> scBERT bin tokens (cells, genes+1), densified one batch at a time by `BinnedDataset`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import anndata
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from sklearn.metrics import (
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+from sklearn.model_selection import StratifiedShuffleSplit
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, wrong flag); CLIs print it as one line and exit with status 2."""
+
+
+DEFAULT_LABEL_KEY = "cell_type"
+BUNDLED_LABEL_KEY = "bulk_labels"  # cell types of the bundled scanpy pbmc68k_reduced example
+LOG_SCALE_MAX = 30.0  # log1p of a normalized value cannot reach 30 (that is e^30 counts), so larger means not logged
+NORMALIZE_TARGET = 1e4  # counts per cell after normalize_total, as in scanpy tutorials and scBERT
+UNLABELLED = -1  # label a BinnedDataset returns for cells without labels
+PROB_EPS = 1e-12  # floor for probabilities inside logarithms
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    """Collapse a (library) message to one short line so UserError messages stay one line."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _preview(names: Sequence[object], k: int = 5) -> str:
+    """Quote up to k names, e.g. "'A', 'B' (+3 more)", for error messages."""
+    shown = ", ".join(repr(str(n)) for n in list(names)[:k])
+    return shown + (f" (+{len(names) - k} more)" if len(names) > k else "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: read and validate
+
+
+@dataclass
+class ExpressionData:
+    """A validated log-normalized expression matrix with its genes, cell ids and optional labels.
+
+    Rows of `matrix` are the cells in `cell_ids`; after `min_cells_per_class` filtering that is a subset of
+    `adata.obs_names`. `adata` is the AnnData as read and is never modified here.
+    """
+
+    matrix: sp.csr_matrix  # (cells, genes) float32
+    genes: list[str]
+    cell_ids: list[str]
+    labels: np.ndarray | None  # (cells,) str
+    adata: anndata.AnnData
+
+
+def load_dataset(
+    data_path: str | os.PathLike | None,
+    *,
+    label_key: str | None = DEFAULT_LABEL_KEY,
+    layer: str | None = None,
+    use_raw: bool = False,
+    normalize: bool = False,
+    require_labels: bool = True,
+    min_cells_per_class: int = 0,
+) -> ExpressionData:
+    """Read an .h5ad file (or the bundled pbmc68k_reduced example when `data_path` is None) and validate it.
+
+    See `dataset_from_anndata` for the checks. The bundled example uses its log-normalized `.raw` matrix
+    (its `.X` is scaled) and its 'bulk_labels' column when `label_key` is None or the default.
+    """
+    if data_path is None:
+        adata = _bundled_example()
+        source = "the bundled pbmc68k_reduced example"
+        if label_key in (None, DEFAULT_LABEL_KEY):
+            label_key = BUNDLED_LABEL_KEY
+        use_raw = use_raw or layer is None
+    else:
+        adata = _read_h5ad(Path(data_path))
+        source = str(data_path)
+    return dataset_from_anndata(
+        adata,
+        label_key=label_key,
+        layer=layer,
+        use_raw=use_raw,
+        normalize=normalize,
+        require_labels=require_labels,
+        min_cells_per_class=min_cells_per_class,
+        source=source,
+    )
+
+
+def dataset_from_anndata(
+    adata: anndata.AnnData,
+    *,
+    label_key: str | None = DEFAULT_LABEL_KEY,
+    layer: str | None = None,
+    use_raw: bool = False,
+    normalize: bool = False,
+    require_labels: bool = True,
+    min_cells_per_class: int = 0,
+    source: str = "the AnnData",
+) -> ExpressionData:
+    """Validate an in-memory AnnData and return its log-normalized matrix as csr float32 (the user's is untouched).
+
+    Picks `.X`, `adata.layers[layer]` or `adata.raw` (`use_raw`); raises UserError for zero cells/genes,
+    duplicated gene names, non-numeric, NaN/inf, negative (scaled) or not-log-transformed values (raw counts),
+    and for a missing or incomplete label column. `normalize=True` applies normalize_total(1e4) + log1p to a copy
+    when values are not log-transformed. Without `require_labels`, absent or incomplete labels give `labels=None`.
+    Classes with fewer than `min_cells_per_class` cells are dropped with a warning. `source` names the data in
+    messages.
+    """
+    matrix, genes = _select_matrix(adata, layer=layer, use_raw=use_raw, source=source)
+    labels = _read_labels(adata, label_key, require_labels=require_labels, source=source)
+    matrix = _as_log_normalized(matrix, normalize=normalize, source=source)
+    data = ExpressionData(matrix, genes, [str(c) for c in adata.obs_names], labels, adata)
+    if labels is not None and min_cells_per_class > 0:
+        data = _drop_small_classes(data, min_cells_per_class)
+    return data
+
+
+def _bundled_example() -> anndata.AnnData:
+    """scanpy's pbmc68k_reduced (700 cells x 765 genes, 10 cell types); ships with scanpy, no download."""
+    import scanpy  # imported here because it is slow to import and only this example needs it
+
+    return scanpy.datasets.pbmc68k_reduced()
+
+
+def _read_h5ad(path: Path) -> anndata.AnnData:
+    """Read an .h5ad file fully into memory, turning I/O and format errors into UserError."""
+    if not path.exists():
+        raise UserError(f"data file not found: {path}; check the path")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not an .h5ad file; pass the path of an .h5ad file")
+    try:
+        return anndata.read_h5ad(path)
+    # h5py raises OSError for non-HDF5 or truncated files; anndata raises KeyError/TypeError/ValueError for
+    # HDF5 files that do not hold an AnnData.
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        hint = "" if path.suffix == ".h5ad" else " (expected an .h5ad file)"
+        raise UserError(
+            f"cannot read {path} as AnnData{hint}: {_one_line(e)}; save your data with adata.write_h5ad()"
+        ) from e
+
+
+def _select_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, source: str):
+    """Pick .X, a layer or .raw; check shape and gene names; return (csr float32 copy, genes)."""
+    if use_raw and layer is not None:
+        raise UserError("both --use_raw and --layer were given; choose one of them")
+    if use_raw:
+        if adata.raw is None:
+            raise UserError(f"{source} has no .raw matrix; drop --use_raw or pass a log-normalized --layer")
+        x, var_names, where = adata.raw.X, adata.raw.var_names, ".raw.X"
+    elif layer is not None:
+        if layer not in adata.layers:
+            available = _preview(list(adata.layers.keys()), k=20) or "none"
+            raise UserError(f"layer {layer!r} not found in {source}; available layers: {available}")
+        x, var_names, where = adata.layers[layer], adata.var_names, f"layers[{layer!r}]"
+    else:
+        x, var_names, where = adata.X, adata.var_names, ".X"
+    if x is None:
+        raise UserError(f"{source} has no expression matrix in {where}; pass --layer or --use_raw")
+    n_cells, n_genes = x.shape
+    if n_cells == 0:
+        raise UserError(f"{source} contains no cells; check that the right file was passed")
+    if n_genes == 0:
+        raise UserError(f"{source} contains no genes in {where}; check the file or pick another --layer")
+
+    genes = [str(g) for g in var_names]
+    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    if duplicated:
+        raise UserError(
+            f"{len(duplicated)} gene names occur more than once in {source} ({_preview(duplicated)}); "
+            "make them unique first, e.g. adata.var_names_make_unique()"
+        )
+
+    dtype = np.dtype(x.dtype)
+    if dtype.kind not in "biuf":
+        raise UserError(f"{where} of {source} has non-numeric dtype {dtype}; store expression values as numbers")
+    # Always copy: validation and normalization must never change the user's AnnData.
+    if sp.issparse(x):
+        matrix = sp.csr_matrix(x, dtype=np.float32, copy=True)
+    else:
+        matrix = sp.csr_matrix(np.asarray(x, dtype=np.float32))
+    matrix.sum_duplicates()  # canonical form, so checks on .data see one value per entry
+    return matrix, genes
+
+
+def _read_labels(adata: anndata.AnnData, label_key: str | None, *, require_labels: bool, source: str):
+    """Return obs[label_key] as a str array, None when labels are absent and optional, else UserError."""
+    if label_key is None:
+        if require_labels:
+            raise UserError("cell type labels are required; pass --label_key naming an obs column")
+        return None
+    if label_key not in adata.obs.columns:
+        if not require_labels:
+            return None
+        available = _preview(list(adata.obs.columns), k=20) or "none"
+        raise UserError(
+            f"label column {label_key!r} not found in {source}; available obs columns: {available}; "
+            "pass --label_key"
+        )
+    column = adata.obs[label_key]
+    missing = column.isna().to_numpy() | (column.astype(str).str.strip() == "").to_numpy()
+    if missing.any():
+        message = (
+            f"{int(missing.sum())} of {len(column)} cells have no label (NaN or empty) in obs[{label_key!r}] "
+            f"of {source}"
+        )
+        if not require_labels:
+            warnings.warn(f"{message}; labels ignored, so no metrics are computed", stacklevel=3)
+            return None
+        raise UserError(f"{message}; remove those cells first, e.g. adata = adata[adata.obs[{label_key!r}].notna()]")
+    return np.asarray(column.astype(str), dtype=str)
+
+
+def _as_log_normalized(matrix: sp.csr_matrix, *, normalize: bool, source: str) -> sp.csr_matrix:
+    """Check values are finite, non-negative and log-scale; normalize raw counts when asked."""
+    values = matrix.data  # stored entries only; implicit zeros are valid in any representation
+    bad = ~np.isfinite(values)
+    if bad.any():
+        rows = np.unique(np.searchsorted(matrix.indptr, np.flatnonzero(bad), side="right") - 1)
+        raise UserError(
+            f"{len(rows)} of {matrix.shape[0]} cells in {source} contain NaN or infinite values; "
+            "remove those cells or fix the matrix"
+        )
+    if values.size and values.min() < 0:
+        raise UserError(
+            f"{source} has negative values (min {values.min():.3g}), so it looks scaled; use the log-normalized "
+            "matrix via --use_raw (adata.raw) or a log-normalized --layer"
+        )
+    max_value = float(values.max()) if values.size else 0.0
+    if max_value <= LOG_SCALE_MAX:
+        if normalize:
+            warnings.warn(
+                f"--normalize ignored: {source} already looks log-normalized (max value {max_value:.3g})",
+                stacklevel=3,
+            )
+        return matrix
+    if normalize:
+        return _normalize_log1p(matrix)
+    if np.all(values == np.round(values)):
+        found = f"looks like raw counts (integers up to {max_value:.0f})"
+    else:
+        found = f"has values up to {max_value:.3g}, too large to be log-normalized"
+    raise UserError(
+        f"{source} {found}; pass --normalize (normalize_total to 1e4 + log1p) or run sc.pp.normalize_total "
+        "and sc.pp.log1p yourself"
+    )
+
+
+def _normalize_log1p(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """scanpy's normalize_total(target_sum=1e4) followed by log1p, on a new matrix."""
+    counts = matrix.astype(np.float64)
+    totals = np.asarray(counts.sum(axis=1)).ravel()  # (cells,)
+    # Cells without counts stay all-zero rather than dividing by zero.
+    scale = np.divide(NORMALIZE_TARGET, totals, out=np.zeros_like(totals), where=totals > 0)
+    normalized = sp.csr_matrix(sp.diags(scale) @ counts)
+    normalized.data = np.log1p(normalized.data)
+    return normalized.astype(np.float32)
+
+
+def _drop_small_classes(data: ExpressionData, min_cells: int) -> ExpressionData:
+    """Remove cells of classes with fewer than `min_cells` cells, warning which classes went."""
+    names, counts = np.unique(data.labels, return_counts=True)
+    small = names[counts < min_cells]
+    if small.size == 0:
+        return data
+    keep = ~np.isin(data.labels, small)
+    if not keep.any():
+        raise UserError(f"every class has fewer than {min_cells} cells; lower --min_cells_per_class")
+    warnings.warn(
+        f"dropped {small.size} classes with fewer than {min_cells} cells ({_preview(small.tolist())}): "
+        f"{int((~keep).sum())} cells removed",
+        stacklevel=3,
+    )
+    cell_ids = [c for c, k in zip(data.cell_ids, keep) if k]
+    return replace(data, matrix=data.matrix[keep], cell_ids=cell_ids, labels=data.labels[keep])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: genes, tokens, labels, splits
+
+
+def align_genes(
+    data: ExpressionData, reference_genes: Sequence[str], *, allow_missing: bool = False, min_overlap: float = 0.5
+) -> ExpressionData:
+    """Reorder columns to `reference_genes` (the model's genes): missing genes become zeros, extra genes go.
+
+    Warns with the number of missing genes. UserError when no gene matches, or when fewer than `min_overlap`
+    of the reference genes are present unless `allow_missing`.
+    """
+    reference_genes = [str(g) for g in reference_genes]
+    source_column = pd.Index(data.genes).get_indexer(reference_genes)  # (ref genes,) -1 where missing
+    present = np.flatnonzero(source_column >= 0)
+    n_ref, n_missing = len(reference_genes), len(reference_genes) - present.size
+    if present.size == 0:
+        raise UserError(
+            f"none of the {n_ref} model genes are in the data (e.g. {_preview(reference_genes, k=3)}); check "
+            "that both use the same gene naming (symbols vs Ensembl IDs, species)"
+        )
+    overlap = present.size / n_ref
+    if overlap < min_overlap and not allow_missing:
+        raise UserError(
+            f"only {present.size} of {n_ref} model genes ({overlap:.0%}) are in the data; check the gene naming, "
+            "or pass --allow_missing_genes to fill the rest with zeros"
+        )
+    if n_missing:
+        n_extra = len(data.genes) - present.size
+        warnings.warn(
+            f"{n_missing} of {n_ref} model genes are missing from the data and were filled with zeros "
+            f"({n_extra} data genes not used by the model were dropped)",
+            stacklevel=2,
+        )
+    # A 0/1 selection matrix (data genes, ref genes) moves columns while keeping everything sparse.
+    selection = sp.csr_matrix(
+        (np.ones(present.size, dtype=np.float32), (source_column[present], present)),
+        shape=(len(data.genes), n_ref),
+    )
+    matrix = sp.csr_matrix(data.matrix @ selection)  # (cells, ref genes)
+    return replace(data, matrix=matrix, genes=reference_genes)
+
+
+def bin_expression(rows: np.ndarray, bin_num: int) -> torch.Tensor:
+    """scBERT tokens: floor of each log-normalized value, clipped to [0, bin_num], with a 0 token appended.
+
+    (B, G) float -> (B, G+1) int64, so the sequence length is genes + 1 as in scBERT.
+    """
+    rows = np.asarray(rows)
+    if rows.ndim != 2:
+        raise ValueError(f"expected a (cells, genes) array, got shape {rows.shape}")
+    tokens = np.clip(np.floor(rows), 0, bin_num).astype(np.int64)  # (B, G)
+    tokens = np.concatenate([tokens, np.zeros((rows.shape[0], 1), dtype=np.int64)], axis=1)  # (B, G+1)
+    return torch.from_numpy(tokens)
+
+
+class Batch(NamedTuple):
+    """One batch from `BinnedDataset`: tokens (B, G+1) int64 and labels (B,) int64 (UNLABELLED if none)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+
+
+class BinnedDataset(torch.utils.data.Dataset):
+    """Cells of a csr matrix as scBERT tokens; only the rows of a batch are ever densified.
+
+    Use with `DataLoader(dataset, batch_size=..., collate_fn=collate_batch)`: the loader then calls
+    `__getitems__` once per batch. Without labels every label is UNLABELLED (-1), so batches always unpack
+    as `tokens, labels`.
+    """
+
+    def __init__(self, matrix: sp.spmatrix, bin_num: int, labels: np.ndarray | None = None):
+        self.matrix = sp.csr_matrix(matrix)  # (cells, genes)
+        self.bin_num = bin_num
+        n_cells = self.matrix.shape[0]
+        if labels is None:
+            self.labels = torch.full((n_cells,), UNLABELLED, dtype=torch.int64)
+        else:
+            self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+            if self.labels.shape != (n_cells,):
+                raise ValueError(f"labels shape {tuple(self.labels.shape)} does not match {n_cells} cells")
+
+    def __len__(self) -> int:
+        return self.matrix.shape[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        index = np.asarray(indices, dtype=np.int64)
+        rows = self.matrix[index].toarray()  # (B, G): the only dense copy
+        return Batch(bin_expression(rows, self.bin_num), self.labels[torch.from_numpy(index)])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, labels = self.__getitems__([index])
+        return tokens[0], labels[0]  # (G+1,), ()
+
+
+def collate_batch(batch: Batch | Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
+    """DataLoader collate_fn: pass a `Batch` from `__getitems__` through; stack single items otherwise."""
+    if isinstance(batch, Batch):
+        return batch
+    tokens, labels = zip(*batch)
+    return Batch(torch.stack(tokens), torch.stack(labels))
+
+
+def encode_labels(labels: np.ndarray, classes: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Map string labels to ints; classes default to the sorted unique labels. UserError on unknown labels."""
+    labels = np.asarray(labels, dtype=str)
+    classes = sorted(np.unique(labels).tolist()) if classes is None else [str(c) for c in classes]
+    codes = pd.Index(classes).get_indexer(labels)  # (cells,) -1 where unknown
+    unknown = np.unique(labels[codes < 0]).tolist()
+    if unknown:
+        raise UserError(
+            f"{int((codes < 0).sum())} cells have labels outside the model's {len(classes)} classes "
+            f"({_preview(unknown)}); remove those cells or run without labels"
+        )
+    return codes.astype(np.int64), classes
+
+
+def stratified_splits(
+    labels_int: np.ndarray,
+    n_splits: int = 1,
+    test_size: float = 0.2,
+    seed: int = 0,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train_idx, val_idx) pairs from sklearn's StratifiedShuffleSplit; UserError when a class is too small.
+
+    `class_names` (indexed by label) only make the error message readable.
+    """
+    labels_int = np.asarray(labels_int)
+    classes, counts = np.unique(labels_int, return_counts=True)
+    tiny = classes[counts < 2]
+    if tiny.size:
+        names = [class_names[c] if class_names is not None else str(c) for c in tiny]
+        raise UserError(
+            f"{tiny.size} classes have fewer than 2 cells and cannot be split into train and validation "
+            f"({_preview(names)}); drop them with --min_cells_per_class 2 (or more)"
+        )
+    splitter = StratifiedShuffleSplit(n_splits=n_splits, test_size=test_size, random_state=seed)
+    try:
+        return list(splitter.split(np.zeros(len(labels_int)), labels_int))
+    except ValueError as e:  # e.g. fewer validation cells than classes
+        raise UserError(
+            f"cannot split {len(labels_int)} cells of {classes.size} classes with test_size={test_size}: "
+            f"{_one_line(e)}; use more cells, a different validation fraction, or --min_cells_per_class"
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics (numpy in, numpy or plain Python out; natural log)
+
+
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    """Entropy over the last axis in nats; 0 * log 0 counts as 0."""
+    return -np.sum(probs * np.log(np.clip(probs, PROB_EPS, None)), axis=-1)
+
+
+def uncertainty_summary(prob_samples: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-cell predictions and uncertainties from Monte Carlo class probabilities (S, N, C).
+
+    entropy = H[mean p] (total), expected_entropy = mean H[p] (aleatoric), mutual_info = their difference
+    (epistemic); pred_std = std across samples of the predicted class's probability.
+    """
+    samples = np.asarray(prob_samples, dtype=np.float64)  # (S, N, C)
+    if samples.ndim != 3:
+        raise ValueError(f"expected (samples, cells, classes) probabilities, got shape {samples.shape}")
+    mean_probs = samples.mean(axis=0)  # (N, C)
+    pred = mean_probs.argmax(axis=1)  # (N,)
+    cells = np.arange(samples.shape[1])
+    entropy = _entropy(mean_probs)
+    expected_entropy = _entropy(samples).mean(axis=0)
+    return {
+        "mean_probs": mean_probs,
+        "pred": pred,
+        "confidence": mean_probs[cells, pred],
+        "entropy": entropy,
+        "expected_entropy": expected_entropy,
+        # Non-negative by Jensen's inequality; the clip only removes float round-off like -1e-17.
+        "mutual_info": np.maximum(entropy - expected_entropy, 0.0),
+        "pred_std": samples[:, cells, pred].std(axis=0),
+    }
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, np.ndarray]:
+    """Per-bin mean confidence, accuracy and count over equal-width confidence bins (NaN for empty bins)."""
+    probs = np.asarray(probs, dtype=np.float64)  # (N, C)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(labels)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Bins are (lo, hi]; confidence 0 falls into the first bin and anything above 1 (round-off) into the last.
+    bin_index = np.digitize(confidence, edges[1:-1], right=True)
+    count = np.bincount(bin_index, minlength=n_bins)
+    filled = count > 0
+    mean_confidence = np.full(n_bins, np.nan)
+    accuracy = np.full(n_bins, np.nan)
+    np.divide(np.bincount(bin_index, weights=confidence, minlength=n_bins), count, out=mean_confidence, where=filled)
+    np.divide(np.bincount(bin_index, weights=correct, minlength=n_bins), count, out=accuracy, where=filled)
+    return {"edges": edges, "confidence": mean_confidence, "accuracy": accuracy, "count": count}
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): sum over confidence bins of |accuracy - confidence| * bin_count / N."""
+    bins = reliability_bins(probs, labels, n_bins)
+    n = bins["count"].sum()
+    if n == 0:
+        return float("nan")
+    filled = bins["count"] > 0
+    gaps = np.abs(bins["accuracy"][filled] - bins["confidence"][filled])
+    return float(np.sum(gaps * bins["count"][filled]) / n)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """JSON-ready accuracy, F1s, per-class scores, confusion matrix, ECE, NLL and Brier score.
+
+    macro/weighted F1 follow sklearn's default and average over classes present in labels or predictions;
+    `per_class` lists every class (support 0 for absent ones).
+    """
+    probs = np.asarray(probs, dtype=np.float64)  # (N, C)
+    labels = np.asarray(labels, dtype=np.int64)  # (N,)
+    n_cells, n_classes = probs.shape
+    if labels.shape != (n_cells,) or len(class_names) != n_classes or n_cells == 0:
+        raise ValueError(
+            f"probs {probs.shape}, labels {labels.shape} and {len(class_names)} class names do not fit together"
+        )
+    pred = probs.argmax(axis=1)
+    class_ids = np.arange(n_classes)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, pred, labels=class_ids, zero_division=0
+    )
+    p_true = probs[np.arange(n_cells), labels]
+    one_hot = np.eye(n_classes)[labels]  # (N, C)
+    return {
+        "n_cells": int(n_cells),
+        "accuracy": float(np.mean(pred == labels)),
+        "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(labels, pred, average="weighted", zero_division=0)),
+        "per_class": {
+            str(name): {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": confusion_matrix(labels, pred, labels=class_ids).tolist(),  # rows true, cols pred
+        "ece": expected_calibration_error(probs, labels),
+        "nll": float(np.mean(-np.log(np.clip(p_true, PROB_EPS, None)))),
+        "brier": float(np.mean(np.sum((probs - one_hot) ** 2, axis=1))),
+    }
+
+
+def misclassification_auroc(score: np.ndarray, correct: np.ndarray) -> float:
+    """How well an uncertainty score (higher = more likely wrong) ranks errors first; NaN if all right/all wrong."""
+    wrong = ~np.asarray(correct, dtype=bool)
+    if wrong.all() or not wrong.any():
+        return float("nan")
+    return float(roc_auc_score(wrong, np.asarray(score, dtype=np.float64)))
+
+
+def accuracy_at_coverage(
+    score: np.ndarray, correct: np.ndarray, coverages: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.5)
+) -> dict[str, float]:
+    """Accuracy on the ceil(coverage * N) cells (at least 1) with the lowest uncertainty score.
+
+    Keys are str(coverage), e.g. "0.9". Ties keep the input order. NaN when there are no cells.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    order = np.argsort(score, kind="stable")  # most certain first
+    result = {}
+    for coverage in coverages:
+        if not 0 < coverage <= 1:
+            raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+        if correct.size == 0:
+            result[str(float(coverage))] = float("nan")
+            continue
+        # The tiny subtraction stops round-off (0.7 * 10 = 7.000000000000001) from keeping an extra cell.
+        kept = max(1, math.ceil(coverage * correct.size - 1e-9))
+        result[str(float(coverage))] = float(correct[order[:kept]].mean())
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _current_umask() -> int:
+    """The process umask (only readable by setting it; fine for single-threaded CLIs)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temp file next to `path` ('w' text or 'wb' binary); on success it replaces `path` in one step.
+
+    Readers never see a half-written file, and on an exception the old file stays and the temp file is removed.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write supports modes 'w' and 'wb', got {mode!r}")
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; give outputs normal permissions
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def _json_default(obj: object) -> object:
+    """Let json write numpy scalars/arrays and paths; anything else is still a TypeError."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as JSON (sorted keys, indent 2) atomically."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; UserError when it is missing, unreadable or not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}; check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({_one_line(e)}); fix or regenerate the file") from e
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check that it is a readable file") from e
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so runs repeat."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the main packages, recorded in checkpoints and run metadata."""
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__), "cuda": str(torch.version.cuda)}
+    for name in ("numpy", "scipy", "pandas", "anndata", "scanpy", "scikit-learn", "einops"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Create the output directory; UserError if it already holds files and `overwrite` is False.
+
+    With `overwrite`, existing files are replaced as outputs are written; nothing is deleted up front.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output path {path} is an existing file; choose a directory path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"output directory {path} is not empty; pass --overwrite or choose another directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {path} ({e.strerror}); choose another location") from e
+    return path
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' picks the local rank's GPU when CUDA is available, else the CPU; explicit names are checked."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs that support it, fp16 otherwise; a no-op on the CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def run_cli(job: Any) -> int:
+    """Run a CLI's job; a UserError becomes one line on stderr and exit status 2 (no traceback)."""
+    try:
+        job()
+    except UserError as e:
+        print(f"error: {_one_line(e, limit=2000)}", file=sys.stderr)
+        return 2
+    return 0
