@@ -11,6 +11,7 @@ import math
 import pickle
 import warnings
 import zipfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -485,6 +486,44 @@ def _count_nonzero_effective(model: BayesianSparseTransformer) -> int:
         active = int(layer.weight_mask().sum() + layer.out_mask.sum())
         total -= copies * (full - active)
     return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Monte Carlo prediction over a dataset
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_proba_samples(
+    model: BayesianSparseTransformer,
+    loader: Iterable,
+    num_samples: int,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    progress: bool = False,
+) -> np.ndarray:
+    """Class probabilities (S, cells, classes) for every batch of `loader` (batches of (tokens, labels)).
+
+    The S head networks are drawn once from `seed` and shared by all batches, so a cell's prediction does not
+    depend on the batch it lands in. A deterministic model (or deterministic mode) gives S identical samples.
+    """
+    from tqdm.auto import tqdm
+
+    from utils import autocast
+
+    device = torch.device(device)
+    model.eval()
+    noise = None
+    if model.is_bayesian:
+        noise = model.head.draw_noise(num_samples, torch.Generator().manual_seed(seed))
+    outputs = []
+    for tokens, _ in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
+        with autocast(device, amp):
+            probs = model.mc_probs(tokens.to(device), num_samples, noise=noise)  # (S, batch, classes)
+        outputs.append(probs.float().cpu())
+    return torch.cat(outputs, dim=1).numpy()
 
 
 # --------------------------------------------------------------------------------------------------------------

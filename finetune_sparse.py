@@ -1,0 +1,808 @@
+"""Fine-tune the Bayesian sparse transformer on labelled single-cell data.
+
+Stage A (no --bayes_head): deterministic encoder + head, from scratch or from a pretrained encoder (--model_path).
+Stage B (--bayes_head, --model_path = a Stage A checkpoint): Bayesian fc1/fc2 ported from the Stage A means,
+pre-warm epochs, annealed KL, Monte Carlo validation, then progressive structured pruning up to --prune_target.
+Round 2: a Stage B checkpoint as --model_path continues pruning from its current widths.
+
+Runs under `torchrun --nproc_per_node N` with DistributedDataParallel; `--resume` continues a killed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sklearn.metrics import classification_report
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from tqdm.auto import tqdm
+
+from bayesian_sparse_transformer import (
+    PRUNABLE_LAYERS,
+    PRUNE_MODES,
+    BayesianSparseTransformer,
+    HeadConfig,
+    ModelConfig,
+    load_checkpoint,
+    load_gene_vectors,
+    load_pretrained_encoder,
+    predict_proba_samples,
+    save_checkpoint,
+)
+from performer_pytorch import PerformerConfig
+from utils import (
+    BinnedDataset,
+    UserError,
+    align_genes,
+    autocast,
+    classification_metrics,
+    collate_batch,
+    encode_labels,
+    load_dataset,
+    package_versions,
+    read_json,
+    resolve_device,
+    run_cli,
+    set_seed,
+    stratified_splits,
+    write_json,
+)
+
+log = logging.getLogger("finetune")
+
+# Settings that may differ between the interrupted run and its --resume without changing results.
+RESUME_FREE_ARGS = {"resume", "overwrite", "device", "num_workers", "amp"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentParser:
+    """All options of scBERT's fine-tuning and of the sparse pipeline; `defaults` override (finetune_updated.py)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data_path", default=None, help="AnnData .h5ad with log-normalized expression; default: the bundled PBMC data (scanpy's pbmc68k_reduced, 700 cells, 10 types)")
+    data.add_argument("--label_key", default="cell_type", help="obs column with cell types (the bundled data uses bulk_labels)")
+    data.add_argument("--layer", default=None, help="read expression from adata.layers[LAYER] instead of .X")
+    data.add_argument("--use_raw", action="store_true", help="read expression from adata.raw")
+    data.add_argument("--normalize", action="store_true", help="normalize_total + log1p raw counts instead of refusing them")
+    data.add_argument("--min_cells_per_class", type=int, default=0, help="drop cell types with fewer cells (a split needs at least 2)")
+    data.add_argument("--gene_num", type=int, default=None, help="number of genes (scBERT default 166; taken from the data unless given, and then checked against it)")
+    data.add_argument("--bin_num", type=int, default=5, help="expression bins: tokens are floor(log-expression) clipped to BIN_NUM")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model_path", default=None, help="start from a checkpoint: scBERT's pretrained PerformerLM (encoder init), a Stage A checkpoint (Stage B) or a Stage B checkpoint (round 2)")
+    model.add_argument("--dim", type=int, default=200, help="encoder width")
+    model.add_argument("--depth", type=int, default=6, help="Performer layers")
+    model.add_argument("--heads", type=int, default=10, help="attention heads")
+    model.add_argument("--dim_head", type=int, default=64, help="width of each attention head")
+    model.add_argument("--nb_features", type=int, default=None, help="FAVOR+ random features (default dim_head*ln(dim_head))")
+    model.add_argument("--feature_redraw_interval", type=int, default=1000, help="redraw the random features every N training steps")
+    model.add_argument("--local_attn_heads", type=int, default=0, help="heads using windowed softmax attention instead of FAVOR+")
+    model.add_argument("--pos_embed", action=argparse.BooleanOptionalAction, default=True, help="add a gene embedding (gene2vec from --gene2vec_path, else learned)")
+    model.add_argument("--gene2vec_path", default=None, help="gene2vec vectors: .npy in the data's gene order, or text 'SYMBOL v1 ... vDIM'")
+    model.add_argument("--h_dim", type=int, default=128, help="width of the head's fc2")
+    model.add_argument("--dropout", type=float, default=0.0, help="dropout in the head (and the encoder's feed-forward)")
+    model.add_argument("--trainable_layers", type=int, default=None, help="train only the last N encoder layers (+ final norm and head); -1 = all; default: all, or 1 with a scBERT pretrained encoder as scBERT does")
+
+    bayes = p.add_argument_group("Bayesian head (Stage B)")
+    bayes.add_argument("--bayes_head", action="store_true", help="make fc1/fc2 Bayesian (variational inference)")
+    bayes.add_argument("--kl_weight", type=float, default=1e-6, help="final weight of the KL term")
+    bayes.add_argument("--kl_anneal_steps", type=int, default=10000, help="optimizer steps over which the KL weight rises linearly from 0")
+    bayes.add_argument("--bayes_mc_samples", type=int, default=1, help="head samples per training step")
+    bayes.add_argument("--mc_samples_eval", type=int, default=8, help="head samples for validation")
+    bayes.add_argument("--pre_warm_epochs", type=int, default=1, help="first epochs of Stage B with the posterior means only (no KL)")
+    bayes.add_argument("--prior_sigma", type=float, default=0.1, help="standard deviation of the Gaussian prior")
+    bayes.add_argument("--init_log_sigma", type=float, default=-5.0, help="initial log standard deviation of ported weights")
+    bayes.add_argument("--local_reparam", action="store_true", help="local reparameterization trick in training")
+
+    prune = p.add_argument_group("structured pruning (Stage B)")
+    prune.add_argument("--prune_target", type=float, default=0.3, help="fraction of fc1/fc2 slices to remove in the end (0 = no pruning)")
+    prune.add_argument("--prune_step", type=float, default=0.1, help="fraction removed per pruning step")
+    prune.add_argument("--prune_ft_epochs", type=int, default=4, help="fine-tuning epochs after each pruning step")
+    prune.add_argument("--prune_f1_tol", type=float, default=0.01, help="stop pruning when validation macro-F1 drops more than this below the unpruned model's")
+    prune.add_argument("--prune_dim", type=int, default=0, choices=(0, 1), help="0: prune output neurons (rows), 1: inputs (columns)")
+    prune.add_argument("--prune_layers", default="fc1,fc2", help="comma-separated layers to prune")
+    prune.add_argument("--prune_mode", default="physical", choices=PRUNE_MODES, help="physical: rebuild smaller layers; mask: zero in place")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--epoch", type=int, default=100, help="training epochs (one shuffled pass over the training cells each)")
+    train.add_argument("--batch_size", type=int, default=3, help="cells per batch and device")
+    train.add_argument("--grad_acc", type=int, default=60, help="batches per optimizer step")
+    train.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate of the encoder")
+    train.add_argument("--head_lr_mult", type=float, default=1.0, help="head learning rate = LEARNING_RATE * HEAD_LR_MULT")
+    train.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (0 = Adam)")
+    train.add_argument("--warmup_ratio", type=float, default=0.05, help="share of steps with linear learning-rate warm-up before the cosine decay")
+    train.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    train.add_argument("--l1_lambda", type=float, default=0.0, help="L1 penalty on fc1/fc2 weights (encourages prunable neurons)")
+    train.add_argument("--sample_with_replacement", action="store_true", help="draw training cells with replacement (the original scBERT loader)")
+    train.add_argument("--cv_splits", type=int, default=1, help="stratified 80/20 train/validation splits (folds)")
+    train.add_argument("--patience", type=int, default=10, help="stop after this many validations without a better macro-F1")
+    train.add_argument("--valid_every", type=int, default=1, help="validate every N epochs")
+    train.add_argument("--seed", type=int, default=2021, help="random seed")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--ckpt_dir", default="./ckpts/", help="output directory")
+    run.add_argument("--model_name", default="finetune", help="prefix of the output files")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
+    run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on CUDA")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run in CKPT_DIR from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run with the same MODEL_NAME")
+    p.set_defaults(**defaults)
+    return p
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject out-of-range options before any data is read or any model is built."""
+    checks = [
+        (0 <= args.prune_target < 1, "--prune_target must be in [0, 1)"),
+        (args.prune_step > 0, "--prune_step must be positive"),
+        (args.prune_f1_tol >= 0, "--prune_f1_tol must be at least 0"),
+        (args.prune_ft_epochs >= 0, "--prune_ft_epochs must be at least 0"),
+        (args.bin_num >= 1, "--bin_num must be at least 1"),
+        (args.batch_size >= 1, "--batch_size must be at least 1"),
+        (args.grad_acc >= 1, "--grad_acc must be at least 1"),
+        (args.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1"),
+        (args.mc_samples_eval >= 1, "--mc_samples_eval must be at least 1"),
+        (args.epoch >= 0, "--epoch must be at least 0"),
+        (args.cv_splits >= 1, "--cv_splits must be at least 1"),
+        (args.patience >= 1, "--patience must be at least 1"),
+        (args.valid_every >= 1, "--valid_every must be at least 1"),
+        (args.learning_rate > 0, "--learning_rate must be positive"),
+        (args.head_lr_mult > 0, "--head_lr_mult must be positive"),
+        (args.weight_decay >= 0, "--weight_decay must be at least 0"),
+        (0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (args.kl_weight >= 0, "--kl_weight must be at least 0"),
+        (args.kl_anneal_steps >= 0, "--kl_anneal_steps must be at least 0"),
+        (args.pre_warm_epochs >= 0, "--pre_warm_epochs must be at least 0"),
+        (args.prior_sigma > 0, "--prior_sigma must be positive"),
+        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.l1_lambda >= 0, "--l1_lambda must be at least 0"),
+        (min(args.dim, args.depth, args.heads, args.dim_head, args.h_dim) >= 1, "--dim, --depth, --heads, --dim_head and --h_dim must be at least 1"),
+        (0 <= args.local_attn_heads <= args.heads, "--local_attn_heads must be between 0 and --heads"),
+        (args.min_cells_per_class >= 0, "--min_cells_per_class must be at least 0"),
+        (args.num_workers >= 0, "--num_workers must be at least 0"),
+        (args.gene_num is None or args.gene_num >= 1, "--gene_num must be at least 1"),
+        (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other: pick one"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    layers = [name.strip() for name in args.prune_layers.split(",") if name.strip()]
+    unknown = sorted(set(layers) - set(PRUNABLE_LAYERS))
+    if unknown or not layers:
+        raise UserError(f"--prune_layers: unknown layer(s) {unknown or args.prune_layers!r}; choose from {','.join(PRUNABLE_LAYERS)}")
+    args.prune_layers = ",".join(layers)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distributed setup and output files
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(device_name)
+    ctx = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(device_name, local_rank=ctx.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ctx, device
+
+
+@dataclass
+class RunFiles:
+    directory: Path
+    name: str
+
+    def fold(self, fold: int, suffix: str) -> Path:
+        return self.directory / f"{self.name}{fold}_{suffix}"
+
+    @property
+    def config(self) -> Path:
+        return self.directory / f"{self.name}_config.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.directory / f"{self.name}_summary.json"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / f"{self.name}.log"
+
+    def existing(self, folds: int) -> list[Path]:
+        candidates = [self.config, self.summary, self.log]
+        for fold in range(folds):
+            candidates += [self.fold(fold, s) for s in ("best.pth", "last.pth", "metrics.csv", "val_cells.txt")]
+        return [path for path in candidates if path.exists()]
+
+
+def prepare_run(args: argparse.Namespace, files: RunFiles, ctx: Dist) -> None:
+    """Refuse to clobber an earlier run; on --resume insist on the same settings."""
+    existing = files.existing(args.cv_splits)
+    settings = {k: v for k, v in vars(args).items() if k not in RESUME_FREE_ARGS}
+    if args.resume:
+        if not files.config.exists():
+            raise UserError(f"nothing to resume: {files.config} does not exist; run without --resume")
+        saved = {k: v for k, v in read_json(files.config)["args"].items() if k not in RESUME_FREE_ARGS}
+        changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+        if changed:
+            raise UserError(f"--resume needs the settings of the interrupted run; these differ: {', '.join(changed)}")
+    elif existing and not args.overwrite:
+        raise UserError(f"{existing[0]} exists from an earlier run; pass --overwrite, --resume or another --model_name/--ckpt_dir")
+    if ctx.main:
+        files.directory.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            for path in existing:
+                path.unlink()
+        if not args.resume:
+            write_json(files.config, {"args": vars(args), "versions": package_versions()})
+
+
+def setup_logging(files: RunFiles, ctx: Dist) -> None:
+    log.handlers.clear()
+    log.setLevel(logging.INFO if ctx.main else logging.WARNING)
+    log.propagate = False
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if ctx.main:
+        handlers.append(logging.FileHandler(files.log, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model construction
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """What --model_path provided: one of our checkpoints (genes, classes, model) or nothing / a foreign encoder."""
+
+    checkpoint: object | None = None  # bayesian_sparse_transformer.Checkpoint
+
+    @property
+    def genes(self) -> list[str] | None:
+        return self.checkpoint.genes if self.checkpoint else None
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.checkpoint.classes if self.checkpoint else None
+
+
+def read_source(args: argparse.Namespace) -> Source:
+    """Load --model_path once: our checkpoints carry genes/classes that the data must be aligned to."""
+    if not args.model_path:
+        return Source()
+    from bayesian_sparse_transformer import CHECKPOINT_FORMAT, read_checkpoint_file
+
+    if read_checkpoint_file(args.model_path).get("format") == CHECKPOINT_FORMAT:
+        return Source(load_checkpoint(args.model_path))
+    return Source()  # a scBERT encoder: loaded into each fold's fresh model by build_model
+
+
+def build_model(args: argparse.Namespace, source: Source, genes: list[str], n_classes: int) -> BayesianSparseTransformer:
+    """A fresh model, or a copy of the source checkpoint's model; Bayesian head ported when --bayes_head."""
+    if source.checkpoint is not None:
+        model = BayesianSparseTransformer(source.checkpoint.model.config)
+        model.load_state_dict(source.checkpoint.model.state_dict())
+    else:
+        seq_len = len(genes) + 1
+        gene_embedding = "none" if not args.pos_embed else ("gene2vec" if args.gene2vec_path else "learned")
+        encoder = PerformerConfig(
+            num_tokens=args.bin_num + 2, max_seq_len=seq_len, dim=args.dim, depth=args.depth, heads=args.heads,
+            dim_head=args.dim_head, nb_features=args.nb_features, feature_redraw_interval=args.feature_redraw_interval,
+            local_attn_heads=args.local_attn_heads, ff_dropout=args.dropout, gene_embedding=gene_embedding,
+            redraw_seed=args.seed,
+        )
+        head = HeadConfig(seq_len=seq_len, dim=args.dim, num_classes=n_classes, hidden2=args.h_dim, dropout=args.dropout)
+        vectors = load_gene_vectors(args.gene2vec_path, genes, args.dim) if gene_embedding == "gene2vec" else None
+        model = BayesianSparseTransformer(ModelConfig(encoder, head), gene_vectors=vectors)
+        if args.model_path:
+            for note in load_pretrained_encoder(model, args.model_path):
+                log.info(note)
+    if args.bayes_head and not model.is_bayesian:
+        model.to_bayesian(prior_sigma=args.prior_sigma, init_log_sigma=args.init_log_sigma, local_reparam=args.local_reparam)
+        log.info("ported fc1/fc2 to Bayesian layers (means = trained weights, sigma = exp(%.1f))", args.init_log_sigma)
+    freeze_encoder_layers(model, args.trainable_layers, pretrained=bool(args.model_path) and source.checkpoint is None)
+    return model
+
+
+def freeze_encoder_layers(model: BayesianSparseTransformer, trainable_layers: int | None, pretrained: bool) -> None:
+    """Train only the last N encoder blocks, the final norm and the head (scBERT fine-tunes its last block)."""
+    if trainable_layers is None:
+        trainable_layers = 1 if pretrained else -1
+    if trainable_layers < 0:
+        return
+    encoder = model.encoder
+    for param in encoder.parameters():
+        param.requires_grad_(False)
+    for block in list(encoder.layers)[len(encoder.layers) - trainable_layers:] if trainable_layers else []:
+        block.requires_grad_(True)
+    encoder.norm.requires_grad_(True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: BayesianSparseTransformer, args: argparse.Namespace, total_steps: int):
+    """AdamW (Adam when weight decay is 0) with a head learning-rate multiplier; warm-up then cosine decay."""
+    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    head_params = [p for p in model.head.parameters() if p.requires_grad]
+    groups = [{"params": head_params, "lr": args.learning_rate * args.head_lr_mult}]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": args.learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    total_steps = max(total_steps, 1)
+    warmup = int(args.warmup_ratio * total_steps)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1))
+    if warmup == 0:
+        return optimizer, cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
+    return optimizer, torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+@dataclass
+class FoldState:
+    """Where a fold stands; saved in the `last` checkpoint so --resume continues exactly here."""
+
+    phase: str = "train"  # train -> prune -> done
+    epoch: int = 0  # next epoch within the phase (within the current prune level)
+    level_index: int = 0  # next pruning level
+    level_applied: bool = False  # the current level's prune is done, its fine-tuning may be under way
+    kl_step: int = 0
+    best_f1: float = -1.0
+    reference_f1: float | None = None  # macro-F1 before pruning, the bar for --prune_f1_tol
+    bad_rounds: int = 0
+    prune_amount: float = 0.0  # last accepted pruning level (fraction of each layer's original slices removed)
+    history: list = field(default_factory=list)
+    result: dict = field(default_factory=dict)
+
+
+class FoldTrainer:
+    """Trains, validates, prunes and checkpoints one fold."""
+
+    def __init__(self, args, ctx: Dist, device: torch.device, files: RunFiles, data, labels, classes, fold: int,
+                 train_idx: np.ndarray, val_idx: np.ndarray, source: Source):
+        self.args, self.ctx, self.device, self.files, self.fold = args, ctx, device, files, fold
+        self.data, self.classes, self.source = data, classes, source
+        self.labels = labels
+        self.val_idx = val_idx
+        self.dataset = BinnedDataset(data.matrix, args.bin_num, labels)
+        self.train_set = Subset(self.dataset, train_idx)
+        counts = np.bincount(labels[train_idx], minlength=len(classes)).astype(np.float64)
+        # Class-balanced cross-entropy: weight n / (C * n_c), absent classes weigh nothing.
+        self.class_weights = torch.tensor(
+            np.where(counts > 0, counts.sum() / (len(classes) * np.maximum(counts, 1)), 0.0), dtype=torch.float32
+        ).to(device)
+        self.bayes = args.bayes_head or (source.checkpoint is not None and source.checkpoint.model.is_bayesian)
+        self.prune_layers = tuple(args.prune_layers.split(","))
+        start = float(source.checkpoint.metrics.get("prune_amount", 0.0)) if source.checkpoint else 0.0
+        self.state = FoldState(prune_amount=start)
+        self.model: BayesianSparseTransformer | None = None
+
+    # ---- pieces -----------------------------------------------------------------------------------------------
+
+    def steps_per_epoch(self) -> int:
+        per_rank = math.ceil(len(self.train_set) / self.ctx.world)
+        return math.ceil(math.ceil(per_rank / self.args.batch_size) / self.args.grad_acc)
+
+    def train_loader(self, epoch: int) -> DataLoader:
+        # Shuffling is seeded by (seed, fold, epoch), so a resumed run sees the same batches as an uninterrupted one.
+        seed = self.args.seed * 1000 + self.fold * 100 + epoch
+        if self.ctx.world > 1:
+            sampler = DistributedSampler(self.train_set, self.ctx.world, self.ctx.rank, shuffle=True, seed=seed)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            sampler = RandomSampler(self.train_set, replacement=self.args.sample_with_replacement, generator=generator)
+        return DataLoader(self.train_set, batch_size=self.args.batch_size, sampler=sampler,
+                          collate_fn=collate_batch, num_workers=self.args.num_workers)
+
+    def attach(self, model: BayesianSparseTransformer, total_steps: int) -> None:
+        self.model = model.to(self.device)
+        self.optimizer, self.scheduler = make_optimizer(self.model, self.args, total_steps)
+        self.ddp = None
+        if self.ctx.world > 1:
+            # Pre-warm epochs leave the sigmas without gradients: DDP must not wait for them.
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.model.is_bayesian,
+            )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.args.amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported())
+
+    def kl_scale(self) -> float:
+        if not self.args.kl_anneal_steps:
+            return self.args.kl_weight
+        return self.args.kl_weight * min(1.0, self.state.kl_step / self.args.kl_anneal_steps)
+
+    def train_epoch(self, epoch: int, deterministic: bool) -> dict:
+        args, model = self.args, self.model
+        model.train()
+        model.set_deterministic(deterministic)
+        forward = self.ddp or model
+        loader = self.train_loader(epoch)
+        total_loss = correct = seen = 0.0
+        kl_value = 0.0
+        n_batches = len(loader)
+        bar = tqdm(loader, desc=f"fold {self.fold} epoch {epoch + 1}", disable=not (self.ctx.main and sys.stderr.isatty()), leave=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, (tokens, labels) in enumerate(bar):
+            tokens, labels = tokens.to(self.device), labels.to(self.device)
+            last_of_step = (i + 1) % args.grad_acc == 0 or i + 1 == n_batches
+            sync = self.ddp.no_sync() if self.ddp is not None and not last_of_step else contextlib.nullcontext()
+            with sync, autocast(self.device, args.amp):
+                if model.is_bayesian and not deterministic and args.bayes_mc_samples > 1:
+                    noise = model.head.draw_noise(args.bayes_mc_samples)
+                    logits = forward(tokens, noise=noise)  # (S, batch, classes)
+                    ce = torch.stack([F.cross_entropy(s.float(), labels, weight=self.class_weights) for s in logits]).mean()
+                    logits = logits.mean(0)
+                else:
+                    logits = forward(tokens)
+                    ce = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+                loss = ce
+                if model.is_bayesian and not deterministic and args.kl_weight > 0:
+                    kl = model.kl_divergence()
+                    kl_value = float(kl)
+                    # The KL belongs to the whole step, not to each micro-batch: spread it over the accumulation.
+                    loss = loss + self.kl_scale() * kl / args.grad_acc * min(args.grad_acc, n_batches)
+                if args.l1_lambda > 0:
+                    loss = loss + args.l1_lambda * sum(getattr(model.head, n).mean_weight().abs().sum() for n in PRUNABLE_LAYERS)
+                self.scaler.scale(loss / args.grad_acc).backward()
+            if last_of_step:
+                if args.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                if model.is_bayesian and not deterministic:
+                    self.state.kl_step += 1
+            total_loss += float(ce) * len(labels)
+            correct += float((logits.argmax(-1) == labels).sum())
+            seen += len(labels)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        stats = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=self.device)
+        if self.ctx.world > 1:
+            dist.all_reduce(stats)
+        return {"train_loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2]), "kl": kl_value}
+
+    def evaluate(self) -> tuple[dict, np.ndarray]:
+        """MC validation over the whole validation set exactly once (ranks take disjoint shards, no padding)."""
+        args = self.args
+        shard = self.val_idx[self.ctx.rank :: self.ctx.world]
+        loader = DataLoader(Subset(self.dataset, shard), batch_size=max(args.batch_size, 16), collate_fn=collate_batch)
+        samples = args.mc_samples_eval if self.model.is_bayesian else 1
+        self.model.set_deterministic(False)
+        probs = predict_proba_samples(self.model, loader, samples, seed=args.seed, device=self.device, amp=args.amp).mean(0)
+        if self.ctx.world > 1:
+            gathered = [None] * self.ctx.world
+            dist.all_gather_object(gathered, (shard, probs))
+            order = np.concatenate([g[0] for g in gathered])
+            probs = np.concatenate([g[1] for g in gathered])[np.argsort(order)]
+        val_labels = self.labels[np.sort(self.val_idx)] if self.ctx.world > 1 else self.labels[self.val_idx]
+        metrics = classification_metrics(probs, val_labels, self.classes)
+        return metrics, probs
+
+    def record(self, row: dict, started: float) -> None:
+        stats = self.model.pruning_stats()
+        row.update(
+            fold=self.fold, lr=self.optimizer.param_groups[0]["lr"], kl_scale=self.kl_scale(),
+            total_params=stats["total_params"], nonzero_params=stats["nonzero_params"],
+            head_sparsity=stats["fc12_sparsity"],
+            peak_mem_mb=torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else float("nan"),
+            seconds=time.time() - started,
+        )
+        self.state.history.append(row)
+        if self.ctx.main:
+            write_metrics_csv(self.files.fold(self.fold, "metrics.csv"), self.state.history)
+
+    def save(self, kind: str, metrics: dict | None = None) -> None:
+        if not self.ctx.main:
+            return
+        training_state = None
+        if kind == "last":
+            training_state = {
+                "fold_state": vars(self.state),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": _rng_state(),
+            }
+        save_checkpoint(
+            self.files.fold(self.fold, f"{kind}.pth"), self.model, genes=self.data.genes, classes=self.classes,
+            bin_num=self.args.bin_num, stage="B" if self.model.is_bayesian else "A", args=vars(self.args),
+            metrics=metrics or {}, training_state=training_state,
+        )
+
+    def barrier(self) -> None:
+        if self.ctx.world > 1:
+            dist.barrier()
+
+    # ---- phases -------------------------------------------------------------------------------------------
+
+    def validate_and_keep_best(self, row: dict) -> bool:
+        """Validate, save the best model; True when early stopping says stop."""
+        metrics, _ = self.evaluate()
+        row.update(val_loss=metrics["nll"], val_acc=metrics["accuracy"], val_macro_f1=metrics["macro_f1"], val_ece=metrics["ece"])
+        if metrics["macro_f1"] > self.state.best_f1:
+            self.state.best_f1 = metrics["macro_f1"]
+            self.state.bad_rounds = 0
+            self.save("best", metrics=_summary_metrics(metrics, self.model, self.current_amount()))
+        else:
+            self.state.bad_rounds += 1
+        return self.state.bad_rounds >= self.args.patience
+
+    def current_amount(self) -> float:
+        """Pruning level of the model that would be kept now (the last accepted level, or where the source was)."""
+        return self.state.prune_amount
+
+    def prune_levels(self, start: float) -> list[float]:
+        levels, level = [], start
+        while level + 1e-9 < self.args.prune_target:
+            level = min(round(level + self.args.prune_step, 6), self.args.prune_target)
+            levels.append(level)
+        return levels
+
+    def run_training(self, started: float) -> None:
+        args = self.args
+        while self.state.phase == "train" and self.state.epoch < args.epoch:
+            epoch = self.state.epoch
+            deterministic = self.bayes and epoch < args.pre_warm_epochs
+            row = {"phase": "prewarm" if deterministic else "train", "epoch": epoch + 1, "prune_level": self.current_amount()}
+            row.update(self.train_epoch(epoch, deterministic))
+            stop = False
+            if (epoch + 1) % args.valid_every == 0 or epoch + 1 == args.epoch:
+                stop = self.validate_and_keep_best(row)
+                log.info("fold %d epoch %d: train loss %.4f acc %.3f | val acc %.3f macro-F1 %.3f ECE %.3f",
+                         self.fold, epoch + 1, row["train_loss"], row["train_acc"], row["val_acc"], row["val_macro_f1"], row["val_ece"])
+            self.state.epoch += 1
+            if stop:
+                log.info("fold %d: early stop, no better macro-F1 for %d validations", self.fold, args.patience)
+                self.state.epoch = args.epoch
+            self.record(row, started)
+            self.save("last")
+            self.barrier()
+
+    def run_pruning(self, started: float) -> None:
+        args = self.args
+        start = float(self.source.checkpoint.metrics.get("prune_amount", 0.0)) if self.source.checkpoint else 0.0
+        levels = self.prune_levels(start)  # the same list on every call: it depends only on the source and args
+        if self.state.reference_f1 is None:
+            self.load_best()
+            metrics, _ = self.evaluate()
+            self.state.reference_f1 = metrics["macro_f1"]
+            self.state.best_f1 = max(self.state.best_f1, metrics["macro_f1"])
+            if not self.files.fold(self.fold, "best.pth").exists() and self.ctx.main:
+                self.save("best", metrics=_summary_metrics(metrics, self.model, start))
+            log.info("fold %d: pruning from %.0f%% to %.0f%% (reference macro-F1 %.3f, tolerance %.3f)",
+                     self.fold, 100 * start, 100 * args.prune_target, self.state.reference_f1, args.prune_f1_tol)
+        while self.state.level_index < len(levels):
+            level = levels[self.state.level_index]
+            steps = args.prune_ft_epochs * self.steps_per_epoch()
+            if not self.state.level_applied:
+                stats = self.model.prune(level, layers=self.prune_layers, dim=args.prune_dim, mode=args.prune_mode)
+                self.attach(self.model, steps)
+                self.state.level_applied, self.state.epoch = True, 0
+                log.info("fold %d: pruned to %.0f%% of %s slices (dim %d, %s): fc1+fc2 sparsity %.1f%%, %d parameters",
+                         self.fold, 100 * level, args.prune_layers, args.prune_dim, args.prune_mode,
+                         100 * stats["fc12_sparsity"], stats["total_params"])
+            while self.state.epoch < args.prune_ft_epochs:
+                row = {"phase": "prune_ft", "epoch": self.state.epoch + 1, "prune_level": level}
+                row.update(self.train_epoch(self.state.epoch, deterministic=False))
+                self.state.epoch += 1
+                self.record(row, started)
+                self.save("last")
+                self.barrier()
+            metrics, _ = self.evaluate()
+            ok = metrics["macro_f1"] >= self.state.reference_f1 - args.prune_f1_tol
+            row = {"phase": "prune", "epoch": 0, "prune_level": level, "val_loss": metrics["nll"], "val_acc": metrics["accuracy"],
+                   "val_macro_f1": metrics["macro_f1"], "val_ece": metrics["ece"], "accepted": ok}
+            log.info("fold %d: prune level %.0f%%: val macro-F1 %.3f (%s)", self.fold, 100 * level, metrics["macro_f1"],
+                     "kept" if ok else f"more than {args.prune_f1_tol} below {self.state.reference_f1:.3f}, stop")
+            self.state.level_index += 1
+            self.state.level_applied = False
+            self.record(row, started)
+            if ok:
+                self.state.prune_amount = level
+                self.save("best", metrics=_summary_metrics(metrics, self.model, level))
+            else:
+                self.state.level_index = len(levels)
+            self.save("last")
+            self.barrier()
+
+    def load_best(self) -> None:
+        self.barrier()
+        best = self.files.fold(self.fold, "best.pth")
+        if best.exists():
+            self.attach(load_checkpoint(best).model, 1)
+
+    def run(self) -> dict:
+        args = self.args
+        started = time.time()
+        last = self.files.fold(self.fold, "last.pth")
+        if args.resume and last.exists():
+            self.restore(last)
+        else:
+            set_seed(args.seed + self.fold)
+            model = build_model(args, self.source, self.data.genes, len(self.classes))
+            self.attach(model, args.epoch * self.steps_per_epoch())
+            if self.ctx.main:
+                cells = "\n".join(self.data.cell_ids[i] for i in np.sort(self.val_idx))
+                self.files.fold(self.fold, "val_cells.txt").write_text(cells + "\n", encoding="utf-8")
+        if self.state.phase == "done":
+            return self.state.result["final"]
+        self.run_training(started)
+        if self.state.phase == "train":
+            self.state.phase = "prune" if self.bayes and args.prune_target > 0 else "final"
+        if self.state.phase == "prune":
+            self.run_pruning(started)
+        self.load_best()
+        metrics, _ = self.evaluate()
+        self.report(metrics)
+        self.state.phase = "done"
+        self.state.result["final"] = _summary_metrics(metrics, self.model, self.current_amount())
+        self.save("last")
+        self.barrier()
+        return self.state.result["final"]
+
+    def restore(self, path: Path) -> None:
+        checkpoint = load_checkpoint(path)
+        training = checkpoint.training_state
+        self.state = FoldState(**training["fold_state"])
+        epochs = self.args.epoch if self.state.phase == "train" else self.args.prune_ft_epochs
+        steps = epochs * self.steps_per_epoch()
+        freeze_encoder_layers(checkpoint.model, self.args.trainable_layers,
+                              pretrained=bool(self.args.model_path) and self.source.checkpoint is None)
+        self.attach(checkpoint.model, steps)
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        self.scaler.load_state_dict(training["scaler"])
+        _set_rng_state(training["rng"])
+        log.info("fold %d: resumed from %s (phase %s, epoch %d)", self.fold, path, self.state.phase, self.state.epoch)
+
+    def report(self, metrics: dict) -> None:
+        log.info("fold %d best model: accuracy %.4f, macro-F1 %.4f, ECE %.4f, NLL %.4f", self.fold,
+                 metrics["accuracy"], metrics["macro_f1"], metrics["ece"], metrics["nll"])
+        matrix = np.array(metrics["confusion_matrix"])
+        width = max(len(c) for c in self.classes)
+        lines = ["confusion matrix (rows: true, columns: predicted, in class order):"]
+        lines += [f"  {name:>{width}} " + " ".join(f"{v:4d}" for v in row) for name, row in zip(self.classes, matrix)]
+        log.info("\n".join(lines))
+        y_true = np.repeat(np.arange(len(self.classes)), matrix.sum(1))
+        y_pred = np.concatenate([np.repeat(np.arange(len(self.classes)), row) for row in matrix])
+        log.info("classification report:\n%s", classification_report(
+            y_true, y_pred, labels=np.arange(len(self.classes)), target_names=self.classes, zero_division=0, digits=4))
+
+
+def _summary_metrics(metrics: dict, model: BayesianSparseTransformer, prune_amount: float) -> dict:
+    stats = model.pruning_stats()
+    return {
+        "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"], "nll": metrics["nll"],
+        "brier": metrics["brier"], "prune_amount": prune_amount, "head_sparsity": stats["fc12_sparsity"],
+        "total_params": stats["total_params"], "nonzero_params": stats["nonzero_params"],
+    }
+
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "gauss": float(numpy_state[4])},
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+
+
+METRIC_COLUMNS = [
+    "fold", "phase", "epoch", "prune_level", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
+    "val_ece", "lr", "kl", "kl_scale", "total_params", "nonzero_params", "head_sparsity", "accepted", "peak_mem_mb",
+    "seconds",
+]
+
+
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    from utils import atomic_write
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    validate_args(args)
+    ctx, device = init_distributed(args.device)
+    files = RunFiles(Path(args.ckpt_dir), args.model_name)
+    prepare_run(args, files, ctx)
+    setup_logging(files, ctx)
+    source = read_source(args)
+    data = load_dataset(args.data_path, label_key=args.label_key, layer=args.layer, use_raw=args.use_raw,
+                        normalize=args.normalize, min_cells_per_class=args.min_cells_per_class)
+    if source.genes is not None:
+        data = align_genes(data, source.genes)
+    elif args.gene_num is not None and args.gene_num != len(data.genes):
+        raise UserError(f"--gene_num {args.gene_num} does not match the data's {len(data.genes)} genes; drop --gene_num or subset the data")
+    labels, classes = encode_labels(data.labels, source.classes)
+    splits = stratified_splits(labels, args.cv_splits, test_size=0.2, seed=args.seed, class_names=classes)
+    log.info("data: %d cells, %d genes, %d classes; %d fold(s); device %s x %d", len(labels), len(data.genes),
+             len(classes), len(splits), device, ctx.world)
+    results = []
+    for fold, (train_idx, val_idx) in enumerate(splits):
+        trainer = FoldTrainer(args, ctx, device, files, data, labels, classes, fold, train_idx, val_idx, source)
+        results.append(trainer.run())
+    summary = {"folds": results}
+    for key in ("accuracy", "macro_f1", "ece", "nll", "head_sparsity", "total_params"):
+        values = np.array([r[key] for r in results], dtype=np.float64)
+        summary[key] = {"mean": float(values.mean()), "std": float(values.std())}
+    if ctx.main:
+        write_json(files.summary, summary)
+        log.info("summary over %d fold(s): accuracy %.4f ± %.4f, macro-F1 %.4f ± %.4f, ECE %.4f ± %.4f", len(results),
+                 summary["accuracy"]["mean"], summary["accuracy"]["std"], summary["macro_f1"]["mean"],
+                 summary["macro_f1"]["std"], summary["ece"]["mean"], summary["ece"]["std"])
+    if ctx.world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def main(argv: list[str] | None = None, description: str = __doc__, **defaults) -> int:
+    args = build_parser(description, **defaults).parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
