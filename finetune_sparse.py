@@ -49,6 +49,7 @@ from utils import (
     BinnedDataset,
     UserError,
     align_genes,
+    atomic_write,
     autocast,
     classification_metrics,
     collate_batch,
@@ -245,7 +246,8 @@ class RunFiles:
     def existing(self, folds: int) -> list[Path]:
         candidates = [self.config, self.summary, self.log]
         for fold in range(folds):
-            candidates += [self.fold(fold, s) for s in ("best.pth", "last.pth", "metrics.csv", "val_cells.txt")]
+            suffixes = ("best.pth", "last.pth", "metrics.csv", "val_cells.txt", "val_predictions.csv")
+            candidates += [self.fold(fold, s) for s in suffixes]
         return [path for path in candidates if path.exists()]
 
 
@@ -403,7 +405,7 @@ class FoldTrainer:
         self.args, self.ctx, self.device, self.files, self.fold = args, ctx, device, files, fold
         self.data, self.classes, self.source = data, classes, source
         self.labels = labels
-        self.val_idx = val_idx
+        self.val_idx = np.sort(val_idx)  # validation outputs in data order, however many processes share the work
         self.dataset = BinnedDataset(data.matrix, args.bin_num, labels)
         self.train_set = Subset(self.dataset, train_idx)
         counts = np.bincount(labels[train_idx], minlength=len(classes)).astype(np.float64)
@@ -479,8 +481,8 @@ class FoldTrainer:
                 if model.is_bayesian and not deterministic and args.kl_weight > 0:
                     kl = model.kl_divergence()
                     kl_value = float(kl)
-                    # The KL belongs to the whole step, not to each micro-batch: spread it over the accumulation.
-                    loss = loss + self.kl_scale() * kl / args.grad_acc * min(args.grad_acc, n_batches)
+                    # Each micro-batch carries the full KL; dividing by grad_acc below makes it once per step.
+                    loss = loss + self.kl_scale() * kl
                 if args.l1_lambda > 0:
                     loss = loss + args.l1_lambda * sum(getattr(model.head, n).mean_weight().abs().sum() for n in PRUNABLE_LAYERS)
                 self.scaler.scale(loss / args.grad_acc).backward()
@@ -516,8 +518,7 @@ class FoldTrainer:
             dist.all_gather_object(gathered, (shard, probs))
             order = np.concatenate([g[0] for g in gathered])
             probs = np.concatenate([g[1] for g in gathered])[np.argsort(order)]
-        val_labels = self.labels[np.sort(self.val_idx)] if self.ctx.world > 1 else self.labels[self.val_idx]
-        metrics = classification_metrics(probs, val_labels, self.classes)
+        metrics = classification_metrics(probs, self.labels[self.val_idx], self.classes)
         return metrics, probs
 
     def record(self, row: dict, started: float) -> None:
@@ -674,8 +675,10 @@ class FoldTrainer:
         if self.state.phase == "prune":
             self.run_pruning(started)
         self.load_best()
-        metrics, _ = self.evaluate()
+        metrics, probs = self.evaluate()
         self.report(metrics)
+        if self.ctx.main:
+            self.write_val_predictions(probs)
         self.state.phase = "done"
         self.state.result["final"] = _summary_metrics(metrics, self.model, self.current_amount())
         self.save("last")
@@ -696,6 +699,17 @@ class FoldTrainer:
         self.scaler.load_state_dict(training["scaler"])
         _set_rng_state(training["rng"])
         log.info("fold %d: resumed from %s (phase %s, epoch %d)", self.fold, path, self.state.phase, self.state.epoch)
+
+    def write_val_predictions(self, probs: np.ndarray) -> None:
+        """Mean MC probabilities of the kept model for every validation cell, with true and predicted labels."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["cell_id", "true_label", "pred_label", *self.classes])
+        for index, row in zip(self.val_idx, probs):
+            writer.writerow([self.data.cell_ids[index], self.classes[self.labels[index]], self.classes[row.argmax()],
+                             *(f"{p:.6g}" for p in row)])
+        with atomic_write(self.files.fold(self.fold, "val_predictions.csv")) as handle:
+            handle.write(buffer.getvalue())
 
     def report(self, metrics: dict) -> None:
         log.info("fold %d best model: accuracy %.4f, macro-F1 %.4f, ECE %.4f, NLL %.4f", self.fold,
@@ -749,8 +763,6 @@ METRIC_COLUMNS = [
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    from utils import atomic_write
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
     writer.writeheader()

@@ -1,0 +1,48 @@
+# shellcheck shell=bash
+# Settings and helpers shared by train_sparse.sh, stageb_round1.sh and stageb_round2.sh (sourced, not run).
+# Every setting is an environment variable with a default; PRESET=demo selects a small CPU configuration.
+
+PRESET="${PRESET:-full}"
+case "$PRESET" in
+  demo)  # the bundled PBMC data on 2 CPU cores in a few minutes
+    : "${DIM:=32}" "${DEPTH:=1}" "${HEADS:=2}" "${DIM_HEAD:=16}" "${H_DIM:=32}"
+    : "${BATCH_SIZE:=16}" "${GRAD_ACC:=1}" "${LEARNING_RATE:=2e-3}"
+    : "${EPOCHS_A:=8}" "${EPOCHS_B:=4}" "${PRE_WARM_EPOCHS:=1}" "${KL_ANNEAL_STEPS:=100}"
+    : "${PRUNE_TARGET:=0.5}" "${PRUNE_STEP:=0.1}" "${PRUNE_FT_EPOCHS:=1}" "${PATIENCE:=4}" ;;
+  full)  # scBERT's configuration, for a GPU box
+    : "${DIM:=200}" "${DEPTH:=6}" "${HEADS:=10}" "${DIM_HEAD:=64}" "${H_DIM:=128}"
+    : "${BATCH_SIZE:=3}" "${GRAD_ACC:=60}" "${LEARNING_RATE:=1e-4}"
+    : "${EPOCHS_A:=100}" "${EPOCHS_B:=20}" "${PRE_WARM_EPOCHS:=1}" "${KL_ANNEAL_STEPS:=10000}"
+    : "${PRUNE_TARGET:=0.3}" "${PRUNE_STEP:=0.1}" "${PRUNE_FT_EPOCHS:=4}" "${PATIENCE:=10}" ;;
+  *) echo "error: PRESET must be demo or full, got '$PRESET'" >&2; exit 2 ;;
+esac
+: "${DATA_PATH:=}" "${LABEL_KEY:=cell_type}" "${RUN_DIR:=runs/$PRESET}" "${SEED:=2021}" "${NPROC:=1}"
+: "${DEVICE:=auto}" "${BIN_NUM:=5}" "${KL_WEIGHT:=1e-6}" "${MC_SAMPLES:=8}" "${PRUNE_F1_TOL:=0.01}"
+: "${PRUNE_MODE:=physical}" "${PRUNE_DIM:=0}" "${PRUNE_LAYERS:=fc1,fc2}" "${EXTRA_ARGS:=}"
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# Runs a Python script of the project, under torchrun when NPROC > 1.
+launch() {
+  local script="$1"; shift
+  if [ "$NPROC" -gt 1 ]; then
+    torchrun --standalone --nproc_per_node "$NPROC" "$here/$script" "$@"
+  else
+    python "$here/$script" "$@"
+  fi
+}
+
+# Options every stage shares; a stage adds its own. EXTRA_ARGS is split on white space.
+COMMON_ARGS=(--label_key "$LABEL_KEY" --bin_num "$BIN_NUM" --seed "$SEED" --device "$DEVICE"
+  --batch_size "$BATCH_SIZE" --grad_acc "$GRAD_ACC" --learning_rate "$LEARNING_RATE" --patience "$PATIENCE"
+  --mc_samples_eval "$MC_SAMPLES")
+if [ -n "$DATA_PATH" ]; then COMMON_ARGS+=(--data_path "$DATA_PATH"); fi
+read -ra extra_args <<< "$EXTRA_ARGS"
+COMMON_ARGS+=("${extra_args[@]}")
+
+require_checkpoint() {
+  if [ -z "${1:-}" ] || [ ! -f "$1" ]; then
+    echo "error: START_CKPT='${1:-}' is not a checkpoint file; set START_CKPT to a finetune_sparse.py *_best.pth" >&2
+    exit 2
+  fi
+}

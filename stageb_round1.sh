@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Stage B round 1: Bayesian fine-tuning of fc1/fc2 from a Stage A checkpoint (no pruning).
+# Usage: START_CKPT=runs/full/stageA/stageA0_best.pth bash stageb_round1.sh   (settings: see pipeline_common.sh)
+set -euo pipefail
+# shellcheck source=pipeline_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/pipeline_common.sh"
+require_checkpoint "${START_CKPT:-}"
+launch finetune_sparse.py "${COMMON_ARGS[@]}" --model_path "$START_CKPT" --bayes_head \
+  --epoch "$EPOCHS_B" --pre_warm_epochs "$PRE_WARM_EPOCHS" --kl_weight "$KL_WEIGHT" \
+  --kl_anneal_steps "$KL_ANNEAL_STEPS" --prune_target 0 \
+  --ckpt_dir "$RUN_DIR/stageB1" --model_name stageB1 "$@"
