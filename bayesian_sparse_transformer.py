@@ -635,6 +635,11 @@ def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}; check --model_path")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    # torch.save writes a zip archive (PK..); old-style and plain pickles start with the protocol byte 0x80.
+    if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (another file type, or empty); check --model_path")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -642,7 +647,7 @@ def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
             f"refusing to load {path}: it contains Python objects other than tensors and plain data, which could run "
             "code; load only checkpoints you trust, re-saved as a plain state dict"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, IndexError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or another file type): {err}".splitlines()[0]) from err
     if not isinstance(payload, dict):
         raise UserError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary")
@@ -695,7 +700,10 @@ def load_pretrained_encoder(model: BayesianSparseTransformer, path: str | Path) 
         encoder_sd = {k[len("encoder."):]: v for k, v in source.items() if k.startswith("encoder.")}
         head_sd = {k[len("head."):]: v for k, v in source.items() if k.startswith("head.")}
     elif is_scbert_state_dict(source):
-        encoder_sd, leftover = convert_scbert_state_dict(source)
+        try:
+            encoder_sd, leftover = convert_scbert_state_dict(source)
+        except KeyError as err:
+            raise UserError(f"{path} is an incomplete scBERT checkpoint: {err.args[0]}") from err
         # A fine-tuned scBERT keeps its classifier under to_out.{conv1,fc1,fc2,fc3}; a pretrained one has only the
         # language-model output to_out.{weight,bias}, which has no use here.
         head_sd = {k[len("to_out."):]: v for k, v in leftover.items() if k.startswith("to_out.") and k.count(".") == 2}
@@ -706,7 +714,8 @@ def load_pretrained_encoder(model: BayesianSparseTransformer, path: str | Path) 
         if key in own and own[key].shape != value.shape:
             raise UserError(
                 f"{path} was built for another architecture: {key} has shape {tuple(value.shape)} there and "
-                f"{tuple(own[key].shape)} here; match --dim/--depth/--heads/--bin_num and the gene count to the checkpoint"
+                f"{tuple(own[key].shape)} here; match --dim/--depth/--heads/--dim_head/--nb_features/--bin_num and "
+                "the gene count to the checkpoint"
             )
     unexpected = sorted(set(encoder_sd) - set(own))
     missing = sorted(k for k in set(own) - set(encoder_sd) if not k.endswith(("calls_since_redraw", "num_redraws")))

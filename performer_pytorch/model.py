@@ -144,7 +144,7 @@ class PerformerLM(nn.Module):
         """
         self.num_redraws += 1
         for layer_index, attention in enumerate(self.fast_attentions()):
-            seed = hash((self.config.redraw_seed, int(self.num_redraws), layer_index)) % (2**63)
+            seed = (self.config.redraw_seed * 1_000_003 + int(self.num_redraws)) * 1009 + layer_index
             attention.redraw(torch.Generator().manual_seed(seed))
         self.calls_since_redraw.zero_()
 

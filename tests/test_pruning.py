@@ -1,0 +1,201 @@
+"""Structured pruning of fc1/fc2: physical pruning is mask pruning made smaller, with the expected counts and stats."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn.utils import prune as torch_prune
+
+from bayesian_sparse_transformer import BayesianLinear, BayesianSparseTransformer, HeadConfig, ModelConfig
+from performer_pytorch import PerformerConfig
+
+SEQ_LEN, DIM, HIDDEN1, HIDDEN2, CLASSES = 20, 16, 12, 8, 3
+
+
+def tiny_model(*, bayes: bool, seed: int = 0) -> BayesianSparseTransformer:
+    torch.manual_seed(seed)
+    encoder = PerformerConfig(num_tokens=7, max_seq_len=SEQ_LEN, dim=DIM, depth=1, heads=2, dim_head=8, nb_features=16)
+    head = HeadConfig(
+        seq_len=SEQ_LEN, dim=DIM, num_classes=CLASSES, hidden1=HIDDEN1, hidden2=HIDDEN2, bayes=bayes, init_log_sigma=-2.0
+    )
+    return BayesianSparseTransformer(ModelConfig(encoder=encoder, head=head)).eval()
+
+
+def random_tokens(batch: int = 6) -> torch.Tensor:
+    return torch.randint(0, 7, (batch, SEQ_LEN), generator=torch.Generator().manual_seed(0))  # (batch, genes+1)
+
+
+def kept(amount: float, width: int) -> int:
+    return width - round(amount * width)
+
+
+def head_param_count(fc1_in: int, hidden1: int, hidden2: int, *, bayes: bool) -> int:
+    """By hand: conv1 (dim weights + 1 bias), fc1 and fc2 (x2 when Bayesian: mean and log-sigma), fc3."""
+    copies = 2 if bayes else 1
+    fc1 = copies * (hidden1 * fc1_in + hidden1)
+    fc2 = copies * (hidden2 * hidden1 + hidden2)
+    fc3 = CLASSES * hidden2 + CLASSES
+    return DIM + 1 + fc1 + fc2 + fc3
+
+
+def physical_noise(masked: BayesianSparseTransformer, noise: dict) -> dict:
+    """The masked model's noise restricted to the rows/columns the physically pruned model kept."""
+    sliced = {}
+    for name, draws in noise.items():
+        layer = getattr(masked.head, name)
+        rows, cols = layer.out_mask.nonzero().squeeze(1), layer.in_mask.nonzero().squeeze(1)
+        sliced[name] = {"weight": draws["weight"][:, rows][:, :, cols], "bias": draws["bias"][:, rows]}
+    return sliced
+
+
+@pytest.mark.parametrize("bayes", [False, True], ids=["deterministic", "bayesian"])
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("amounts", [(0.3,), (0.1, 0.3)], ids=["single", "progressive"])
+def test_physical_pruning_matches_masked_outputs(bayes, dim, amounts):
+    physical = tiny_model(bayes=bayes)
+    masked = copy.deepcopy(physical)
+    for amount in amounts:
+        physical_stats = physical.prune(amount, dim=dim, mode="physical")
+        masked_stats = masked.prune(amount, dim=dim, mode="mask")
+    tokens = random_tokens()
+    physical.set_deterministic(True)
+    masked.set_deterministic(True)
+    with torch.no_grad():
+        torch.testing.assert_close(physical(tokens), masked(tokens), atol=1e-5, rtol=1e-5)
+    for name in ("fc1", "fc2"):
+        assert physical_stats["layers"][name]["active_rows"] == masked_stats["layers"][name]["active_rows"]
+        assert physical_stats["layers"][name]["active_cols"] == masked_stats["layers"][name]["active_cols"]
+    assert physical_stats["fc12_sparsity"] == pytest.approx(masked_stats["fc12_sparsity"])
+
+    if bayes:  # the same sampled networks, too: the masked model's draws restricted to what physical kept
+        physical.set_deterministic(False)
+        masked.set_deterministic(False)
+        noise = masked.head.draw_noise(3, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                physical.mc_logits(tokens, 3, noise=physical_noise(masked, noise)),
+                masked.mc_logits(tokens, 3, noise=noise),
+                atol=1e-5, rtol=1e-5,
+            )
+
+
+@pytest.mark.parametrize("bayes", [False, True], ids=["deterministic", "bayesian"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_physical_pruning_removes_exactly_the_pruned_parameters(bayes, dim):
+    model = tiny_model(bayes=bayes)
+    encoder_params = sum(p.numel() for p in model.encoder.parameters())
+    assert sum(p.numel() for p in model.head.parameters()) == head_param_count(SEQ_LEN, HIDDEN1, HIDDEN2, bayes=bayes)
+    amount = 0.25
+    stats = model.prune(amount, dim=dim, mode="physical")
+    if dim == 0:  # fc1 rows -> hidden1, fc2 rows -> hidden2
+        widths = (SEQ_LEN, kept(amount, HIDDEN1), kept(amount, HIDDEN2))
+    else:  # fc1 columns -> gene positions, fc2 columns -> hidden1
+        widths = (kept(amount, SEQ_LEN), kept(amount, HIDDEN1), HIDDEN2)
+    expected_head = head_param_count(*widths, bayes=bayes)
+    assert stats["head_params"] == expected_head
+    assert stats["total_params"] == encoder_params + expected_head
+    assert stats["nonzero_params"] == stats["total_params"]
+    assert model.head.fc1.mean_weight().shape == (widths[1], widths[0])
+    assert model.head.fc2.mean_weight().shape == (widths[2], widths[1])
+    assert model.head.fc3.weight.shape == (CLASSES, widths[2])
+    c = model.config.head
+    assert (c.fc1_in, c.hidden1, c.hidden2) == widths
+    assert (c.base_hidden1, c.base_hidden2) == (HIDDEN1, HIDDEN2)
+    if dim == 1:
+        assert model.head.input_index is not None and len(model.head.input_index) == widths[0]
+
+
+@pytest.mark.parametrize("layer_name", ["fc1", "fc2"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_mask_equals_torch_ln_structured_mask(layer_name, dim):
+    model = tiny_model(bayes=True)
+    layer = getattr(model.head, layer_name)
+    reference = torch.nn.Linear(layer.in_features, layer.out_features)
+    with torch.no_grad():
+        reference.weight.copy_(layer.mean_weight())
+    amount = 0.3
+    count = round(amount * reference.weight.shape[dim])
+    torch_prune.ln_structured(reference, "weight", amount=count, n=2, dim=dim)
+    model.prune(amount, layers=(layer_name,), dim=dim, mode="mask")
+    assert torch.equal(layer.weight_mask(), reference.weight_mask)
+    assert int((layer.weight_mask().sum(dim=1 - dim) == 0).sum()) == count
+
+
+def test_mask_pruning_silences_the_next_layer_inputs():
+    model = tiny_model(bayes=True)
+    model.prune(0.25, layers=("fc1",), dim=0, mode="mask")
+    removed = model.head.fc1.out_mask == 0
+    assert int(removed.sum()) == 3
+    assert torch.equal(model.head.fc2.in_mask, model.head.fc1.out_mask)
+    assert not model.head.fc2.mean_weight()[:, removed].any()
+
+
+def test_pruning_stats_report_structured_sparsity():
+    model = tiny_model(bayes=True)
+    stats = model.prune(0.25, dim=0, mode="mask")
+    h1, h2 = kept(0.25, HIDDEN1), kept(0.25, HIDDEN2)  # 9, 6
+    fc1, fc2 = stats["layers"]["fc1"], stats["layers"]["fc2"]
+    assert (fc1["active_rows"], fc1["active_cols"]) == (h1, SEQ_LEN)
+    assert (fc2["active_rows"], fc2["active_cols"]) == (h2, h1)
+    assert fc1["row_sparsity"] == pytest.approx(0.25) and fc1["col_sparsity"] == 0
+    assert fc2["row_sparsity"] == pytest.approx(0.25) and fc2["col_sparsity"] == pytest.approx(0.25)
+    base = HIDDEN1 * SEQ_LEN + HIDDEN2 * HIDDEN1
+    assert stats["fc12_base_weights"] == base
+    assert stats["fc12_active_weights"] == h1 * SEQ_LEN + h2 * h1
+    assert stats["fc12_sparsity"] == pytest.approx(1 - (h1 * SEQ_LEN + h2 * h1) / base)
+    assert stats["total_params"] == sum(p.numel() for p in model.parameters())  # masks keep every parameter
+    removed = 2 * ((HIDDEN1 - h1) * (SEQ_LEN + 1) + (HIDDEN2 * HIDDEN1 + HIDDEN2) - (h2 * h1 + h2))
+    assert stats["nonzero_params"] == stats["total_params"] - removed
+    assert model.pruning_stats() == stats
+
+
+def test_pruning_nothing_changes_nothing():
+    model = tiny_model(bayes=True)
+    before = copy.deepcopy(model.state_dict())
+    stats = model.prune(0.0, dim=0)
+    assert stats["fc12_sparsity"] == 0
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_physical_prune_after_mask_prune_drops_the_masked_slices():
+    masked_then_physical = tiny_model(bayes=False)
+    masked_only = copy.deepcopy(masked_then_physical)
+    masked_then_physical.prune(0.25, dim=0, mode="mask")
+    masked_then_physical.prune(0.25, dim=0, mode="physical")
+    masked_only.prune(0.25, dim=0, mode="mask")
+    assert masked_then_physical.head.fc1.mean_weight().shape == (kept(0.25, HIDDEN1), SEQ_LEN)
+    tokens = random_tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(masked_then_physical(tokens), masked_only(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_physically_pruned_bayesian_layers_keep_their_sigmas():
+    model = tiny_model(bayes=True)
+    with torch.no_grad():
+        model.head.fc1.weight_log_sigma.normal_(-2.0, 0.5)
+    fc1 = model.head.fc1
+    model.prune(0.25, layers=("fc1",), dim=0, mode="physical")
+    new = model.head.fc1
+    assert isinstance(new, BayesianLinear) and new.prior_sigma == fc1.prior_sigma
+    norms = fc1.weight_mu.norm(dim=1)
+    rows = norms.topk(new.out_features).indices.sort().values
+    assert torch.equal(new.weight_log_sigma, fc1.weight_log_sigma[rows])
+    assert torch.equal(new.weight_mu, fc1.weight_mu[rows])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(amount=1.0), "amount"),
+        (dict(amount=-0.1), "amount"),
+        (dict(amount=0.2, dim=2), "dim"),
+        (dict(amount=0.2, layers=("fc3",)), "can only prune"),
+        (dict(amount=0.2, mode="magic"), "mode"),
+    ],
+)
+def test_invalid_prune_arguments_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(bayes=False).prune(**kwargs)
