@@ -251,8 +251,8 @@ class RunFiles:
         return [path for path in candidates if path.exists()]
 
 
-def prepare_run(args: argparse.Namespace, files: RunFiles, ctx: Dist) -> None:
-    """Refuse to clobber an earlier run; on --resume insist on the same settings."""
+def check_outputs(args: argparse.Namespace, files: RunFiles) -> list[Path]:
+    """Refuse to clobber an earlier run; on --resume insist on the same settings. Writes nothing."""
     existing = files.existing(args.cv_splits)
     settings = {k: v for k, v in vars(args).items() if k not in RESUME_FREE_ARGS}
     if args.resume:
@@ -264,6 +264,11 @@ def prepare_run(args: argparse.Namespace, files: RunFiles, ctx: Dist) -> None:
             raise UserError(f"--resume needs the settings of the interrupted run; these differ: {', '.join(changed)}")
     elif existing and not args.overwrite:
         raise UserError(f"{existing[0]} exists from an earlier run; pass --overwrite, --resume or another --model_name/--ckpt_dir")
+    return existing
+
+
+def create_outputs(args: argparse.Namespace, files: RunFiles, ctx: Dist, existing: list[Path]) -> None:
+    """Only once every input has been checked: create the run directory and record the configuration."""
     if ctx.main:
         files.directory.mkdir(parents=True, exist_ok=True)
         if args.overwrite:
@@ -271,6 +276,8 @@ def prepare_run(args: argparse.Namespace, files: RunFiles, ctx: Dist) -> None:
                 path.unlink()
         if not args.resume:
             write_json(files.config, {"args": vars(args), "versions": package_versions()})
+    if ctx.world > 1:
+        dist.barrier()
 
 
 def setup_logging(files: RunFiles, ctx: Dist) -> None:
@@ -296,6 +303,7 @@ class Source:
     """What --model_path provided: one of our checkpoints (genes, classes, model) or nothing / a foreign encoder."""
 
     checkpoint: object | None = None  # bayesian_sparse_transformer.Checkpoint
+    gene_vectors: torch.Tensor | None = None  # gene2vec table for a fresh model
 
     @property
     def genes(self) -> list[str] | None:
@@ -332,8 +340,7 @@ def build_model(args: argparse.Namespace, source: Source, genes: list[str], n_cl
             redraw_seed=args.seed,
         )
         head = HeadConfig(seq_len=seq_len, dim=args.dim, num_classes=n_classes, hidden2=args.h_dim, dropout=args.dropout)
-        vectors = load_gene_vectors(args.gene2vec_path, genes, args.dim) if gene_embedding == "gene2vec" else None
-        model = BayesianSparseTransformer(ModelConfig(encoder, head), gene_vectors=vectors)
+        model = BayesianSparseTransformer(ModelConfig(encoder, head), gene_vectors=source.gene_vectors)
         if args.model_path:
             for note in load_pretrained_encoder(model, args.model_path):
                 log.info(note)
@@ -780,17 +787,24 @@ def run(args: argparse.Namespace) -> dict:
     validate_args(args)
     ctx, device = init_distributed(args.device)
     files = RunFiles(Path(args.ckpt_dir), args.model_name)
-    prepare_run(args, files, ctx)
-    setup_logging(files, ctx)
+    existing = check_outputs(args, files)
+    # Every input is read and checked before the first output is written: a bad input leaves nothing behind.
     source = read_source(args)
     data = load_dataset(args.data_path, label_key=args.label_key, layer=args.layer, use_raw=args.use_raw,
                         normalize=args.normalize, min_cells_per_class=args.min_cells_per_class)
     if source.genes is not None:
         data = align_genes(data, source.genes)
     elif args.gene_num is not None and args.gene_num != len(data.genes):
-        raise UserError(f"--gene_num {args.gene_num} does not match the data's {len(data.genes)} genes; drop --gene_num or subset the data")
+        raise UserError(f"--gene_num {args.gene_num} does not match the data's {len(data.genes)} genes; "
+                        "drop --gene_num or subset the data")
     labels, classes = encode_labels(data.labels, source.classes)
     splits = stratified_splits(labels, args.cv_splits, test_size=0.2, seed=args.seed, class_names=classes)
+    if source.checkpoint is None and args.pos_embed and args.gene2vec_path:
+        source.gene_vectors = load_gene_vectors(args.gene2vec_path, data.genes, args.dim)
+    if args.model_path and source.checkpoint is None:
+        build_model(args, source, data.genes, len(classes))  # a foreign encoder must fit before anything is written
+    create_outputs(args, files, ctx, existing)
+    setup_logging(files, ctx)
     log.info("data: %d cells, %d genes, %d classes; %d fold(s); device %s x %d", len(labels), len(data.genes),
              len(classes), len(splits), device, ctx.world)
     results = []
