@@ -47,21 +47,45 @@ def gaussian_orthogonal_random_matrix(
     return directions * norms[:, None]
 
 
+class _SoftmaxFeatures(torch.autograd.Function):
+    """exp(x·w' - |x|²·c/2 - stabiliser) with a hand-written backward.
+
+    Autograd would store the exponent's offset gradient as a negated full-size copy; here the backward is one
+    elementwise product and one GEMM against [w' | 1], which also yields the row sums the offset needs.
+    """
+
+    @staticmethod
+    def forward(ctx, data: Tensor, projection: Tensor, is_query: bool) -> Tensor:
+        # data (b, h, n, d); projection (m, d), already scaled by d^-1/4
+        normalizer_sq = data.shape[-1] ** -0.5
+        exponent = data @ projection.T  # (b, h, n, m)
+        max_dims = (-1,) if is_query else (-2, -1)
+        offset = data.pow(2).sum(dim=-1, keepdim=True).mul_(normalizer_sq / 2)  # (b, h, n, 1)
+        offset = offset + exponent.amax(dim=max_dims, keepdim=True)
+        features = exponent.sub_(offset).exp_()
+        ctx.save_for_backward(data, projection, features)
+        return features
+
+    @staticmethod
+    def backward(ctx, grad_features: Tensor):
+        data, projection, features = ctx.saved_tensors
+        grad_exponent = grad_features * features  # (b, h, n, m)
+        extended = torch.cat([projection, projection.new_ones(projection.shape[0], 1)], dim=1)  # (m, d+1)
+        combined = grad_exponent @ extended  # (b, h, n, d+1): gradient through w' and the row sums
+        grad_data = combined[..., :-1] - combined[..., -1:] * data * data.shape[-1] ** -0.5
+        return grad_data, None, None
+
+
 def softmax_kernel(data: Tensor, projection: Tensor, *, is_query: bool) -> Tensor:
     """Positive random features of exp(q·k / sqrt(d)), without the +eps offset (see `linear_attention`).
 
     data (b, h, n, d), projection (m, d) -> (b, h, n, m). The exponent is stabilised by subtracting its maximum:
-    per row for queries, per (batch, head) for keys, detached because it only rescales the features. The global
-    factor m^-1/2 of the paper cancels between numerator and denominator of linear attention and is left out.
+    per row for queries, per (batch, head) for keys, treated as a constant because it only rescales the
+    features. The global factor m^-1/2 of the paper cancels between numerator and denominator of linear
+    attention and is left out.
     """
     normalizer = data.shape[-1] ** -0.25
-    exponent = data @ (projection * normalizer).T  # (b, h, n, m)
-    half_sq_norm = data.pow(2).sum(dim=-1, keepdim=True) * (normalizer**2 / 2)  # (b, h, n, 1)
-    with torch.no_grad():
-        max_dims = (-1,) if is_query else (-2, -1)
-        stabiliser = exponent.amax(dim=max_dims, keepdim=True)
-    # In-place: the matmul's backward does not need its output, so this saves one (b, h, n, m) buffer.
-    return exponent.sub_(half_sq_norm + stabiliser).exp()
+    return _SoftmaxFeatures.apply(data, projection * normalizer, is_query)
 
 
 def relu_kernel(data: Tensor, projection: Tensor) -> Tensor:
@@ -73,21 +97,18 @@ def relu_kernel(data: Tensor, projection: Tensor) -> Tensor:
 def linear_attention(q_features: Tensor, k_features: Tensor, v: Tensor, feature_eps: float = 0.0) -> Tensor:
     """Bidirectional linear attention D^-1 (Q' (K'^T V)) with Q' = q_features + eps and K' = k_features + eps.
 
-    The eps offset is applied analytically (sums of V and of the features) instead of materialising two more
-    (b, h, n, m) tensors. q/k features (b, h, n, m), v (b, h, n, e) -> (b, h, n, e).
+    V gets a column of ones, so one GEMM gives both K'^T V and the key sums, and one more gives numerator and
+    denominator. The eps offset is applied analytically instead of materialising two more (b, h, n, m) tensors.
+    q/k features (b, h, n, m), v (b, h, n, e) -> (b, h, n, e).
     """
-    n = k_features.shape[-2]
-    context = k_features.transpose(-1, -2) @ v  # (b, h, m, e)
-    k_sum = k_features.sum(dim=-2)  # (b, h, m)
+    v_ones = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # (b, h, n, e+1)
+    context = k_features.transpose(-1, -2) @ v_ones  # (b, h, m, e+1); last column: key sums
     if feature_eps:
-        context = context + feature_eps * v.sum(dim=-2, keepdim=True)
-        k_sum = k_sum + feature_eps * n
-    numerator = q_features @ context  # (b, h, n, e)
-    denominator = q_features @ k_sum.unsqueeze(-1)  # (b, h, n, 1)
+        context = context + feature_eps * v_ones.sum(dim=-2, keepdim=True)
+    out = q_features @ context  # (b, h, n, e+1); last column: denominators
     if feature_eps:
-        numerator = numerator + feature_eps * context.sum(dim=-2, keepdim=True)
-        denominator = denominator + feature_eps * k_sum.sum(dim=-1, keepdim=True).unsqueeze(-1)
-    return numerator / denominator
+        out = out + feature_eps * context.sum(dim=-2, keepdim=True)
+    return out[..., :-1] / out[..., -1:]
 
 
 def exact_softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

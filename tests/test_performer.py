@@ -394,3 +394,28 @@ def test_pretrained_encoder_depth_mismatch_is_a_user_error(tmp_path):
     torch.save({"model_state_dict": scbert}, path)
     with pytest.raises(UserError, match="missing"):
         load_pretrained_encoder(tiny_classifier(tiny_config(depth=2)), path)
+
+
+def _softmax_features_by_autograd(data, projection, is_query):
+    """The textbook FAVOR+ positive features, differentiated by autograd (the reference for the custom backward)."""
+    normalizer = data.shape[-1] ** -0.25
+    exponent = (data * normalizer) @ projection.T
+    half_sq_norm = (data**2).sum(-1, keepdim=True) * normalizer**2 / 2
+    dims = (-1,) if is_query else (-2, -1)
+    return torch.exp(exponent - half_sq_norm - exponent.amax(dim=dims, keepdim=True).detach())
+
+
+@pytest.mark.parametrize("is_query", [True, False])
+def test_softmax_kernel_custom_backward_matches_autograd(is_query):
+    from performer_pytorch.kernels import softmax_kernel
+
+    torch.manual_seed(0)
+    data = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
+    projection = torch.randn(12, 8, dtype=torch.float64)
+    upstream = torch.randn(2, 3, 7, 12, dtype=torch.float64)
+    ours = softmax_kernel(data, projection, is_query=is_query)
+    (grad_ours,) = torch.autograd.grad((ours * upstream).sum(), data)
+    reference = _softmax_features_by_autograd(data, projection, is_query)
+    (grad_reference,) = torch.autograd.grad((reference * upstream).sum(), data)
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(grad_ours, grad_reference)
