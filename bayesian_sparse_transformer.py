@@ -617,8 +617,9 @@ def save_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "model_config": module.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-        "genes": list(genes),
-        "classes": list(classes),
+        # Plain str: numpy strings would make the file unloadable under weights_only=True.
+        "genes": [str(gene) for gene in genes],
+        "classes": [str(name) for name in classes],
         "bin_num": int(bin_num),
         "stage": stage,
         "args": dict(args or {}),

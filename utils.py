@@ -630,10 +630,23 @@ def _json_default(obj: object) -> object:
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
 
 
+def _nan_to_none(obj: Any) -> Any:
+    """NaN/inf become null: json.dump would write bare NaN, which is not JSON and breaks other readers."""
+    if isinstance(obj, float | np.floating) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: _nan_to_none(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nan_to_none(value) for value in obj]
+    if isinstance(obj, np.ndarray):
+        return _nan_to_none(obj.tolist())
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as JSON (sorted keys, indent 2) atomically."""
+    """Write `obj` as JSON (sorted keys, indent 2, NaN as null) atomically."""
     with atomic_write(path) as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        json.dump(_nan_to_none(obj), f, indent=2, sort_keys=True, default=_json_default, allow_nan=False)
         f.write("\n")
 
 
@@ -708,8 +721,16 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def run_cli(job: Any) -> int:
-    """Run a CLI's job; a UserError becomes one line on stderr and exit status 2 (no traceback)."""
+    """Run a CLI's job; a UserError becomes one line on stderr and exit status 2 (no traceback).
+
+    Warnings (e.g. missing genes filled with zeros) print as one 'warning: ...' line each.
+    """
+    warnings.formatwarning = _format_warning
     try:
         job()
     except UserError as e:

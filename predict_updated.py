@@ -1,0 +1,482 @@
+"""Predict cell types with Bayesian uncertainty from a checkpoint of finetune_sparse.py.
+
+load the checkpoint -> read the data and align its genes to the model's -> encode each batch once and sample the
+head S times -> per-cell predictions and uncertainties -> CSV tables, an annotated .h5ad and, when the data has
+labels, metrics and plots. Everything is computed before the first file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import sys
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure  # the object API needs no pyplot and no GUI backend
+from torch.utils.data import DataLoader
+
+from bayesian_sparse_transformer import Checkpoint, load_checkpoint, predict_proba_samples
+from utils import (
+    BUNDLED_LABEL_KEY,
+    BinnedDataset,
+    ExpressionData,
+    UserError,
+    accuracy_at_coverage,
+    align_genes,
+    atomic_write,
+    classification_metrics,
+    collate_batch,
+    load_dataset,
+    misclassification_auroc,
+    package_versions,
+    prepare_output_dir,
+    reliability_bins,
+    resolve_device,
+    run_cli,
+    set_seed,
+    uncertainty_summary,
+    write_json,
+)
+
+UNASSIGNED = "Unassigned"
+UNASSIGN_RULES = ("confidence", "entropy", "mutual_info")
+COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.5)
+CURVE_COVERAGES = tuple(np.round(np.linspace(0.1, 1.0, 10), 2))
+OUTPUT_FILES = ("predictions.csv", "probabilities.csv", "predictions.h5ad", "metrics.json", "run.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; options shared with finetune_sparse.py keep its names and meanings."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data_path", default=None, help="AnnData .h5ad with log-normalized expression; default: the bundled PBMC data (scanpy's pbmc68k_reduced)")
+    data.add_argument("--label_key", default=None, help="obs column with true cell types; turns on evaluation (the bundled data uses bulk_labels)")
+    data.add_argument("--cells", default=None, help="text file of cell ids (obs names), one per line: predict only these, e.g. {model_name}{fold}_val_cells.txt from training")
+    data.add_argument("--layer", default=None, help="read expression from adata.layers[LAYER] instead of .X")
+    data.add_argument("--use_raw", action="store_true", help="read expression from adata.raw")
+    data.add_argument("--normalize", action="store_true", help="normalize_total + log1p raw counts instead of refusing them")
+    data.add_argument("--allow_missing_genes", action="store_true", help="predict even when fewer than half of the model's genes are in the data (missing genes are zeros)")
+
+    model = p.add_argument_group("model and prediction")
+    model.add_argument("--model_path", required=True, help="checkpoint written by finetune_sparse.py (e.g. ckpts/finetune0_best.pth)")
+    model.add_argument("--bayes_mc_samples", type=int, default=8, help="head samples per cell; 1 = the posterior means only (deterministic)")
+    model.add_argument("--unassign_by", default="confidence", choices=UNASSIGN_RULES, help="score deciding which cells are Unassigned")
+    model.add_argument("--unassign_thres", type=float, default=0.5, help="confidence: Unassigned below it (scBERT's novel-type rule); entropy/mutual_info: Unassigned above it")
+    model.add_argument("--batch_size", type=int, default=32, help="cells per batch")
+    model.add_argument("--seed", type=int, default=2021, help="seed of the head samples: same checkpoint + seed = same predictions")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--output_dir", default="./predictions", help="directory for the outputs")
+    run.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run in OUTPUT_DIR")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on CUDA")
+    run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    return p
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject out-of-range options, and outputs that would replace an input, before anything is read."""
+    checks = [
+        (args.batch_size >= 1, "--batch_size must be at least 1"),
+        (args.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1 (1 = deterministic posterior means)"),
+        (args.num_workers >= 0, "--num_workers must be at least 0"),
+        (math.isfinite(args.unassign_thres), "--unassign_thres must be a finite number"),
+    ]
+    if args.unassign_by == "confidence":
+        checks.append((0 <= args.unassign_thres <= 1, "--unassign_thres must be in [0, 1] with --unassign_by confidence"))
+    else:
+        checks.append((args.unassign_thres >= 0, f"--unassign_thres must be at least 0 with --unassign_by {args.unassign_by}"))
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    outputs = {(Path(args.output_dir) / name).resolve() for name in OUTPUT_FILES}
+    for flag, path in (("--data_path", args.data_path), ("--model_path", args.model_path), ("--cells", args.cells)):
+        if path is not None and Path(path).resolve() in outputs:
+            raise UserError(f"{flag} {path} is one of the output files; choose another --output_dir")
+    if Path(args.output_dir).exists():  # refuse early so nothing is computed in vain; created only when writing
+        prepare_output_dir(args.output_dir, args.overwrite)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_data(args: argparse.Namespace, checkpoint: Checkpoint) -> tuple[ExpressionData, np.ndarray, str | None]:
+    """The requested cells, genes in the checkpoint's order; also their row positions in the AnnData and label key."""
+    label_key = args.label_key
+    if args.data_path is None and label_key is None:
+        label_key = BUNDLED_LABEL_KEY  # evaluation runs out of the box on the bundled example
+    data = load_dataset(args.data_path, label_key=label_key, layer=args.layer, use_raw=args.use_raw,
+                        normalize=args.normalize, require_labels=args.label_key is not None)
+    data, rows = select_cells(data, args.cells)
+    data = align_genes(data, checkpoint.genes, allow_missing=args.allow_missing_genes)
+    return data, rows, label_key if data.labels is not None else None
+
+
+def select_cells(data: ExpressionData, cells_file: str | None) -> tuple[ExpressionData, np.ndarray]:
+    """Keep the cells listed in `cells_file` (in data order); UserError when some ids are not in the data."""
+    rows = np.arange(len(data.cell_ids))
+    if cells_file is None:
+        return data, rows
+    try:
+        wanted = [line.strip() for line in Path(cells_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read --cells file {cells_file} ({err}); pass a text file with one cell id per line") from err
+    if not wanted:
+        raise UserError(f"--cells file {cells_file} lists no cell ids; pass a text file with one cell id per line")
+    index = pd.Index(data.cell_ids)
+    if not index.is_unique:
+        raise UserError("the data's cell ids (obs names) are not unique, so --cells cannot pick cells; run adata.obs_names_make_unique() first")
+    positions = index.get_indexer(wanted)
+    unknown = [cell for cell, position in zip(wanted, positions) if position < 0]
+    if unknown:
+        examples = ", ".join(repr(cell) for cell in unknown[:3])
+        raise UserError(f"{len(unknown)} of {len(wanted)} cell ids in {cells_file} are not in the data (e.g. {examples}); check that the file belongs to this data set")
+    rows = np.unique(positions)
+    labels = data.labels[rows] if data.labels is not None else None
+    return replace(data, matrix=data.matrix[rows], cell_ids=[data.cell_ids[i] for i in rows], labels=labels), rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Predict and summarise
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """Per-cell results: `summary` holds utils.uncertainty_summary's arrays (mean_probs (cells, classes), ...)."""
+
+    cell_ids: list[str]
+    classes: list[str]
+    summary: dict[str, np.ndarray]
+    unassigned: np.ndarray  # (cells,) bool
+    true_labels: np.ndarray | None  # (cells,) str, may include types the model never saw
+    seconds: float  # inference time
+
+    @property
+    def top_label(self) -> np.ndarray:
+        return np.asarray(self.classes, dtype=object)[self.summary["pred"]]
+
+    @property
+    def pred_label(self) -> np.ndarray:
+        return np.where(self.unassigned, UNASSIGNED, self.top_label)
+
+    def scores(self) -> dict[str, np.ndarray]:
+        """Uncertainty scores, higher = less sure, used to rank cells for error and novel-type detection."""
+        s = self.summary
+        return {"1-confidence": 1 - s["confidence"], "entropy": s["entropy"], "mutual_info": s["mutual_info"],
+                "pred_std": s["pred_std"]}
+
+    def label_codes(self) -> np.ndarray:
+        """True labels as class indices, -1 for types the model never saw."""
+        return pd.Index(self.classes).get_indexer(self.true_labels)
+
+
+def predict(checkpoint: Checkpoint, data: ExpressionData, args: argparse.Namespace) -> Prediction:
+    """Encode each batch once, sample the head S times with noise drawn once from --seed, summarise per cell."""
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    model = checkpoint.model.to(device)
+    model.set_deterministic(args.bayes_mc_samples == 1)
+    if not model.is_bayesian and args.bayes_mc_samples > 1:
+        warnings.warn(f"the checkpoint's head is deterministic (stage {checkpoint.stage}): all {args.bayes_mc_samples} "
+                      "samples agree and mutual_info is 0; use a Stage B (--bayes_head) checkpoint for Bayesian uncertainty",
+                      stacklevel=2)
+    loader = DataLoader(BinnedDataset(data.matrix, checkpoint.bin_num), batch_size=args.batch_size,
+                        collate_fn=collate_batch, num_workers=args.num_workers)
+    started = time.perf_counter()
+    samples = predict_proba_samples(model, loader, args.bayes_mc_samples, seed=args.seed, device=device,
+                                    amp=args.amp, progress=sys.stderr.isatty())  # (S, cells, classes)
+    seconds = time.perf_counter() - started
+    summary = uncertainty_summary(samples)
+    unassigned = unassigned_cells(summary, args.unassign_by, args.unassign_thres)
+    return Prediction(data.cell_ids, checkpoint.classes, summary, unassigned, data.labels, seconds)
+
+
+def unassigned_cells(summary: dict[str, np.ndarray], rule: str, threshold: float) -> np.ndarray:
+    """Cells too uncertain to name: confidence below the threshold (scBERT's rule), or entropy/MI above it."""
+    if rule == "confidence":
+        return summary["confidence"] < threshold
+    return summary[rule] > threshold
+
+
+def evaluate(pred: Prediction) -> dict:
+    """Metrics over cells whose label the model knows; AUROCs for flagging errors and, if any, unseen types."""
+    codes = pred.label_codes()
+    known = codes >= 0
+    scores = pred.scores()
+    unseen, unseen_counts = np.unique(pred.true_labels[~known], return_counts=True)
+    metrics: dict = {"n_cells_predicted": len(codes), "n_unseen_label_cells": int((~known).sum()),
+                     "unseen_labels": dict(zip(unseen.tolist(), unseen_counts.tolist())),
+                     "unassigned_share": float(pred.unassigned.mean())}
+    if not known.all():
+        # The novel-type case: how many unseen-type cells were left Unassigned, and how well each score ranks
+        # them above cells of known types (NaN when every cell is of an unseen type).
+        metrics["unseen_unassigned_share"] = float(pred.unassigned[~known].mean())
+        metrics["unseen_type_auroc"] = {name: misclassification_auroc(s, known) for name, s in scores.items()}
+    if not known.any():
+        return metrics
+    metrics.update(classification_metrics(pred.summary["mean_probs"][known], codes[known], pred.classes))
+    correct = pred.summary["pred"][known] == codes[known]
+    metrics["misclassification_auroc"] = {name: misclassification_auroc(s[known], correct) for name, s in scores.items()}
+    metrics["accuracy_at_coverage"] = {name: accuracy_at_coverage(s[known], correct, COVERAGES) for name, s in scores.items()}
+    assigned = ~pred.unassigned[known]
+    metrics["accuracy_of_assigned"] = float(correct[assigned].mean()) if assigned.any() else float("nan")
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plots (rendered to PNG bytes, written with the other outputs)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def png(fig: Figure) -> bytes:
+    """Render a figure to PNG bytes, so plots exist before any file is written."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def reliability_figure(probs: np.ndarray, codes: np.ndarray, ece: float) -> Figure:
+    """Accuracy per confidence bin against the diagonal of perfect calibration."""
+    bins = reliability_bins(probs, codes, n_bins=15)
+    edges = bins["edges"]
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    ax.bar(edges[:-1], np.nan_to_num(bins["accuracy"]), width=np.diff(edges), align="edge", edgecolor="black",
+           alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"Reliability (ECE {ece:.3f})")
+    ax.legend(loc="upper left")
+    return fig
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str]) -> Figure:
+    """Row-normalised confusion matrix: each row shows where the cells of one true type went."""
+    totals = matrix.sum(axis=1, keepdims=True)
+    normalized = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)  # rows: true classes
+    size = 2.5 + 0.5 * len(classes)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
+    image = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, classes, rotation=60, ha="right")
+    ax.set_yticks(ticks, classes)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (row-normalised)")
+    for i, j in np.ndindex(matrix.shape):
+        if matrix[i, j]:
+            ax.text(j, i, f"{normalized[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if normalized[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return fig
+
+
+def coverage_figure(scores: dict[str, np.ndarray], correct: np.ndarray) -> Figure:
+    """Accuracy on the most certain cells as fewer are kept, one line per uncertainty score."""
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    for name, score in scores.items():
+        accuracy = accuracy_at_coverage(score, correct, CURVE_COVERAGES)
+        ax.plot(CURVE_COVERAGES, list(accuracy.values()), marker="o", label=name)
+    ax.set(xlabel="coverage (share of most certain cells kept)", ylabel="accuracy", title="Accuracy vs coverage")
+    ax.invert_xaxis()
+    ax.legend()
+    return fig
+
+
+def uncertainty_histogram_figure(scores: dict[str, np.ndarray], correct: np.ndarray) -> Figure:
+    """Entropy and mutual information of correct vs wrong cells: good scores separate the two."""
+    fig = Figure(figsize=(9, 3.5))
+    for ax, name in zip(fig.subplots(1, 2), ("entropy", "mutual_info")):
+        bins = np.linspace(0, max(float(scores[name].max()), 1e-6), 31)
+        for mask, label in ((correct, "correct"), (~correct, "wrong")):
+            if mask.any():
+                ax.hist(scores[name][mask], bins=bins, alpha=0.6, density=True, label=f"{label} ({int(mask.sum())})")
+        ax.set(xlabel=name, ylabel="density", title=f"{name} of correct vs wrong cells")
+        ax.legend()
+    return fig
+
+
+def umap_figure(coords: np.ndarray, labels: np.ndarray, entropy: np.ndarray) -> Figure:
+    """The data's own UMAP coloured by predicted label and by predictive entropy."""
+    fig = Figure(figsize=(14, 5), layout="constrained")  # constrained layout keeps the outside legend visible
+    by_label, by_entropy = fig.subplots(1, 2)
+    palette = [color for i, color in enumerate(colormaps["tab20"].colors) if i not in (14, 15)]  # greys: Unassigned
+    for i, name in enumerate(sorted(set(labels) - {UNASSIGNED})):
+        mask = labels == name
+        by_label.scatter(*coords[mask].T, s=6, color=palette[i % len(palette)], label=name)
+    if (labels == UNASSIGNED).any():
+        by_label.scatter(*coords[labels == UNASSIGNED].T, s=6, color="lightgrey", label=UNASSIGNED)
+    by_label.set(title="UMAP: predicted label", xticks=[], yticks=[])
+    by_label.legend(loc="center left", bbox_to_anchor=(1, 0.5), markerscale=2, fontsize=8, frameon=False)
+    points = by_entropy.scatter(*coords.T, s=6, c=entropy, cmap="viridis")
+    by_entropy.set(title="UMAP: predictive entropy", xticks=[], yticks=[])
+    fig.colorbar(points, ax=by_entropy, label="entropy (nats)")
+    return fig
+
+
+def make_plots(pred: Prediction, metrics: dict | None, umap: np.ndarray | None) -> dict[str, bytes]:
+    """PNG files by name: evaluation plots when labels are known, a UMAP when the data has one."""
+    plots = {}
+    if metrics is not None and "accuracy" in metrics:
+        codes = pred.label_codes()
+        known = codes >= 0
+        probs = pred.summary["mean_probs"][known]
+        correct = pred.summary["pred"][known] == codes[known]
+        scores = {name: s[known] for name, s in pred.scores().items()}
+        plots["reliability.png"] = png(reliability_figure(probs, codes[known], metrics["ece"]))
+        plots["confusion_matrix.png"] = png(confusion_figure(np.array(metrics["confusion_matrix"]), pred.classes))
+        plots["accuracy_coverage.png"] = png(coverage_figure(scores, correct))
+        plots["uncertainty_hist.png"] = png(uncertainty_histogram_figure(scores, correct))
+    if umap is not None:
+        plots["umap.png"] = png(umap_figure(umap, pred.pred_label, pred.summary["entropy"]))
+    return plots
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def predictions_table(pred: Prediction) -> pd.DataFrame:
+    """One row per cell: label, Unassigned flag, uncertainties, the most probable class and the true label."""
+    s = pred.summary
+    table = pd.DataFrame({
+        "cell_id": pred.cell_ids, "pred_label": pred.pred_label, "pred_unassigned": pred.unassigned,
+        "confidence": s["confidence"], "entropy": s["entropy"], "expected_entropy": s["expected_entropy"],
+        "mutual_info": s["mutual_info"], "pred_std": s["pred_std"], "top_label": pred.top_label,
+    })
+    if pred.true_labels is not None:
+        table["true_label"] = pred.true_labels
+    return table
+
+
+def probabilities_table(pred: Prediction) -> pd.DataFrame:
+    """Mean class probabilities over the head samples, cells x classes."""
+    table = pd.DataFrame(pred.summary["mean_probs"], columns=pred.classes)
+    table.insert(0, "cell_id", pred.cell_ids)
+    return table
+
+
+def annotated_anndata(adata: anndata.AnnData, rows: np.ndarray, pred: Prediction, metadata: dict) -> anndata.AnnData:
+    """A copy of the predicted cells with results where scanpy users look: obs, obsm and uns."""
+    out = adata[rows].copy()
+    s = pred.summary
+    out.obs["pred_label"] = pd.Categorical(pred.pred_label, categories=[*pred.classes, UNASSIGNED])
+    columns = {"confidence": "pred_confidence", "entropy": "pred_entropy", "expected_entropy": "pred_expected_entropy",
+               "mutual_info": "pred_mutual_info", "pred_std": "pred_std"}
+    for key, column in columns.items():
+        out.obs[column] = s[key]
+    out.obs["pred_unassigned"] = pred.unassigned
+    out.obsm["pred_probabilities"] = s["mean_probs"].astype(np.float32)  # (cells, classes)
+    out.uns["pred_classes"] = np.asarray(pred.classes, dtype=str)
+    out.uns["prediction"] = metadata
+    return out
+
+
+def write_h5ad_atomic(adata: anndata.AnnData, path: Path) -> None:
+    """anndata writes only to a path, so write a hidden file next to `path` and rename it into place."""
+    temp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        adata.write_h5ad(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(directory: Path, tables: dict[str, pd.DataFrame], adata: anndata.AnnData,
+                  plots: dict[str, bytes], jsons: dict[str, dict]) -> None:
+    """Each file atomically; the .h5ad first (the likeliest to fail), run.json last (it marks a complete run)."""
+    directory = prepare_output_dir(directory, overwrite=True)  # emptiness was checked in validate_args
+    write_h5ad_atomic(adata, directory / "predictions.h5ad")
+    for name, table in tables.items():
+        with atomic_write(directory / name) as handle:
+            table.to_csv(handle, index=False)
+    for name, content in plots.items():
+        with atomic_write(directory / name, "wb") as handle:
+            handle.write(content)
+    for name, content in jsons.items():
+        write_json(directory / name, content)
+
+
+def report(metrics: dict | None, pred: Prediction, args: argparse.Namespace, label_key: str | None) -> None:
+    """A few lines for the terminal; metrics.json has everything."""
+    rule = f"{args.unassign_by} {'<' if args.unassign_by == 'confidence' else '>'} {args.unassign_thres:g}"
+    print(f"unassigned ({rule}): {pred.unassigned.mean():.1%} of {len(pred.cell_ids)} cells")
+    if metrics is None:
+        return
+    if metrics["n_unseen_label_cells"]:
+        names = ", ".join(f"{k!r} ({v})" for k, v in metrics["unseen_labels"].items())
+        print(f"{metrics['n_unseen_label_cells']} cells have labels the model never saw: {names}")
+        best = max(metrics.get("unseen_type_auroc", {}).items(), key=lambda kv: np.nan_to_num(kv[1]), default=None)
+        if best:
+            print(f"flagging unseen-type cells: best AUROC {best[1]:.3f} ({best[0]})")
+    if "accuracy" not in metrics:
+        return
+    print(f"evaluated {metrics['n_cells']} cells against obs[{label_key!r}]: accuracy {metrics['accuracy']:.4f}, "
+          f"macro-F1 {metrics['macro_f1']:.4f}, ECE {metrics['ece']:.4f}, NLL {metrics['nll']:.4f}")
+    name, value = max(metrics["misclassification_auroc"].items(), key=lambda kv: np.nan_to_num(kv[1]))
+    print(f"flagging misclassified cells: best AUROC {value:.3f} ({name})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_summary(pred: Prediction, metrics: dict | None, label_key: str | None, seconds: float) -> dict:
+    """The headline numbers for run.json."""
+    summary = {"n_cells": len(pred.cell_ids), "n_classes": len(pred.classes), "label_key": label_key,
+               "unassigned_share": float(pred.unassigned.mean()), "seconds": seconds,
+               "inference_seconds": pred.seconds, "cells_per_second": len(pred.cell_ids) / max(pred.seconds, 1e-9)}
+    if metrics is not None and "accuracy" in metrics:
+        summary.update({key: metrics[key] for key in ("accuracy", "macro_f1", "ece", "nll")})
+    return summary
+
+
+def run(args: argparse.Namespace) -> dict:
+    """parse -> validate -> load -> predict -> summarise -> write; returns the run summary."""
+    started = time.perf_counter()
+    validate_args(args)
+    checkpoint = load_checkpoint(args.model_path)
+    data, rows, label_key = load_data(args, checkpoint)
+    pred = predict(checkpoint, data, args)
+    metrics = evaluate(pred) if pred.true_labels is not None else None
+    report(metrics, pred, args, label_key)
+    umap = np.asarray(data.adata.obsm["X_umap"])[rows, :2] if "X_umap" in data.adata.obsm else None
+    plots = make_plots(pred, metrics, umap)
+    summary = run_summary(pred, metrics, label_key, seconds=time.perf_counter() - started)
+    versions = package_versions()
+    metadata = {"model_path": str(args.model_path), "checkpoint_stage": checkpoint.stage,
+                "bayes_mc_samples": args.bayes_mc_samples, "seed": args.seed, "unassign_by": args.unassign_by,
+                "unassign_thres": args.unassign_thres, "versions": versions}
+    jsons = {"metrics.json": metrics} if metrics is not None else {}
+    jsons["run.json"] = {"args": vars(args), "versions": versions, "checkpoint_versions": checkpoint.versions,
+                         "summary": summary}
+    tables = {"predictions.csv": predictions_table(pred), "probabilities.csv": probabilities_table(pred)}
+    write_outputs(Path(args.output_dir), tables, annotated_anndata(data.adata, rows, pred, metadata), plots, jsons)
+    print(f"done: {summary['n_cells']} cells in {time.perf_counter() - started:.1f} s (inference {pred.seconds:.1f} s, "
+          f"{summary['cells_per_second']:.0f} cells/s), {summary['unassigned_share']:.1%} unassigned -> {args.output_dir}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 with a one-line message for problems the user can fix)."""
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
