@@ -669,6 +669,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise UserError(f"{path} is damaged or built for another architecture: {str(err).splitlines()[0]}") from err
+    _check_metadata(path, payload, config)
     model.to(map_location)
     return Checkpoint(
         model=model,
@@ -681,6 +682,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         training_state=payload.get("training_state"),
         versions=payload.get("versions") or {},
     )
+
+
+def _check_metadata(path: str | Path, payload: dict, config: ModelConfig) -> None:
+    """The gene list, class names and bin_num must fit the model they describe (a tampered file would not)."""
+    genes, classes, bin_num = payload["genes"], payload["classes"], payload["bin_num"]
+    problems = []
+    if len(genes) + 1 != config.encoder.max_seq_len:
+        problems.append(f"{len(genes)} genes for a model of {config.encoder.max_seq_len - 1}")
+    if len(classes) != config.head.num_classes:
+        problems.append(f"{len(classes)} class names for {config.head.num_classes} outputs")
+    if not isinstance(bin_num, int) or not 1 <= bin_num <= config.encoder.num_tokens - 2:
+        problems.append(f"bin_num {bin_num!r} for {config.encoder.num_tokens} tokens")
+    if problems:
+        raise UserError(f"{path} is inconsistent ({'; '.join(problems)}); it was altered or damaged, use the original file")
 
 
 def _state_dict_of(payload: dict) -> dict:

@@ -66,6 +66,7 @@ from utils import (
 
 log = logging.getLogger("finetune")
 
+DEFAULT_BIN_NUM = 5  # scBERT's
 # Settings that may differ between the interrupted run and its --resume without changing results.
 RESUME_FREE_ARGS = {"resume", "overwrite", "device", "num_workers", "amp"}
 
@@ -86,7 +87,7 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     data.add_argument("--normalize", action="store_true", help="normalize_total + log1p raw counts instead of refusing them")
     data.add_argument("--min_cells_per_class", type=int, default=0, help="drop cell types with fewer cells (a split needs at least 2)")
     data.add_argument("--gene_num", type=int, default=None, help="number of genes (scBERT default 166; taken from the data unless given, and then checked against it)")
-    data.add_argument("--bin_num", type=int, default=5, help="expression bins: tokens are floor(log-expression) clipped to BIN_NUM")
+    data.add_argument("--bin_num", type=int, default=None, help="expression bins: tokens are floor(log-expression) clipped to BIN_NUM (default: 5, or the --model_path checkpoint's)")
 
     model = p.add_argument_group("model")
     model.add_argument("--model_path", default=None, help="start from a checkpoint: scBERT's pretrained PerformerLM (encoder init), a Stage A checkpoint (Stage B) or a Stage B checkpoint (round 2)")
@@ -97,7 +98,8 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     model.add_argument("--nb_features", type=int, default=None, help="FAVOR+ random features (default dim_head*ln(dim_head))")
     model.add_argument("--feature_redraw_interval", type=int, default=1000, help="redraw the random features every N training steps")
     model.add_argument("--local_attn_heads", type=int, default=0, help="heads using windowed softmax attention instead of FAVOR+")
-    model.add_argument("--pos_embed", action=argparse.BooleanOptionalAction, default=True, help="add a gene embedding (gene2vec from --gene2vec_path, else learned)")
+    model.add_argument("--pos_embed", action="store_true", default=True, help="add a gene embedding (gene2vec from --gene2vec_path, else learned)")
+    model.add_argument("--no_pos_embed", "--no-pos_embed", dest="pos_embed", action="store_false", default=argparse.SUPPRESS, help="no gene embedding")
     model.add_argument("--gene2vec_path", default=None, help="gene2vec vectors: .npy in the data's gene order, or text 'SYMBOL v1 ... vDIM'")
     model.add_argument("--h_dim", type=int, default=128, help="width of the head's fc2")
     model.add_argument("--dropout", type=float, default=0.0, help="dropout in the head (and the encoder's feed-forward)")
@@ -158,12 +160,14 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.prune_step > 0, "--prune_step must be positive"),
         (args.prune_f1_tol >= 0, "--prune_f1_tol must be at least 0"),
         (args.prune_ft_epochs >= 0, "--prune_ft_epochs must be at least 0"),
-        (args.bin_num >= 1, "--bin_num must be at least 1"),
+        (args.bin_num is None or args.bin_num >= 1, "--bin_num must be at least 1"),
         (args.batch_size >= 1, "--batch_size must be at least 1"),
         (args.grad_acc >= 1, "--grad_acc must be at least 1"),
         (args.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1"),
         (args.mc_samples_eval >= 1, "--mc_samples_eval must be at least 1"),
         (args.epoch >= 0, "--epoch must be at least 0"),
+        (args.epoch >= 1 or bool(args.model_path),
+         "--epoch 0 trains nothing: a model from scratch needs --epoch 1 or more (--epoch 0 only evaluates or prunes a --model_path checkpoint)"),
         (args.cv_splits >= 1, "--cv_splits must be at least 1"),
         (args.patience >= 1, "--patience must be at least 1"),
         (args.valid_every >= 1, "--valid_every must be at least 1"),
@@ -253,6 +257,11 @@ class RunFiles:
 
 def check_outputs(args: argparse.Namespace, files: RunFiles) -> list[Path]:
     """Refuse to clobber an earlier run; on --resume insist on the same settings. Writes nothing."""
+    for folder in (files.directory, *files.directory.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--ckpt_dir {files.directory} cannot be created: {folder} is a file; choose another --ckpt_dir")
+            break
     existing = files.existing(args.cv_splits)
     settings = {k: v for k, v in vars(args).items() if k not in RESUME_FREE_ARGS}
     if args.resume:
@@ -281,6 +290,8 @@ def create_outputs(args: argparse.Namespace, files: RunFiles, ctx: Dist, existin
 
 
 def setup_logging(files: RunFiles, ctx: Dist) -> None:
+    for handler in log.handlers:
+        handler.close()  # an earlier in-process run's log file
     log.handlers.clear()
     log.setLevel(logging.INFO if ctx.main else logging.WARNING)
     log.propagate = False
@@ -323,6 +334,17 @@ def read_source(args: argparse.Namespace) -> Source:
     if read_checkpoint_file(args.model_path).get("format") == CHECKPOINT_FORMAT:
         return Source(load_checkpoint(args.model_path))
     return Source()  # a scBERT encoder: loaded into each fold's fresh model by build_model
+
+
+def adopt_checkpoint_binning(args: argparse.Namespace, source: Source) -> None:
+    """Our checkpoints fix the binning along with the architecture; --bin_num may only repeat it."""
+    if source.checkpoint is None:
+        args.bin_num = args.bin_num or DEFAULT_BIN_NUM
+    elif args.bin_num not in (None, source.checkpoint.bin_num):
+        raise UserError(f"--bin_num {args.bin_num} differs from the checkpoint's {source.checkpoint.bin_num}; "
+                        "drop --bin_num to keep the binning the model was trained with")
+    else:
+        args.bin_num = source.checkpoint.bin_num
 
 
 def build_model(args: argparse.Namespace, source: Source, genes: list[str], n_classes: int) -> BayesianSparseTransformer:
@@ -487,7 +509,7 @@ class FoldTrainer:
                 loss = ce
                 if model.is_bayesian and not deterministic and args.kl_weight > 0:
                     kl = model.kl_divergence()
-                    kl_value = float(kl)
+                    kl_value = float(kl.detach())
                     # Each micro-batch carries the full KL; dividing by grad_acc below makes it once per step.
                     loss = loss + self.kl_scale() * kl
                 if args.l1_lambda > 0:
@@ -503,7 +525,7 @@ class FoldTrainer:
                 self.scheduler.step()
                 if model.is_bayesian and not deterministic:
                     self.state.kl_step += 1
-            total_loss += float(ce) * len(labels)
+            total_loss += float(ce.detach()) * len(labels)
             correct += float((logits.argmax(-1) == labels).sum())
             seen += len(labels)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
@@ -683,6 +705,9 @@ class FoldTrainer:
             self.run_pruning(started)
         self.load_best()
         metrics, probs = self.evaluate()
+        if self.ctx.main and not self.files.fold(self.fold, "best.pth").exists():
+            # --epoch 0 without pruning only evaluates the --model_path model: that model is the run's best.
+            self.save("best", metrics=_summary_metrics(metrics, self.model, self.current_amount()))
         self.report(metrics)
         if self.ctx.main:
             self.write_val_predictions(probs)
@@ -787,9 +812,10 @@ def run(args: argparse.Namespace) -> dict:
     validate_args(args)
     ctx, device = init_distributed(args.device)
     files = RunFiles(Path(args.ckpt_dir), args.model_name)
-    existing = check_outputs(args, files)
     # Every input is read and checked before the first output is written: a bad input leaves nothing behind.
     source = read_source(args)
+    adopt_checkpoint_binning(args, source)
+    existing = check_outputs(args, files)
     data = load_dataset(args.data_path, label_key=args.label_key, layer=args.layer, use_raw=args.use_raw,
                         normalize=args.normalize, min_cells_per_class=args.min_cells_per_class)
     if source.genes is not None:

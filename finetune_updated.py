@@ -6,9 +6,14 @@ every option of finetune_sparse.py is accepted.
 
 import sys
 
-from finetune_sparse import main
+import finetune_sparse
 
 BASELINE_DEFAULTS = {"bayes_head": False, "prune_target": 0.0, "cv_splits": 5, "model_name": "finetune_baseline"}
 
+
+def main(argv: list[str] | None = None) -> int:
+    return finetune_sparse.main(argv, description=__doc__, **BASELINE_DEFAULTS)
+
+
 if __name__ == "__main__":
-    sys.exit(main(description=__doc__, **BASELINE_DEFAULTS))
+    sys.exit(main())

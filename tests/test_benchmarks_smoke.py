@@ -1,0 +1,139 @@
+"""The benchmarks run end to end in their smoke configurations and write complete, finite results (so they don't rot)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_ARGS = ["--smoke", "--threads", "1"]  # one thread: a loaded CI machine makes two-thread runs stall
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """The benchmarks fix torch's thread count (and the OMP/MKL variables); give other tests theirs back."""
+    threads = torch.get_num_threads()
+    environment = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    yield
+    torch.set_num_threads(threads)
+    for key, value in environment.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def run_smoke(name: str, out_dir: Path) -> dict:
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert module.main([*SMOKE_ARGS, "--out_dir", str(out_dir)]) == 0
+    payload = json.loads((out_dir / f"{name}.json").read_text(encoding="utf-8"))
+    assert payload["benchmark"] == name and payload["smoke"] is True
+    machine = payload["machine"]
+    assert machine["cpu_count"] >= 1 and machine["torch_threads"] == 1 and machine["versions"]["torch"]
+    assert payload["config"]["threads"] == 1 and payload["config"]["smoke"] is True
+    assert all({"target", "met", "detail"} <= set(t) for t in payload["targets"])  # scaling has none, only a crossover
+    assert (out_dir / f"{name}.md").read_text(encoding="utf-8").startswith("## ")
+    assert payload["plots"] and all((out_dir / plot).stat().st_size > 0 for plot in payload["plots"])
+    return payload["results"]
+
+
+def assert_finite(*values) -> None:
+    for value in values:
+        assert isinstance(value, (int, float)) and math.isfinite(value), value
+
+
+def test_speed_reference_smoke_compares_same_weights_and_reports_ratios(tmp_path):
+    results = run_smoke("speed_reference", tmp_path)
+    assert_finite(results["matmul_peak"]["gflops"])
+    for row in results["sequences"]:
+        assert_finite(row["speedup_forward"], row["speedup_forward_backward"], row["flops_per_cell"]["forward"])
+        for impl in ("ours", "reference"):
+            assert_finite(row[impl]["forward"]["cells_per_s"], row[impl]["forward_backward"]["peak_fraction"])
+        assert row["output_check"]["max_abs_diff"] < 1e-4  # the same weights give the same encodings
+        assert "site-packages" in row["reference_location"]
+        assert "site-packages" not in row["output_check"]["ours_location"]
+
+
+def test_scaling_smoke_measures_every_method_and_size(tmp_path):
+    results = run_smoke("scaling", tmp_path)
+    methods = {(p["method"], p["tokens"]) for p in results["points"]}
+    assert methods == {(m, n) for m in ("favor", "sdpa", "naive") for n in (32, 128)}
+    for point in results["points"]:
+        assert_finite(point["time_s"], point["peak_extra_mb"])
+    assert set(results["crossover_tokens"]) == {"time_s", "peak_extra_mb"}
+
+
+def test_mc_cost_smoke_reports_both_ratios(tmp_path):
+    results = run_smoke("mc_cost", tmp_path)
+    for row in results["sequences"]:
+        assert_finite(row["naive_over_head_mc"], row["head_mc_over_deterministic"])
+        assert row["head_mc"]["output_shape"] == [row["samples"], row["batch"], 10]
+        assert row["max_sample_std"]["head_mc"] > 0  # the head samples really differ
+
+
+def test_pruning_tradeoff_smoke_shrinks_physical_but_not_masked(tmp_path):
+    results = run_smoke("pruning_tradeoff", tmp_path)
+    for row in results["accuracy"] + results["latency"]:
+        assert_finite(row["fc12_removed"], row["total_params"])
+    for row in results["accuracy"]:
+        assert_finite(row["macro_f1"], row["macro_f1_drop"], row["checkpoint_mb"])
+    pruned = {r["mode"]: r for r in results["accuracy"] if r["level"] > 0}
+    assert pruned["physical"]["fc12_params_stored"] < pruned["mask"]["fc12_params_stored"]
+    assert pruned["physical"]["fc12_params_active"] == pruned["mask"]["fc12_params_active"]
+    for row in results["latency"]:
+        assert_finite(row["mean_forward"]["median_s"], row["mc_forward"]["median_s"])
+
+
+def test_accuracy_calibration_smoke_summarises_every_method(tmp_path):
+    results = run_smoke("accuracy_calibration", tmp_path)
+    for method in ("logistic_regression", "stage_a", "stage_b", "round2_pruned"):
+        for metric in ("accuracy", "macro_f1", "ece", "nll"):
+            summary = results["summary"][method][metric]
+            assert summary["n"] == 2
+            assert_finite(summary["mean"], summary["std"])
+    assert_finite(results["summary"]["stage_b"]["misclf_auroc_mutual_info"]["mean"])
+
+
+def test_novel_type_smoke_scores_each_left_out_type(tmp_path):
+    results = run_smoke("novel_type", tmp_path)
+    assert len(results["per_type"]) == 2
+    for row in results["per_type"]:
+        for score in ("one_minus_confidence", "entropy", "mutual_info"):
+            assert 0 <= row["auroc"][score] <= 1
+        assert 0 <= row["flagged_unseen"] <= 1 and 0 <= row["flagged_known"] <= 1
+
+
+def test_run_all_command_line_writes_a_summary(tmp_path):
+    command = [sys.executable, "-m", "benchmarks.run_all", *SMOKE_ARGS, "--only", "mc_cost", "--out_dir", str(tmp_path)]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    summary = (tmp_path / "SUMMARY.md").read_text(encoding="utf-8")
+    assert "## Targets" in summary and "mc_cost" in summary
+
+
+def test_flop_count_matches_a_hand_count():
+    from benchmarks.speed_reference import encoder_flops_per_cell
+
+    n, dim, heads, dim_head, features = 10, 4, 2, 3, 5
+    inner = heads * dim_head
+    by_hand = (2 * n * dim * 3 * inner + 4 * n * heads * dim_head * features + 4 * n * heads * features * dim_head
+               + 4 * n * heads * features + 2 * n * inner * dim + 16 * n * dim * dim)
+    flops = encoder_flops_per_cell(n, dim, 2, heads, dim_head, features)
+    assert flops["forward"] == 2 * by_hand and flops["forward_backward"] == 6 * by_hand
+
+
+def test_crossover_interpolates_where_favor_becomes_cheaper():
+    from benchmarks.scaling import crossover
+
+    tokens = [100, 1000, 10000]
+    assert crossover(tokens, [1.0, 1.0, 1.0], [0.1, 1.0, 10.0]) == pytest.approx(1000.0)
+    assert crossover(tokens, [1.0, 1.0, 1.0], [0.1, 0.5, 0.9]) is None
+    assert crossover(tokens, [1.0, 2.0, 3.0], [5.0, 6.0, 7.0]) == 100.0
