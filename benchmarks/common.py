@@ -292,11 +292,15 @@ class Report:
         return "\n".join(lines).rstrip() + "\n"
 
     def write(self) -> Path:
-        """Write JSON and markdown (atomically enough: each file in one write) and return the JSON path."""
+        """Write JSON (strict: NaN becomes null) and markdown atomically; return the JSON path."""
+        from utils import atomic_write  # the repository's helper; imported here so the speed worker never needs it
+
         payload = _json_safe(self.payload())
         json_path = self.out_dir / f"{self.name}.json"
-        json_path.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-        (self.out_dir / f"{self.name}.md").write_text(self.markdown(payload), encoding="utf-8")
+        with atomic_write(json_path) as handle:
+            handle.write(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        with atomic_write(self.out_dir / f"{self.name}.md") as handle:
+            handle.write(self.markdown(payload))
         print(f"{self.name}: wrote {json_path} ({payload['wall_s']:.1f} s)")
         for t in self.targets:
             print(f"  {'MET' if t['met'] else 'MISSED'}: {t['target']} — {t['detail']}")
