@@ -5,7 +5,6 @@ set -euo pipefail
 # shellcheck source=pipeline_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/pipeline_common.sh"
 require_checkpoint "${START_CKPT:-}"
-launch finetune_sparse.py "${COMMON_ARGS[@]}" --model_path "$START_CKPT" --bayes_head \
-  --epoch "$EPOCHS_B" --pre_warm_epochs "$PRE_WARM_EPOCHS" --kl_weight "$KL_WEIGHT" \
-  --kl_anneal_steps "$KL_ANNEAL_STEPS" --prune_target 0 \
+launch finetune_sparse.py "${COMMON_ARGS[@]}" "${STAGE_B_ARGS[@]}" --model_path "$START_CKPT" \
+  --epoch "$EPOCHS_B" --pre_warm_epochs "$PRE_WARM_EPOCHS" --prune_target 0 \
   --ckpt_dir "$RUN_DIR/stageB1" --model_name stageB1 "$@"

@@ -5,8 +5,7 @@ set -euo pipefail
 # shellcheck source=pipeline_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/pipeline_common.sh"
 require_checkpoint "${START_CKPT:-}"
-launch finetune_sparse.py "${COMMON_ARGS[@]}" --model_path "$START_CKPT" --bayes_head --epoch 0 \
-  --kl_weight "$KL_WEIGHT" --kl_anneal_steps "$KL_ANNEAL_STEPS" \
+launch finetune_sparse.py "${COMMON_ARGS[@]}" "${STAGE_B_ARGS[@]}" --model_path "$START_CKPT" --epoch 0 \
   --prune_target "$PRUNE_TARGET" --prune_step "$PRUNE_STEP" --prune_ft_epochs "$PRUNE_FT_EPOCHS" \
   --prune_f1_tol "$PRUNE_F1_TOL" --prune_mode "$PRUNE_MODE" --prune_dim "$PRUNE_DIM" --prune_layers "$PRUNE_LAYERS" \
   --ckpt_dir "$RUN_DIR/stageB2" --model_name stageB2 "$@"

@@ -11,12 +11,12 @@ if [ "${1:-}" = demo ]; then export PRESET=demo; shift; fi
 # shellcheck source=pipeline_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/pipeline_common.sh"
 export PRESET DIM DEPTH HEADS DIM_HEAD H_DIM BATCH_SIZE GRAD_ACC LEARNING_RATE EPOCHS_A EPOCHS_B PRE_WARM_EPOCHS \
-  KL_ANNEAL_STEPS PRUNE_TARGET PRUNE_STEP PRUNE_FT_EPOCHS PATIENCE DATA_PATH LABEL_KEY RUN_DIR SEED NPROC DEVICE \
+  KL_ANNEAL_STEPS LEARNING_RATE_B INIT_LOG_SIGMA PRIOR_SIGMA PRUNE_TARGET PRUNE_STEP PRUNE_FT_EPOCHS PATIENCE DATA_PATH LABEL_KEY RUN_DIR SEED NPROC DEVICE \
   BIN_NUM KL_WEIGHT MC_SAMPLES PRUNE_F1_TOL PRUNE_MODE PRUNE_DIM PRUNE_LAYERS EXTRA_ARGS
 
 echo "== Stage A: deterministic encoder + head ($PRESET configuration) =="
 launch finetune_sparse.py "${COMMON_ARGS[@]}" --dim "$DIM" --depth "$DEPTH" --heads "$HEADS" --dim_head "$DIM_HEAD" \
-  --h_dim "$H_DIM" --epoch "$EPOCHS_A" --prune_target 0 --ckpt_dir "$RUN_DIR/stageA" --model_name stageA "$@"
+  --h_dim "$H_DIM" --learning_rate "$LEARNING_RATE" --epoch "$EPOCHS_A" --prune_target 0 --ckpt_dir "$RUN_DIR/stageA" --model_name stageA "$@"
 
 echo "== Stage B round 1: Bayesian head =="
 START_CKPT="$RUN_DIR/stageA/stageA0_best.pth" bash "$here/stageb_round1.sh" "$@"

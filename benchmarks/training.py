@@ -36,8 +36,9 @@ from utils import (
 # The demo configuration of pipeline_common.sh (PRESET=demo); every key is a benchmark option too.
 DEMO = dict(
     dim=32, depth=1, heads=2, dim_head=16, h_dim=32, batch_size=16, grad_acc=1, learning_rate=2e-3,
-    epochs_a=8, patience=4, epochs_b=4, pre_warm_epochs=1, kl_anneal_steps=100, prune_target=0.5, prune_step=0.1,
-    prune_ft_epochs=1, mc_samples=8, genes=0, max_cells=0, min_cells_per_class=0,
+    epochs_a=8, patience=4, epochs_b=4, pre_warm_epochs=1, kl_anneal_steps=100, learning_rate_b=2e-4,
+    init_log_sigma=-3.0, prior_sigma=0.05, prune_target=0.5, prune_step=0.1, prune_ft_epochs=1, prune_f1_tol=0.03,
+    mc_samples=8, genes=0, max_cells=0, min_cells_per_class=0,
 )
 # Tiny model, few genes and cells, one epoch per stage: seconds, for CI.
 SMOKE_TRAINING = DEMO | dict(
@@ -112,7 +113,7 @@ def _finetune(config: dict, train_path: Path, out_dir: Path, name: str, seed: in
     argv = [
         "--data_path", str(train_path), "--label_key", "cell_type", "--device", "cpu", "--seed", str(seed),
         "--batch_size", str(config["batch_size"]), "--grad_acc", str(config["grad_acc"]),
-        "--learning_rate", str(config["learning_rate"]), "--patience", str(config["patience"]),
+        "--patience", str(config["patience"]),
         "--mc_samples_eval", str(config["mc_samples"]), "--ckpt_dir", str(out_dir / name), "--model_name", name,
         *stage_args,
     ]
@@ -124,27 +125,36 @@ def train_stage_a(config: dict, train_path: Path, out_dir: Path, seed: int) -> d
     return _finetune(config, train_path, out_dir, "stageA", seed, [
         "--dim", str(config["dim"]), "--depth", str(config["depth"]), "--heads", str(config["heads"]),
         "--dim_head", str(config["dim_head"]), "--h_dim", str(config["h_dim"]), "--epoch", str(config["epochs_a"]),
-        "--prune_target", "0",
+        "--learning_rate", str(config["learning_rate"]), "--prune_target", "0",
     ])
+
+
+def _stage_b_args(config: dict) -> list[str]:
+    """Options both Stage B rounds share (as STAGE_B_ARGS in pipeline_common.sh)."""
+    return [
+        "--bayes_head", "--learning_rate", str(config["learning_rate_b"]), "--kl_anneal_steps",
+        str(config["kl_anneal_steps"]), "--init_log_sigma", str(config["init_log_sigma"]), "--prior_sigma",
+        str(config["prior_sigma"]),
+    ]
 
 
 def train_stage_b(config: dict, train_path: Path, out_dir: Path, seed: int, stage_a: str) -> dict:
     """Bayesian fc1/fc2 ported from Stage A, pre-warm, annealed KL, no pruning (Stage B round 1)."""
     return _finetune(config, train_path, out_dir, "stageB", seed, [
-        "--model_path", stage_a, "--bayes_head", "--epoch", str(config["epochs_b"]),
-        "--pre_warm_epochs", str(config["pre_warm_epochs"]), "--kl_anneal_steps", str(config["kl_anneal_steps"]),
-        "--prune_target", "0",
+        "--model_path", stage_a, *_stage_b_args(config), "--epoch", str(config["epochs_b"]),
+        "--pre_warm_epochs", str(config["pre_warm_epochs"]), "--prune_target", "0",
     ])
 
 
 def prune_round2(config: dict, train_path: Path, out_dir: Path, seed: int, stage_b: str, *, name: str = "round2",
-                 target: float | None = None, step: float | None = None, f1_tol: float = 0.01,
+                 target: float | None = None, step: float | None = None, f1_tol: float | None = None,
                  mode: str = "physical") -> dict:
     """Round 2: progressive structured pruning of a Stage B checkpoint, fine-tuning after each step."""
     target = config["prune_target"] if target is None else target
     step = config["prune_step"] if step is None else step
+    f1_tol = config["prune_f1_tol"] if f1_tol is None else f1_tol
     return _finetune(config, train_path, out_dir, name, seed, [
-        "--model_path", stage_b, "--bayes_head", "--epoch", "0", "--kl_anneal_steps", str(config["kl_anneal_steps"]),
+        "--model_path", stage_b, *_stage_b_args(config), "--epoch", "0",
         "--prune_target", str(target), "--prune_step", str(step), "--prune_ft_epochs", str(config["prune_ft_epochs"]),
         "--prune_f1_tol", str(f1_tol), "--prune_mode", mode,
     ])
