@@ -48,6 +48,8 @@ from performer_pytorch import PerformerConfig
 from utils import (
     BinnedDataset,
     UserError,
+    add_data_options,
+    add_run_options,
     align_genes,
     atomic_write,
     autocast,
@@ -79,12 +81,7 @@ RESUME_FREE_ARGS = {"resume", "overwrite", "device", "num_workers", "amp"}
 def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentParser:
     """All options of scBERT's fine-tuning and of the sparse pipeline; `defaults` override (finetune_updated.py)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--data_path", default=None, help="AnnData .h5ad with log-normalized expression; default: the bundled PBMC data (scanpy's pbmc68k_reduced, 700 cells, 10 types)")
-    data.add_argument("--label_key", default="cell_type", help="obs column with cell types (the bundled data uses bulk_labels)")
-    data.add_argument("--layer", default=None, help="read expression from adata.layers[LAYER] instead of .X")
-    data.add_argument("--use_raw", action="store_true", help="read expression from adata.raw")
-    data.add_argument("--normalize", action="store_true", help="normalize_total + log1p raw counts instead of refusing them")
+    data = add_data_options(p, label_key="cell_type", label_help="obs column with cell types")
     data.add_argument("--min_cells_per_class", type=int, default=0, help="drop cell types with fewer cells (a split needs at least 2)")
     data.add_argument("--gene_num", type=int, default=None, help="number of genes (scBERT default 166; taken from the data unless given, and then checked against it)")
     data.add_argument("--bin_num", type=int, default=None, help="expression bins: tokens are floor(log-expression) clipped to BIN_NUM (default: 5, or the --model_path checkpoint's)")
@@ -141,14 +138,10 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     train.add_argument("--valid_every", type=int, default=1, help="validate every N epochs")
     train.add_argument("--seed", type=int, default=2021, help="random seed")
 
-    run = p.add_argument_group("run")
+    run = add_run_options(p, output_help="replace the outputs of an earlier run with the same MODEL_NAME")
     run.add_argument("--ckpt_dir", default="./ckpts/", help="output directory")
     run.add_argument("--model_name", default="finetune", help="prefix of the output files")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
-    run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    run.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on CUDA")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in CKPT_DIR from its last checkpoint")
-    run.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run with the same MODEL_NAME")
     p.set_defaults(**defaults)
     return p
 
@@ -457,11 +450,15 @@ class FoldTrainer:
     def train_loader(self, epoch: int) -> DataLoader:
         # Shuffling is seeded by (seed, fold, epoch), so a resumed run sees the same batches as an uninterrupted one.
         seed = self.args.seed * 1000 + self.fold * 100 + epoch
-        if self.ctx.world > 1:
+        if self.args.sample_with_replacement:
+            # scBERT's loader: random cells with replacement; each rank draws its share from its own stream.
+            generator = torch.Generator().manual_seed(seed * 1009 + self.ctx.rank)
+            share = math.ceil(len(self.train_set) / self.ctx.world)
+            sampler = RandomSampler(self.train_set, replacement=True, num_samples=share, generator=generator)
+        elif self.ctx.world > 1:
             sampler = DistributedSampler(self.train_set, self.ctx.world, self.ctx.rank, shuffle=True, seed=seed)
         else:
-            generator = torch.Generator().manual_seed(seed)
-            sampler = RandomSampler(self.train_set, replacement=self.args.sample_with_replacement, generator=generator)
+            sampler = RandomSampler(self.train_set, generator=torch.Generator().manual_seed(seed))
         return DataLoader(self.train_set, batch_size=self.args.batch_size, sampler=sampler,
                           collate_fn=collate_batch, num_workers=self.args.num_workers)
 

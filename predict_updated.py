@@ -32,6 +32,8 @@ from utils import (
     ExpressionData,
     UserError,
     accuracy_at_coverage,
+    add_data_options,
+    add_run_options,
     align_genes,
     atomic_write,
     classification_metrics,
@@ -58,13 +60,8 @@ OUTPUT_FILES = ("predictions.csv", "probabilities.csv", "predictions.h5ad", "met
 def build_parser() -> argparse.ArgumentParser:
     """The command line; options shared with finetune_sparse.py keep its names and meanings."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--data_path", default=None, help="AnnData .h5ad with log-normalized expression; default: the bundled PBMC data (scanpy's pbmc68k_reduced)")
-    data.add_argument("--label_key", default=None, help="obs column with true cell types; turns on evaluation (the bundled data uses bulk_labels)")
+    data = add_data_options(p, label_key=None, label_help="obs column with true cell types; turns on evaluation")
     data.add_argument("--cells", default=None, help="text file of cell ids (obs names), one per line: predict only these, e.g. {model_name}{fold}_val_cells.txt from training")
-    data.add_argument("--layer", default=None, help="read expression from adata.layers[LAYER] instead of .X")
-    data.add_argument("--use_raw", action="store_true", help="read expression from adata.raw")
-    data.add_argument("--normalize", action="store_true", help="normalize_total + log1p raw counts instead of refusing them")
     data.add_argument("--allow_missing_genes", action="store_true", help="predict even when fewer than half of the model's genes are in the data (missing genes are zeros)")
 
     model = p.add_argument_group("model and prediction")
@@ -75,12 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--batch_size", type=int, default=32, help="cells per batch")
     model.add_argument("--seed", type=int, default=2021, help="seed of the head samples: same checkpoint + seed = same predictions")
 
-    run = p.add_argument_group("run")
+    run = add_run_options(p, output_help="replace outputs of an earlier run in OUTPUT_DIR")
     run.add_argument("--output_dir", default="./predictions", help="directory for the outputs")
-    run.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run in OUTPUT_DIR")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on CUDA")
-    run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     return p
 
 

@@ -725,6 +725,28 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def add_data_options(parser: Any, *, label_key: str | None, label_help: str) -> Any:
+    """The data options every CLI shares (read by `load_dataset`); returns the group for CLI-specific ones."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_path", default=None, help="AnnData .h5ad with log-normalized expression; default: the "
+                      "bundled PBMC data (scanpy's pbmc68k_reduced, 700 cells, 10 types)")
+    data.add_argument("--label_key", default=label_key, help=label_help + " (the bundled data uses bulk_labels)")
+    data.add_argument("--layer", default=None, help="read expression from adata.layers[LAYER] instead of .X")
+    data.add_argument("--use_raw", action="store_true", help="read expression from adata.raw")
+    data.add_argument("--normalize", action="store_true", help="normalize_total + log1p raw counts instead of refusing them")
+    return data
+
+
+def add_run_options(parser: Any, *, output_help: str) -> Any:
+    """Device and output options every CLI shares; returns the group for CLI-specific ones."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
+    run.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on CUDA")
+    run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--overwrite", action="store_true", help=output_help)
+    return run
+
+
 def run_cli(job: Any) -> int:
     """Run a CLI's job; a UserError becomes one line on stderr and exit status 2 (no traceback).
 

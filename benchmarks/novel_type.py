@@ -36,7 +36,7 @@ from benchmarks.training import (
 NAME = "novel_type"
 SCORE_LABELS = {"one_minus_confidence": "1 − confidence", "entropy": "entropy", "mutual_info": "mutual information"}
 SCBERT_THRESHOLD = 0.5  # scBERT calls a cell "unassigned" when its top probability is below this
-REAL = DEMO | dict(epochs_a=6, patience=3, epochs_b=3, seed=2021, test_size=0.2, min_type_cells=30, max_types=0,
+REAL = DEMO | dict(epochs_a=10, patience=3, epochs_b=3, seed=2021, test_size=0.2, min_type_cells=30, max_types=0,
                    work_dir="")
 SMOKE = SMOKE_TRAINING | dict(seed=2021, test_size=0.2, min_type_cells=25, max_types=2, work_dir="")
 

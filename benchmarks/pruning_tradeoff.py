@@ -47,12 +47,12 @@ from performer_pytorch import PerformerConfig
 NAME = "pruning_tradeoff"
 MODES = ("physical", "mask")
 REAL = DEMO | dict(
-    seed=2021, test_size=0.2, levels=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5], latency_seq_lens=[767, 16907],
+    seed=2021, seeds=[2021, 2022, 2023], test_size=0.2, levels=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5], latency_seq_lens=[767, 16907],
     latency_batches=[32, 8], latency_dim=200, latency_hidden1=512, latency_hidden2=128, latency_classes=10,
     latency_samples=8, warmup=2, repeats=7, work_dir="",
 )
 SMOKE = SMOKE_TRAINING | dict(
-    seed=2021, test_size=0.2, levels=[0.0, 0.2], latency_seq_lens=[65], latency_batches=[4], latency_dim=16,
+    seed=2021, seeds=[2021], test_size=0.2, levels=[0.0, 0.2], latency_seq_lens=[65], latency_batches=[4], latency_dim=16,
     latency_hidden1=32, latency_hidden2=16, latency_classes=4, latency_samples=4, warmup=1, repeats=3, work_dir="",
 )
 
@@ -71,31 +71,46 @@ def head_counts(model: BayesianSparseTransformer) -> dict:
 
 
 def accuracy_part(config: dict, work: Path) -> list[dict]:
+    """Macro-F1 and size per (level, mode), mean over the configured splits (one split's F1 moves by ±0.03)."""
     data = load_pbmc(config)
-    splitter = StratifiedShuffleSplit(n_splits=1, test_size=config["test_size"], random_state=config["seed"])
-    train, test = next(splitter.split(np.zeros(len(data.labels)), data.labels))
-    train_path = write_h5ad(data, train, work / "train.h5ad")
-    seed = config["seed"]
-    stage_a = train_stage_a(config, train_path, work, seed)
-    stage_b = train_stage_b(config, train_path, work, seed, stage_a["checkpoint"])
+    per_split = []
+    for seed in config["seeds"]:
+        split_dir = work / f"split{seed}"
+        split_dir.mkdir(parents=True, exist_ok=True)
+        splitter = StratifiedShuffleSplit(n_splits=1, test_size=config["test_size"], random_state=seed)
+        train, test = next(splitter.split(np.zeros(len(data.labels)), data.labels))
+        train_path = write_h5ad(data, train, split_dir / "train.h5ad")
+        stage_a = train_stage_a(config, train_path, split_dir, seed)
+        stage_b = train_stage_b(config, train_path, split_dir, seed, stage_a["checkpoint"])
+        for level in config["levels"]:
+            for mode in MODES:
+                if level == 0:
+                    checkpoint, seconds = stage_b["checkpoint"], 0.0
+                else:
+                    run = prune_round2(config, train_path, split_dir, seed, stage_b["checkpoint"],
+                                       name=f"{mode}_{level:g}", target=level, step=level, f1_tol=1.0, mode=mode)
+                    checkpoint, seconds = run["checkpoint"], run["seconds"]
+                prediction = predict(checkpoint, data, test, config["mc_samples"], seed)
+                metrics = evaluate(prediction.mean, data.labels[test], prediction.classes, {})
+                model = load_checkpoint(checkpoint).model
+                per_split.append({"seed": seed, "level": level, "mode": mode, "macro_f1": metrics["macro_f1"],
+                                  "accuracy": metrics["accuracy"], "ece": metrics["ece"],
+                                  "checkpoint_mb": Path(checkpoint).stat().st_size / 2**20,
+                                  "finetune_seconds": seconds} | head_counts(model))
+    base = {r["seed"]: r["macro_f1"] for r in per_split if r["level"] == 0}
     rows = []
     for level in config["levels"]:
         for mode in MODES:
-            if level == 0:
-                checkpoint, seconds = stage_b["checkpoint"], 0.0
-            else:
-                run = prune_round2(config, train_path, work, seed, stage_b["checkpoint"], name=f"{mode}_{level:g}",
-                                   target=level, step=level, f1_tol=1.0, mode=mode)
-                checkpoint, seconds = run["checkpoint"], run["seconds"]
-            prediction = predict(checkpoint, data, test, config["mc_samples"], seed)
-            metrics = evaluate(prediction.mean, data.labels[test], prediction.classes, {})
-            model = load_checkpoint(checkpoint).model
-            rows.append({"level": level, "mode": mode, "macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"],
-                         "ece": metrics["ece"], "checkpoint_mb": Path(checkpoint).stat().st_size / 2**20,
-                         "finetune_seconds": seconds} | head_counts(model))
-    base = next(r["macro_f1"] for r in rows if r["level"] == 0)
-    for row in rows:
-        row["macro_f1_drop"] = base - row["macro_f1"]
+            group = [r for r in per_split if r["level"] == level and r["mode"] == mode]
+            drops = [base[r["seed"]] - r["macro_f1"] for r in group]
+            rows.append(group[-1] | {
+                "macro_f1": float(np.mean([r["macro_f1"] for r in group])),
+                "macro_f1_std": float(np.std([r["macro_f1"] for r in group])),
+                "accuracy": float(np.mean([r["accuracy"] for r in group])),
+                "ece": float(np.mean([r["ece"] for r in group])),
+                "macro_f1_drop": float(np.mean(drops)), "per_split_drop": drops,
+                "finetune_seconds": float(np.sum([r["finetune_seconds"] for r in group])),
+            })
     return rows
 
 
@@ -183,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     latency = latency_part(config)
     report.results = {"accuracy": accuracy, "latency": latency}
     report.table(
-        "Trained on PBMC: test macro-F1 after pruning + 1 fine-tuning pass (level = share of fc1/fc2 neurons removed)",
-        ["level", "mode", "macro-F1", "drop", "fc1+fc2 removed", "fc1+fc2 params stored", "fc1+fc2 params active",
+        f"Trained on PBMC: test macro-F1 after pruning + 1 fine-tuning pass, mean over {len(config['seeds'])} splits "
+        "(level = share of fc1/fc2 neurons removed)",
+        ["level", "mode", "macro-F1", "± std", "drop", "fc1+fc2 removed", "fc1+fc2 params stored", "fc1+fc2 params active",
          "total params", "checkpoint MB"],
-        [[r["level"], r["mode"], r["macro_f1"], r["macro_f1_drop"], r["fc12_removed"], r["fc12_params_stored"],
+        [[r["level"], r["mode"], r["macro_f1"], r["macro_f1_std"], r["macro_f1_drop"], r["fc12_removed"], r["fc12_params_stored"],
           r["fc12_params_active"], r["total_params"], r["checkpoint_mb"]] for r in accuracy],
     )
     latency_rows = []
@@ -218,17 +234,19 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("mean_forward", "mc_forward"):
             phys, mask = pick["physical"][kind], pick["mask"][kind]
             speedups.append(f"{mask['median_s'] / phys['median_s']:.2f}x ({kind.split('_')[0]}, {seq_len} tokens)")
-            faster &= phys["max_s"] < mask["min_s"]  # measurably: every physical repeat beats every masked one
+            # Measurably: the physical head's upper quartile is below the masked head's lower quartile.
+            faster &= bool(np.percentile(phys["times_s"], 75) < np.percentile(mask["times_s"], 25))
     report.add_target(f"physically pruned head measurably faster than the masked one (level {top})", faster,
                       "masked / physical time: " + ", ".join(speedups))
     report.notes += [
         "Pruning removes the smallest-L2-norm rows of fc1 and fc2 (dim 0: output neurons), so fc2 also loses the "
         "matching inputs; 'fc1+fc2 removed' is the share of their weights gone, 'params' count means and sigmas.",
         "Mask mode keeps full-size tensors (zeros), so its stored parameters and checkpoint do not shrink.",
-        "'Measurably faster' means every timed repeat of the physical head was faster than every repeat of the "
-        "masked one at the highest level.",
-        f"Test set: {config['test_size']:.0%} of the cells (StratifiedShuffleSplit, random_state {config['seed']}); "
-        f"predictions average {config['mc_samples']} Monte Carlo samples.",
+        "'Measurably faster' means the physical head's upper-quartile time is below the masked head's lower-quartile "
+        "time, at the highest level, for every sequence length and both forward kinds.",
+        f"Test sets: {config['test_size']:.0%} of the cells (StratifiedShuffleSplit, random_state in {config['seeds']}); "
+        "macro-F1 and its drop are means over those splits; predictions average "
+        f"{config['mc_samples']} Monte Carlo samples.",
     ]
     report.save_figure(tradeoff_figure(accuracy, latency, config), "tradeoff")
     report.write()

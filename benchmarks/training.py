@@ -35,9 +35,9 @@ from utils import (
 
 # The demo configuration of pipeline_common.sh (PRESET=demo); every key is a benchmark option too.
 DEMO = dict(
-    dim=32, depth=1, heads=2, dim_head=16, h_dim=32, batch_size=16, grad_acc=1, learning_rate=2e-3,
-    epochs_a=8, patience=4, epochs_b=4, pre_warm_epochs=1, kl_anneal_steps=100, learning_rate_b=2e-4,
-    init_log_sigma=-3.0, prior_sigma=0.05, prune_target=0.5, prune_step=0.1, prune_ft_epochs=1, prune_f1_tol=0.03,
+    dim=32, depth=1, heads=2, dim_head=16, h_dim=32, batch_size=16, grad_acc=1, learning_rate=1e-3,
+    epochs_a=12, patience=4, epochs_b=4, pre_warm_epochs=1, kl_anneal_steps=100, learning_rate_b=2e-4,
+    init_log_sigma=-4.0, prior_sigma=0.05, kl_weight=1e-3, prune_target=0.5, prune_step=0.1, prune_ft_epochs=1, prune_f1_tol=0.03,
     mc_samples=8, genes=0, max_cells=0, min_cells_per_class=0,
 )
 # Tiny model, few genes and cells, one epoch per stage: seconds, for CI.
@@ -132,7 +132,8 @@ def train_stage_a(config: dict, train_path: Path, out_dir: Path, seed: int) -> d
 def _stage_b_args(config: dict) -> list[str]:
     """Options both Stage B rounds share (as STAGE_B_ARGS in pipeline_common.sh)."""
     return [
-        "--bayes_head", "--learning_rate", str(config["learning_rate_b"]), "--kl_anneal_steps",
+        "--bayes_head", "--learning_rate", str(config["learning_rate_b"]), "--kl_weight", str(config["kl_weight"]),
+        "--kl_anneal_steps",
         str(config["kl_anneal_steps"]), "--init_log_sigma", str(config["init_log_sigma"]), "--prior_sigma",
         str(config["prior_sigma"]),
     ]
