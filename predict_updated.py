@@ -92,6 +92,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    resolve_device(args.device)  # an unusable --device fails here, before any data is read
     outputs = {(Path(args.output_dir) / name).resolve() for name in OUTPUT_FILES}
     for flag, path in (("--data_path", args.data_path), ("--model_path", args.model_path), ("--cells", args.cells)):
         if path is not None and Path(path).resolve() in outputs:
