@@ -126,8 +126,10 @@ class BayesianLinear(StructuredMask):
             return F.linear(x, self.weight_mu * mask, self.bias_mu * self.out_mask)
         if noise is None and self.local_reparam:
             mean = F.linear(x, self.weight_mu * mask, self.bias_mu * self.out_mask)
-            var = F.linear(x.pow(2), (self.weight_sigma() * mask).pow(2), (self.bias_sigma() * self.out_mask).pow(2))
-            return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+            # Variances in fp32 even under autocast: in fp16 small ones round to 0 and sqrt's gradient explodes.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                var = F.linear(x.float().pow(2), (self.weight_sigma() * mask).pow(2), (self.bias_sigma() * self.out_mask).pow(2))
+            return mean + (var.clamp_min(1e-16).sqrt() * torch.randn_like(var)).to(mean.dtype)
         if noise is None:
             noise = {name: value[0] for name, value in self.draw_noise(1).items()}
         weight = (self.weight_mu + self.weight_sigma() * noise["weight"]) * mask  # (out, in) or (S, out, in)

@@ -69,8 +69,9 @@ from utils import (
 log = logging.getLogger("finetune")
 
 DEFAULT_BIN_NUM = 5  # scBERT's
-# Settings that may differ between the interrupted run and its --resume without changing results.
-RESUME_FREE_ARGS = {"resume", "overwrite", "device", "num_workers", "amp"}
+# Settings that may differ between the interrupted run and its --resume (another device changes results only at
+# float round-off; --amp stays fixed because the gradient scaler's state depends on it).
+RESUME_FREE_ARGS = {"resume", "overwrite", "device", "num_workers"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     model.add_argument("--heads", type=int, default=10, help="attention heads")
     model.add_argument("--dim_head", type=int, default=64, help="width of each attention head")
     model.add_argument("--nb_features", type=int, default=None, help="FAVOR+ random features (default dim_head*ln(dim_head))")
-    model.add_argument("--feature_redraw_interval", type=int, default=1000, help="redraw the random features every N training steps")
+    model.add_argument("--feature_redraw_interval", type=int, default=1000, help="redraw the random features every N training forward passes (micro-batches)")
     model.add_argument("--local_attn_heads", type=int, default=0, help="heads using windowed softmax attention instead of FAVOR+")
     model.add_argument("--pos_embed", action="store_true", default=True, help="add a gene embedding (gene2vec from --gene2vec_path, else learned)")
     model.add_argument("--no_pos_embed", "--no-pos_embed", dest="pos_embed", action="store_false", default=argparse.SUPPRESS, help="no gene embedding")
@@ -362,7 +363,6 @@ def build_model(args: argparse.Namespace, source: Source, genes: list[str], n_cl
     if args.bayes_head and not model.is_bayesian:
         model.to_bayesian(prior_sigma=args.prior_sigma, init_log_sigma=args.init_log_sigma, local_reparam=args.local_reparam)
         log.info("ported fc1/fc2 to Bayesian layers (means = trained weights, sigma = exp(%.1f))", args.init_log_sigma)
-    freeze_encoder_layers(model, args.trainable_layers, pretrained=bool(args.model_path) and source.checkpoint is None)
     return model
 
 
@@ -386,12 +386,18 @@ def freeze_encoder_layers(model: BayesianSparseTransformer, trainable_layers: in
 
 
 def make_optimizer(model: BayesianSparseTransformer, args: argparse.Namespace, total_steps: int):
-    """AdamW (Adam when weight decay is 0) with a head learning-rate multiplier; warm-up then cosine decay."""
-    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
-    head_params = [p for p in model.head.parameters() if p.requires_grad]
-    groups = [{"params": head_params, "lr": args.learning_rate * args.head_lr_mult}]
-    if encoder_params:
-        groups.append({"params": encoder_params, "lr": args.learning_rate})
+    """AdamW (Adam when weight decay is 0) with a head learning-rate multiplier; warm-up then cosine decay.
+
+    Weight decay applies to weight matrices and means only: decaying log-sigmas would widen the posterior, and
+    biases and norms are conventionally left alone.
+    """
+    groups = []
+    for module, lr in ((model.head, args.learning_rate * args.head_lr_mult), (model.encoder, args.learning_rate)):
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        decayed = [p for name, p in named if p.dim() >= 2 and "log_sigma" not in name]
+        kept = [p for name, p in named if not (p.dim() >= 2 and "log_sigma" not in name)]
+        groups += [{"params": params, "lr": lr, "weight_decay": wd}
+                   for params, wd in ((decayed, args.weight_decay), (kept, 0.0)) if params]
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     total_steps = max(total_steps, 1)
     warmup = int(args.warmup_ratio * total_steps)
@@ -406,7 +412,7 @@ def make_optimizer(model: BayesianSparseTransformer, args: argparse.Namespace, t
 class FoldState:
     """Where a fold stands; saved in the `last` checkpoint so --resume continues exactly here."""
 
-    phase: str = "train"  # train -> prune -> done
+    phase: str = "train"  # train -> prune (Stage B with --prune_target) or final -> done
     epoch: int = 0  # next epoch within the phase (within the current prune level)
     level_index: int = 0  # next pruning level
     level_applied: bool = False  # the current level's prune is done, its fine-tuning may be under way
@@ -415,6 +421,7 @@ class FoldState:
     reference_f1: float | None = None  # macro-F1 before pruning, the bar for --prune_f1_tol
     bad_rounds: int = 0
     prune_amount: float = 0.0  # last accepted pruning level (fraction of each layer's original slices removed)
+    total_steps: int = 1  # optimizer steps the current learning-rate schedule spans
     history: list = field(default_factory=list)
     result: dict = field(default_factory=dict)
 
@@ -463,6 +470,10 @@ class FoldTrainer:
                           collate_fn=collate_batch, num_workers=self.args.num_workers)
 
     def attach(self, model: BayesianSparseTransformer, total_steps: int) -> None:
+        """Train `model` from here: freeze what --trainable_layers keeps fixed, new optimizer and schedule, DDP."""
+        pretrained_encoder = bool(self.args.model_path) and self.source.checkpoint is None
+        freeze_encoder_layers(model, self.args.trainable_layers, pretrained=pretrained_encoder)
+        self.state.total_steps = total_steps  # --resume rebuilds the same schedule from it
         self.model = model.to(self.device)
         self.optimizer, self.scheduler = make_optimizer(self.model, self.args, total_steps)
         self.ddp = None
@@ -493,6 +504,8 @@ class FoldTrainer:
         for i, (tokens, labels) in enumerate(bar):
             tokens, labels = tokens.to(self.device), labels.to(self.device)
             last_of_step = (i + 1) % args.grad_acc == 0 or i + 1 == n_batches
+            # The last step of an epoch may gather fewer micro-batches: average over those it has.
+            group_size = min(args.grad_acc, n_batches - (i // args.grad_acc) * args.grad_acc)
             sync = self.ddp.no_sync() if self.ddp is not None and not last_of_step else contextlib.nullcontext()
             with sync, autocast(self.device, args.amp):
                 if model.is_bayesian and not deterministic and args.bayes_mc_samples > 1:
@@ -507,11 +520,11 @@ class FoldTrainer:
                 if model.is_bayesian and not deterministic and args.kl_weight > 0:
                     kl = model.kl_divergence()
                     kl_value = float(kl.detach())
-                    # Each micro-batch carries the full KL; dividing by grad_acc below makes it once per step.
+                    # Each micro-batch carries the full KL; dividing by the group size makes it once per step.
                     loss = loss + self.kl_scale() * kl
                 if args.l1_lambda > 0:
                     loss = loss + args.l1_lambda * sum(getattr(model.head, n).mean_weight().abs().sum() for n in PRUNABLE_LAYERS)
-                self.scaler.scale(loss / args.grad_acc).backward()
+                self.scaler.scale(loss / group_size).backward()
             if last_of_step:
                 if args.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)
@@ -691,8 +704,8 @@ class FoldTrainer:
             model = build_model(args, self.source, self.data.genes, len(self.classes))
             self.attach(model, args.epoch * self.steps_per_epoch())
             if self.ctx.main:
-                cells = "\n".join(self.data.cell_ids[i] for i in np.sort(self.val_idx))
-                self.files.fold(self.fold, "val_cells.txt").write_text(cells + "\n", encoding="utf-8")
+                with atomic_write(self.files.fold(self.fold, "val_cells.txt")) as handle:
+                    handle.write("".join(f"{self.data.cell_ids[i]}\n" for i in self.val_idx))
         if self.state.phase == "done":
             return self.state.result["final"]
         self.run_training(started)
@@ -718,11 +731,9 @@ class FoldTrainer:
         checkpoint = load_checkpoint(path)
         training = checkpoint.training_state
         self.state = FoldState(**training["fold_state"])
-        epochs = self.args.epoch if self.state.phase == "train" else self.args.prune_ft_epochs
-        steps = epochs * self.steps_per_epoch()
-        freeze_encoder_layers(checkpoint.model, self.args.trainable_layers,
-                              pretrained=bool(self.args.model_path) and self.source.checkpoint is None)
-        self.attach(checkpoint.model, steps)
+        if self.state.phase == "done":
+            return  # a finished fold: its result is in the state
+        self.attach(checkpoint.model, self.state.total_steps)
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
         self.scaler.load_state_dict(training["scaler"])
@@ -767,7 +778,8 @@ def _rng_state() -> dict:
     numpy_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only this process's GPU: every rank starts from the same seed, so rank 0's state stands for all of them.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
                   "has_gauss": int(numpy_state[3]), "gauss": float(numpy_state[4])},
         "python": list(random.getstate()[1]),
@@ -777,8 +789,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available() and isinstance(state["cuda"], torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"])
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
     random.setstate((state["python_version"], tuple(state["python"]), None))

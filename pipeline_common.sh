@@ -48,7 +48,8 @@ COMMON_ARGS=(--label_key "$LABEL_KEY" --bin_num "$BIN_NUM" --seed "$SEED" --devi
   --batch_size "$BATCH_SIZE" --grad_acc "$GRAD_ACC" --patience "$PATIENCE" --mc_samples_eval "$MC_SAMPLES")
 if [ -n "$DATA_PATH" ]; then COMMON_ARGS+=(--data_path "$DATA_PATH"); fi
 read -ra extra_args <<< "$EXTRA_ARGS"
-COMMON_ARGS+=("${extra_args[@]}")
+# The +-expansion keeps an empty array safe under `set -u` in bash < 4.4 (macOS ships 3.2).
+COMMON_ARGS+=(${extra_args[@]+"${extra_args[@]}"})
 
 require_checkpoint() {
   if [ -z "${1:-}" ] || [ ! -f "$1" ]; then

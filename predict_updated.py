@@ -55,6 +55,7 @@ UNASSIGN_RULES = ("confidence", "entropy", "mutual_info")
 COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.5)
 CURVE_COVERAGES = tuple(np.round(np.linspace(0.1, 1.0, 10), 2))
 OUTPUT_FILES = ("predictions.csv", "probabilities.csv", "predictions.h5ad", "metrics.json", "run.json")
+PLOT_FILES = ("reliability.png", "confusion_matrix.png", "accuracy_coverage.png", "uncertainty_hist.png", "umap.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,6 +395,11 @@ def write_outputs(directory: Path, tables: dict[str, pd.DataFrame], adata: annda
                   plots: dict[str, bytes], jsons: dict[str, dict]) -> None:
     """Each file atomically; the .h5ad first (the likeliest to fail), run.json last (it marks a complete run)."""
     directory = prepare_output_dir(directory, overwrite=True)  # emptiness was checked in validate_args
+    # With --overwrite, outputs this run does not produce (e.g. metrics of an earlier labelled run) would
+    # contradict the new ones: remove them.
+    for name in (*OUTPUT_FILES, *PLOT_FILES):
+        if name not in {"predictions.h5ad", *tables, *plots, *jsons}:
+            (directory / name).unlink(missing_ok=True)
     write_h5ad_atomic(adata, directory / "predictions.h5ad")
     for name, table in tables.items():
         with atomic_write(directory / name) as handle:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline: Stage A (deterministic) -> Stage B round 1 (Bayesian) -> Stage B round 2 (pruning)
-# -> prediction with Monte Carlo samples on the held-out (validation) cells, then a summary table per stage.
+# -> prediction with Monte Carlo samples on Stage A's validation cells (never trained on, but used for early
+# stopping and pruning decisions), then a summary table per stage.
 #
 #   bash train_sparse.sh          scBERT's configuration (GPU box); NPROC=4 bash train_sparse.sh for 4 GPUs
 #   bash train_sparse.sh demo     a small configuration for the bundled PBMC data on a laptop CPU
@@ -24,7 +25,7 @@ START_CKPT="$RUN_DIR/stageA/stageA0_best.pth" bash "$here/stageb_round1.sh" "$@"
 echo "== Stage B round 2: progressive structured pruning =="
 START_CKPT="$RUN_DIR/stageB1/stageB10_best.pth" bash "$here/stageb_round2.sh" "$@"
 
-echo "== Prediction on the held-out cells with $MC_SAMPLES Monte Carlo samples =="
+echo "== Prediction on Stage A's validation cells (never trained on) with $MC_SAMPLES Monte Carlo samples =="
 predict_args=(--model_path "$RUN_DIR/stageB2/stageB20_best.pth" --bayes_mc_samples "$MC_SAMPLES" --seed "$SEED"
   --cells "$RUN_DIR/stageA/stageA0_val_cells.txt" --label_key "$LABEL_KEY" --output_dir "$RUN_DIR/predictions"
   --device "$DEVICE" --overwrite)
@@ -44,6 +45,6 @@ for stage in ("stageA", "stageB1", "stageB2"):
           f"{fold['total_params']:>10d}{fold['head_sparsity']:>15.1%}{mb:>9.2f}")
 with open(os.path.join(run_dir, "predictions", "metrics.json"), encoding="utf-8") as handle:
     held_out = json.load(handle)
-print(f"held-out prediction (stage B2, MC samples): accuracy {held_out['accuracy']:.4f}, "
+print(f"validation-cell prediction (stage B2, MC samples): accuracy {held_out['accuracy']:.4f}, "
       f"macro-F1 {held_out['macro_f1']:.4f}, ECE {held_out['ece']:.4f}")
 PY

@@ -515,5 +515,15 @@ def test_train_sparse_sh_runs_the_whole_pipeline_into_a_directory_with_a_space(d
     summary = result.stdout[result.stdout.index("== Summary =="):].splitlines()
     assert summary[1].split()[:3] == ["stage", "accuracy", "macro-F1"]
     assert [line.split()[0] for line in summary[2:5]] == ["stageA", "stageB1", "stageB2"]
-    assert summary[5].startswith("held-out prediction")
+    assert summary[5].startswith("validation-cell prediction")
     assert (run_dir / "predictions" / "predictions.csv").is_file()
+
+
+def test_resume_of_a_finished_run_returns_its_results(tmp_path, data_path):
+    """--resume after every fold has finished must not rebuild (and mismatch) the optimizer and schedule."""
+    argv = ["--data_path", str(data_path), "--ckpt_dir", str(tmp_path / "run"), "--model_name", "done",
+            *TINY, "--epoch", "1", "--prune_target", "0", "--cv_splits", "2"]
+    assert finetune_sparse.main(argv) == 0
+    first = (tmp_path / "run" / "done_summary.json").read_text()
+    assert finetune_sparse.main([*argv, "--resume"]) == 0
+    assert (tmp_path / "run" / "done_summary.json").read_text() == first
