@@ -154,11 +154,12 @@ def prune_round2(config: dict, train_path: Path, out_dir: Path, seed: int, stage
     target = config["prune_target"] if target is None else target
     step = config["prune_step"] if step is None else step
     f1_tol = config["prune_f1_tol"] if f1_tol is None else f1_tol
-    return _finetune(config, train_path, out_dir, name, seed, [
-        "--model_path", stage_b, *_stage_b_args(config), "--epoch", "0",
-        "--prune_target", str(target), "--prune_step", str(step), "--prune_ft_epochs", str(config["prune_ft_epochs"]),
-        "--prune_f1_tol", str(f1_tol), "--prune_mode", mode,
-    ])
+    if target == 0:  # the same fine-tuning without pruning: the fair reference for the pruned levels
+        stage = ["--epoch", str(config["prune_ft_epochs"]), "--pre_warm_epochs", "0", "--prune_target", "0"]
+    else:
+        stage = ["--epoch", "0", "--prune_target", str(target), "--prune_step", str(step),
+                 "--prune_ft_epochs", str(config["prune_ft_epochs"]), "--prune_f1_tol", str(f1_tol), "--prune_mode", mode]
+    return _finetune(config, train_path, out_dir, name, seed, ["--model_path", stage_b, *_stage_b_args(config), *stage])
 
 
 @dataclass
