@@ -305,10 +305,15 @@ def setup_logging(files: RunFiles, ctx: Dist) -> None:
 
 @dataclass
 class Source:
-    """What --model_path provided: one of our checkpoints (genes, classes, model) or nothing / a foreign encoder."""
+    """What --model_path provided: one of our checkpoints (genes, classes, model) or nothing / a foreign encoder.
+
+    With `new_head`, only the checkpoint's encoder is reused and the head starts fresh for the data's cell types
+    (Stage A on new types from one of our models, as from scBERT's pretrained encoder).
+    """
 
     checkpoint: object | None = None  # bayesian_sparse_transformer.Checkpoint
     gene_vectors: torch.Tensor | None = None  # gene2vec table for a fresh model
+    new_head: bool = False
 
     @property
     def genes(self) -> list[str] | None:
@@ -316,7 +321,21 @@ class Source:
 
     @property
     def classes(self) -> list[str] | None:
-        return self.checkpoint.classes if self.checkpoint else None
+        return self.checkpoint.classes if self.checkpoint and not self.new_head else None
+
+    @property
+    def continues_model(self) -> bool:
+        """Training continues the checkpoint's whole model (Stage B, round 2, more Stage A)."""
+        return self.checkpoint is not None and not self.new_head
+
+    @property
+    def pretrained_encoder(self) -> bool:
+        """Only an encoder is reused (scBERT's, or ours with a new head): scBERT fine-tunes its last block."""
+        return not self.continues_model
+
+    @property
+    def prune_amount(self) -> float:
+        return float(self.checkpoint.metrics.get("prune_amount", 0.0)) if self.continues_model else 0.0
 
 
 def read_source(args: argparse.Namespace) -> Source:
@@ -343,9 +362,16 @@ def adopt_checkpoint_binning(args: argparse.Namespace, source: Source) -> None:
 
 def build_model(args: argparse.Namespace, source: Source, genes: list[str], n_classes: int) -> BayesianSparseTransformer:
     """A fresh model, or a copy of the source checkpoint's model; Bayesian head ported when --bayes_head."""
-    if source.checkpoint is not None:
+    if source.continues_model:
         model = BayesianSparseTransformer(source.checkpoint.model.config)
         model.load_state_dict(source.checkpoint.model.state_dict())
+    elif source.checkpoint is not None:  # our encoder, a fresh head for the data's cell types
+        encoder = source.checkpoint.model.config.encoder
+        head = HeadConfig(seq_len=encoder.max_seq_len, dim=encoder.dim, num_classes=n_classes, hidden2=args.h_dim,
+                          dropout=args.dropout)
+        model = BayesianSparseTransformer(ModelConfig(encoder, head))
+        model.encoder.load_state_dict(source.checkpoint.model.encoder.state_dict())
+        log.info("reusing the encoder of %s with a new head for %d cell types", args.model_path, n_classes)
     else:
         seq_len = len(genes) + 1
         gene_embedding = "none" if not args.pos_embed else ("gene2vec" if args.gene2vec_path else "learned")
@@ -442,10 +468,9 @@ class FoldTrainer:
         self.class_weights = torch.tensor(
             np.where(counts > 0, counts.sum() / (len(classes) * np.maximum(counts, 1)), 0.0), dtype=torch.float32
         ).to(device)
-        self.bayes = args.bayes_head or (source.checkpoint is not None and source.checkpoint.model.is_bayesian)
+        self.bayes = args.bayes_head or (source.continues_model and source.checkpoint.model.is_bayesian)
         self.prune_layers = tuple(args.prune_layers.split(","))
-        start = float(source.checkpoint.metrics.get("prune_amount", 0.0)) if source.checkpoint else 0.0
-        self.state = FoldState(prune_amount=start)
+        self.state = FoldState(prune_amount=source.prune_amount)
         self.model: BayesianSparseTransformer | None = None
 
     # ---- pieces -----------------------------------------------------------------------------------------------
@@ -471,8 +496,8 @@ class FoldTrainer:
 
     def attach(self, model: BayesianSparseTransformer, total_steps: int) -> None:
         """Train `model` from here: freeze what --trainable_layers keeps fixed, new optimizer and schedule, DDP."""
-        pretrained_encoder = bool(self.args.model_path) and self.source.checkpoint is None
-        freeze_encoder_layers(model, self.args.trainable_layers, pretrained=pretrained_encoder)
+        pretrained = bool(self.args.model_path) and self.source.pretrained_encoder
+        freeze_encoder_layers(model, self.args.trainable_layers, pretrained=pretrained)
         self.state.total_steps = total_steps  # --resume rebuilds the same schedule from it
         self.model = model.to(self.device)
         self.optimizer, self.scheduler = make_optimizer(self.model, self.args, total_steps)
@@ -642,7 +667,7 @@ class FoldTrainer:
 
     def run_pruning(self, started: float) -> None:
         args = self.args
-        start = float(self.source.checkpoint.metrics.get("prune_amount", 0.0)) if self.source.checkpoint else 0.0
+        start = self.source.prune_amount
         levels = self.prune_levels(start)  # the same list on every call: it depends only on the source and args
         if self.state.reference_f1 is None:
             self.load_best()
@@ -731,6 +756,7 @@ class FoldTrainer:
         checkpoint = load_checkpoint(path)
         training = checkpoint.training_state
         self.state = FoldState(**training["fold_state"])
+        log.info("fold %d: resumed from %s (phase %s, epoch %d)", self.fold, path, self.state.phase, self.state.epoch)
         if self.state.phase == "done":
             return  # a finished fold: its result is in the state
         self.attach(checkpoint.model, self.state.total_steps)
@@ -738,7 +764,6 @@ class FoldTrainer:
         self.scheduler.load_state_dict(training["scheduler"])
         self.scaler.load_state_dict(training["scaler"])
         _set_rng_state(training["rng"])
-        log.info("fold %d: resumed from %s (phase %s, epoch %d)", self.fold, path, self.state.phase, self.state.epoch)
 
     def write_val_predictions(self, probs: np.ndarray) -> None:
         """Mean MC probabilities of the kept model for every validation cell, with true and predicted labels."""
@@ -832,6 +857,13 @@ def run(args: argparse.Namespace) -> dict:
     elif args.gene_num is not None and args.gene_num != len(data.genes):
         raise UserError(f"--gene_num {args.gene_num} does not match the data's {len(data.genes)} genes; "
                         "drop --gene_num or subset the data")
+    if source.checkpoint is not None:
+        unseen = sorted(set(data.labels) - set(source.checkpoint.classes))
+        if unseen and args.bayes_head:
+            raise UserError(f"{len(unseen)} cell types of the data are not among the checkpoint's classes "
+                            f"({', '.join(map(repr, unseen[:3]))}); Stage B continues a Stage A model on the same "
+                            "types: train Stage A on this data first (--model_path without --bayes_head)")
+        source.new_head = bool(unseen)
     labels, classes = encode_labels(data.labels, source.classes)
     splits = stratified_splits(labels, args.cv_splits, test_size=0.2, seed=args.seed, class_names=classes)
     if source.checkpoint is None and args.pos_embed and args.gene2vec_path:

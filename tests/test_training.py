@@ -527,3 +527,31 @@ def test_resume_of_a_finished_run_returns_its_results(tmp_path, data_path):
     first = (tmp_path / "run" / "done_summary.json").read_text()
     assert finetune_sparse.main([*argv, "--resume"]) == 0
     assert (tmp_path / "run" / "done_summary.json").read_text() == first
+
+
+def test_our_checkpoint_as_pretrained_encoder_for_new_cell_types(tmp_path, data_path, stage_a, capsys):
+    """Stage A from one of our checkpoints on other cell types reuses its encoder with a new head; Stage B refuses."""
+    import anndata
+
+    adata = anndata.read_h5ad(data_path)
+    kept = adata.obs["cell_type"].astype(str).to_numpy()
+    renamed = np.where(kept == kept[0], "NewType", kept)  # one type the checkpoint has never seen
+    adata.obs["cell_type"] = renamed
+    new_data = tmp_path / "new_types.h5ad"
+    adata.write_h5ad(new_data)
+
+    run = train(new_data, tmp_path / "transfer", "transfer", "--model_path", str(stage_a.best), "--epoch", "1",
+                "--prune_target", "0")
+    transferred = load_checkpoint(run.best)
+    source = load_checkpoint(stage_a.best)
+    assert "NewType" in transferred.classes and transferred.genes == source.genes
+    # Default for a reused encoder (as for scBERT's): only the last block and the final norm train; depth 1 here,
+    # so compare the embeddings, which stay frozen.
+    assert torch.equal(transferred.model.encoder.token_emb.weight, source.model.encoder.token_emb.weight)
+
+    out = tmp_path / "stageB"
+    argv = ["--data_path", str(new_data), *TINY, "--ckpt_dir", str(out), "--model_name", "b",
+            "--model_path", str(stage_a.best), *BAYES, "--epoch", "1"]
+    assert finetune_sparse.main(argv) == 2
+    assert "not among the checkpoint's classes" in capsys.readouterr().err
+    assert not out.exists()
