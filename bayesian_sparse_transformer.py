@@ -478,7 +478,8 @@ def _slice_layer(layer: nn.Module, rows: Tensor | None = None, cols: Tensor | No
 
 
 def _count_nonzero_effective(model: BayesianSparseTransformer) -> int:
-    """Parameters that still act: everything outside fc1/fc2 plus their unmasked weights and biases."""
+    """Parameters that still act: fc1/fc2's unmasked weights and biases, fc3 without the inputs of silenced fc2
+    neurons, and everything else — so a mask-pruned model counts what its physically pruned twin stores."""
     head = model.head
     total = sum(p.numel() for p in model.parameters())
     for name in PRUNABLE_LAYERS:
@@ -487,7 +488,7 @@ def _count_nonzero_effective(model: BayesianSparseTransformer) -> int:
         full = layer.weight_mask().numel() + layer.out_mask.numel()
         active = int(layer.weight_mask().sum() + layer.out_mask.sum())
         total -= copies * (full - active)
-    return total
+    return total - int((head.fc2.out_mask == 0).sum()) * head.fc3.out_features
 
 
 # --------------------------------------------------------------------------------------------------------------

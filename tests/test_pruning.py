@@ -147,7 +147,10 @@ def test_pruning_stats_report_structured_sparsity():
     assert stats["fc12_sparsity"] == pytest.approx(1 - (h1 * SEQ_LEN + h2 * h1) / base)
     assert stats["total_params"] == sum(p.numel() for p in model.parameters())  # masks keep every parameter
     removed = 2 * ((HIDDEN1 - h1) * (SEQ_LEN + 1) + (HIDDEN2 * HIDDEN1 + HIDDEN2) - (h2 * h1 + h2))
+    removed += (HIDDEN2 - h2) * CLASSES  # fc3 inputs of silenced fc2 neurons
     assert stats["nonzero_params"] == stats["total_params"] - removed
+    physical = tiny_model(bayes=True)  # same seed, same weights: pruning keeps the same neurons
+    assert physical.prune(0.25, dim=0, mode="physical")["total_params"] == stats["nonzero_params"]
     assert model.pruning_stats() == stats
 
 
