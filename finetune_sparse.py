@@ -241,12 +241,16 @@ class RunFiles:
     def log(self) -> Path:
         return self.directory / f"{self.name}.log"
 
-    def existing(self, folds: int) -> list[Path]:
-        candidates = [self.config, self.summary, self.log]
+    def outputs(self, folds: int) -> list[Path]:
+        """Every file a run with this many folds writes."""
+        paths = [self.config, self.summary, self.log]
         for fold in range(folds):
             suffixes = ("best.pth", "last.pth", "metrics.csv", "val_cells.txt", "val_predictions.csv")
-            candidates += [self.fold(fold, s) for s in suffixes]
-        return [path for path in candidates if path.exists()]
+            paths += [self.fold(fold, s) for s in suffixes]
+        return paths
+
+    def existing(self, folds: int) -> list[Path]:
+        return [path for path in self.outputs(folds) if path.exists()]
 
 
 def check_outputs(args: argparse.Namespace, files: RunFiles) -> list[Path]:
@@ -277,6 +281,12 @@ def create_outputs(args: argparse.Namespace, files: RunFiles, ctx: Dist, existin
         if args.overwrite:
             for path in existing:
                 path.unlink()
+        # A kill during an atomic write leaves its temporary file (.tmp-<target>-<random>) behind; remove this
+        # run's, which hold nothing it still needs, and leave other runs' alone.
+        ours = {path.name for path in files.outputs(args.cv_splits)}
+        for leftover in files.directory.glob(".tmp-*"):
+            if leftover.name[len(".tmp-"):].rsplit("-", 1)[0] in ours:
+                leftover.unlink(missing_ok=True)
         if not args.resume:
             write_json(files.config, {"args": vars(args), "versions": package_versions()})
     if ctx.world > 1:

@@ -406,3 +406,17 @@ def test_ddp_run_where_one_rank_fails_stops_every_rank_with_the_error(runs, tmp_
     assert process.returncode != 0
     assert "injected failure on rank 1" in output
     assert time.monotonic() - started < 90
+
+
+def test_resume_removes_this_runs_leftover_temporary_files(tmp_path):
+    """A kill during an atomic write leaves .tmp-<target>-*; --resume clears this run's and keeps others'."""
+    import finetune_sparse
+
+    files = finetune_sparse.RunFiles(tmp_path, "run")
+    ours = tmp_path / ".tmp-run0_last.pth-abc123"
+    theirs = tmp_path / ".tmp-other0_last.pth-def456"
+    for path in (ours, theirs):
+        path.write_bytes(b"partial")
+    args = finetune_sparse.build_parser().parse_args(["--ckpt_dir", str(tmp_path), "--model_name", "run", "--resume"])
+    finetune_sparse.create_outputs(args, files, finetune_sparse.Dist(), existing=[])
+    assert not ours.exists() and theirs.exists()
