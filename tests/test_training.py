@@ -318,9 +318,20 @@ def _wait_for_new(path: Path, process: subprocess.Popen, log_path: Path, timeout
 
 
 def _kill_after_next_checkpoint(command: list[str], run: Run, log_path: Path, delay: float) -> bool:
-    """Run `command` until it writes its next `last` checkpoint, `delay` s more, then SIGKILL; False if it finished."""
+    """Run `command` until it writes its next `last` checkpoint, `delay` s more, then SIGKILL; False if it finished.
+
+    A resume of a run killed after its last checkpoint has nothing left to write: it may finish without one.
+    """
     process = _start(command, log_path)
-    _wait_for_new(run.fold("last.pth"), process, log_path)
+    path = run.fold("last.pth")
+    previous = path.stat().st_mtime_ns if path.exists() else None
+    deadline = time.monotonic() + 180
+    while not (path.exists() and path.stat().st_mtime_ns != previous):
+        if process.poll() is not None:
+            assert process.returncode == 0, log_path.read_text()[-3000:]
+            return False
+        assert time.monotonic() < deadline, f"no new {path.name} after 180 s"
+        time.sleep(0.005)
     time.sleep(delay)
     process.kill()
     return process.wait(timeout=60) != 0
