@@ -78,6 +78,13 @@ def parse_config(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def paired(config: dict[str, Any], first: str, second: str) -> list[tuple[Any, Any]]:
+    """Zip two list options that go together (e.g. sequence lengths and their batch sizes), checking their lengths."""
+    if len(config[first]) != len(config[second]):
+        raise SystemExit(f"--{first} and --{second} need the same number of values")
+    return list(zip(config[first], config[second]))
+
+
 def set_threads(threads: int) -> None:
     """Fix torch's intra-op threads (and the BLAS/OpenMP variables that child processes inherit)."""
     torch.set_num_threads(threads)

@@ -16,7 +16,7 @@ import torch
 from matplotlib.figure import Figure
 
 from bayesian_sparse_transformer import BayesianSparseTransformer, HeadConfig, ModelConfig, predict_proba_samples
-from benchmarks.common import Report, parse_config, time_call
+from benchmarks.common import Report, paired, parse_config, time_call
 from performer_pytorch import PerformerConfig
 
 NAME = "mc_cost"
@@ -95,11 +95,9 @@ def cost_figure(rows: list[dict]) -> Figure:
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_config(__doc__.splitlines()[0], REAL, SMOKE, argv)
-    if len(config["seq_lens"]) != len(config["batch_sizes"]):
-        raise SystemExit("--seq_lens and --batch_sizes need the same number of values")
     report = Report(NAME, "Monte Carlo prediction cost: head-only vs naive vs deterministic", config, args.out_dir)
     rows = []
-    for seq_len, batch in zip(config["seq_lens"], config["batch_sizes"]):
+    for seq_len, batch in paired(config, "seq_lens", "batch_sizes"):
         rows.append(measure(config, seq_len, batch))
         print(f"  {seq_len} tokens: naive/head-MC {rows[-1]['naive_over_head_mc']:.2f}x, "
               f"head-MC/deterministic {rows[-1]['head_mc_over_deterministic']:.2f}x")

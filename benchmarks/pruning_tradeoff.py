@@ -31,7 +31,7 @@ from bayesian_sparse_transformer import (
     ModelConfig,
     load_checkpoint,
 )
-from benchmarks.common import Report, parse_config, time_call
+from benchmarks.common import Report, paired, parse_config, time_call
 from benchmarks.training import (
     DEMO,
     SMOKE_TRAINING,
@@ -144,7 +144,7 @@ def time_head(model: BayesianSparseTransformer, encodings: torch.Tensor, config:
 
 def latency_part(config: dict) -> list[dict]:
     rows = []
-    for seq_len, batch in zip(config["latency_seq_lens"], config["latency_batches"]):
+    for seq_len, batch in paired(config, "latency_seq_lens", "latency_batches"):
         generator = torch.Generator().manual_seed(config["seed"])
         encodings = torch.randn(batch, seq_len, config["latency_dim"], generator=generator)  # (batch, genes+1, dim)
         for level in config["levels"]:
@@ -185,8 +185,7 @@ def tradeoff_figure(accuracy: list[dict], latency: list[dict], config: dict) -> 
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_config(__doc__.splitlines()[0], REAL, SMOKE, argv)
-    if len(config["latency_seq_lens"]) != len(config["latency_batches"]):
-        raise SystemExit("--latency_seq_lens and --latency_batches need the same number of values")
+    paired(config, "latency_seq_lens", "latency_batches")  # checked before the training part runs
     if 0.0 not in config["levels"]:
         config["levels"] = [0.0, *config["levels"]]
     report = Report(NAME, "Pruning trade-off: macro-F1, size and head latency", config, args.out_dir)

@@ -24,6 +24,7 @@ from benchmarks.common import (
     ROOT,
     Report,
     matmul_peak_gflops,
+    paired,
     parse_config,
     run_worker,
     thread_env,
@@ -132,14 +133,13 @@ def throughput_figure(rows: list[dict]) -> Figure:
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_config(__doc__.splitlines()[0], REAL, SMOKE, argv)
-    if len(config["seq_lens"]) != len(config["batch_sizes"]):
-        raise SystemExit("--seq_lens and --batch_sizes need the same number of values")
+    sequences = paired(config, "seq_lens", "batch_sizes")
     report = Report(NAME, "Encoder speed: ours vs performer-pytorch 1.1.4 (CPU)", config, args.out_dir)
     peak = matmul_peak_gflops(config["peak_size"])
     report.results["matmul_peak"] = peak
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as workdir:
-        for seq_len, batch in zip(config["seq_lens"], config["batch_sizes"]):
+        for seq_len, batch in sequences:
             row = measure_sequence(config, seq_len, batch, Path(workdir))
             for impl in ("ours", "reference"):
                 for mode in MODES:
