@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from performer_pytorch import PerformerConfig, PerformerLM, convert_scbert_state_dict, is_scbert_state_dict
-from utils import UserError, atomic_write, package_versions
+from utils import UserError, atomic_write, autocast, package_versions
 
 CHECKPOINT_FORMAT = "bayesian-sparse-transformer/1"
 PRUNABLE_LAYERS = ("fc1", "fc2")
@@ -512,10 +513,6 @@ def predict_proba_samples(
     The S head networks are drawn once from `seed` and shared by all batches, so a cell's prediction does not
     depend on the batch it lands in. A deterministic model (or deterministic mode) gives S identical samples.
     """
-    from tqdm.auto import tqdm
-
-    from utils import autocast
-
     device = torch.device(device)
     model.eval()
     noise = None
@@ -660,7 +657,11 @@ def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild a model saved by `save_checkpoint` from the file alone (no architecture flags)."""
-    payload = read_checkpoint_file(path, map_location)
+    return checkpoint_from_payload(path, read_checkpoint_file(path, map_location), map_location)
+
+
+def checkpoint_from_payload(path: str | Path, payload: dict, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """`load_checkpoint` for a file already read with `read_checkpoint_file` (`path` only names it in errors)."""
     if payload.get("format") != CHECKPOINT_FORMAT:
         hint = " (it looks like a scBERT checkpoint: use it as a pretrained encoder with finetune_sparse.py)" if (
             is_scbert_state_dict(_state_dict_of(payload))
@@ -708,12 +709,13 @@ def _state_dict_of(payload: dict) -> dict:
     return payload
 
 
-def load_pretrained_encoder(model: BayesianSparseTransformer, path: str | Path) -> list[str]:
+def load_pretrained_encoder(model: BayesianSparseTransformer, path: str | Path, payload: dict | None = None) -> list[str]:
     """Initialise `model.encoder` (and the head, when it fits) from scBERT's checkpoint or one of ours.
 
-    Returns human-readable notes about what was loaded and what was skipped.
+    `payload` is the file's content when the caller has read it already (scBERT's encoder is large: read it once
+    for all folds). Returns human-readable notes about what was loaded and what was skipped.
     """
-    payload = read_checkpoint_file(path)
+    payload = read_checkpoint_file(path) if payload is None else payload
     source = _state_dict_of(payload)
     if payload.get("format") == CHECKPOINT_FORMAT:
         encoder_sd = {k[len("encoder."):]: v for k, v in source.items() if k.startswith("encoder.")}

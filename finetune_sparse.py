@@ -33,15 +33,18 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from tqdm.auto import tqdm
 
 from bayesian_sparse_transformer import (
+    CHECKPOINT_FORMAT,
     PRUNABLE_LAYERS,
     PRUNE_MODES,
     BayesianSparseTransformer,
     HeadConfig,
     ModelConfig,
+    checkpoint_from_payload,
     load_checkpoint,
     load_gene_vectors,
     load_pretrained_encoder,
     predict_proba_samples,
+    read_checkpoint_file,
     save_checkpoint,
 )
 from performer_pytorch import PerformerConfig
@@ -323,6 +326,7 @@ class Source:
 
     checkpoint: object | None = None  # bayesian_sparse_transformer.Checkpoint
     gene_vectors: torch.Tensor | None = None  # gene2vec table for a fresh model
+    encoder_payload: dict | None = None  # a foreign (scBERT) checkpoint's content, read once for every fold
     new_head: bool = False
 
     @property
@@ -352,11 +356,10 @@ def read_source(args: argparse.Namespace) -> Source:
     """Load --model_path once: our checkpoints carry genes/classes that the data must be aligned to."""
     if not args.model_path:
         return Source()
-    from bayesian_sparse_transformer import CHECKPOINT_FORMAT, read_checkpoint_file
-
-    if read_checkpoint_file(args.model_path).get("format") == CHECKPOINT_FORMAT:
-        return Source(load_checkpoint(args.model_path))
-    return Source()  # a scBERT encoder: loaded into each fold's fresh model by build_model
+    payload = read_checkpoint_file(args.model_path)
+    if payload.get("format") == CHECKPOINT_FORMAT:
+        return Source(checkpoint_from_payload(args.model_path, payload))
+    return Source(encoder_payload=payload)  # a scBERT encoder: loaded into each fold's fresh model by build_model
 
 
 def adopt_checkpoint_binning(args: argparse.Namespace, source: Source) -> None:
@@ -394,7 +397,7 @@ def build_model(args: argparse.Namespace, source: Source, genes: list[str], n_cl
         head = HeadConfig(seq_len=seq_len, dim=args.dim, num_classes=n_classes, hidden2=args.h_dim, dropout=args.dropout)
         model = BayesianSparseTransformer(ModelConfig(encoder, head), gene_vectors=source.gene_vectors)
         if args.model_path:
-            for note in load_pretrained_encoder(model, args.model_path):
+            for note in load_pretrained_encoder(model, args.model_path, source.encoder_payload):
                 log.info(note)
     if args.bayes_head and not model.is_bayesian:
         model.to_bayesian(prior_sigma=args.prior_sigma, init_log_sigma=args.init_log_sigma, local_reparam=args.local_reparam)
@@ -639,14 +642,10 @@ class FoldTrainer:
         if metrics["macro_f1"] > self.state.best_f1:
             self.state.best_f1 = metrics["macro_f1"]
             self.state.bad_rounds = 0
-            self.save("best", metrics=_summary_metrics(metrics, self.model, self.current_amount()))
+            self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount))
         else:
             self.state.bad_rounds += 1
         return self.state.bad_rounds >= self.args.patience
-
-    def current_amount(self) -> float:
-        """Pruning level of the model that would be kept now (the last accepted level, or where the source was)."""
-        return self.state.prune_amount
 
     def prune_levels(self, start: float) -> list[float]:
         levels, level = [], start
@@ -660,7 +659,7 @@ class FoldTrainer:
         while self.state.phase == "train" and self.state.epoch < args.epoch:
             epoch = self.state.epoch
             deterministic = self.bayes and epoch < args.pre_warm_epochs
-            row = {"phase": "prewarm" if deterministic else "train", "epoch": epoch + 1, "prune_level": self.current_amount()}
+            row = {"phase": "prewarm" if deterministic else "train", "epoch": epoch + 1, "prune_level": self.state.prune_amount}
             row.update(self.train_epoch(epoch, deterministic))
             stop = False
             if (epoch + 1) % args.valid_every == 0 or epoch + 1 == args.epoch:
@@ -752,12 +751,12 @@ class FoldTrainer:
         metrics, probs = self.evaluate()
         if self.ctx.main and not self.files.fold(self.fold, "best.pth").exists():
             # --epoch 0 without pruning only evaluates the --model_path model: that model is the run's best.
-            self.save("best", metrics=_summary_metrics(metrics, self.model, self.current_amount()))
+            self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount))
         self.report(metrics)
         if self.ctx.main:
             self.write_val_predictions(probs)
         self.state.phase = "done"
-        self.state.result["final"] = _summary_metrics(metrics, self.model, self.current_amount())
+        self.state.result["final"] = _summary_metrics(metrics, self.model, self.state.prune_amount)
         self.save("last")
         self.barrier()
         return self.state.result["final"]
