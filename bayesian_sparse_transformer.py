@@ -7,8 +7,10 @@ logits (samples, batch, classes).
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Iterable
@@ -194,6 +196,7 @@ class HeadConfig:
     kept_inputs: int | None = None  # gene positions fc1 still reads after physical column pruning
     base_hidden1: int | None = None
     base_hidden2: int | None = None
+    temperature: float = 1.0  # divides the logits of predicted probabilities (post-hoc calibration); 1 in training
 
     def __post_init__(self) -> None:
         self.base_hidden1 = self.base_hidden1 or self.hidden1
@@ -322,7 +325,9 @@ class BayesianSparseTransformer(nn.Module):
         return self.head.classify(features, noise)
 
     def mc_probs(self, tokens: Tensor, num_samples: int, **kwargs) -> Tensor:
-        return self.mc_logits(tokens, num_samples, **kwargs).float().softmax(dim=-1)  # (S, batch, classes)
+        """Calibrated probabilities (S, batch, classes): softmax of the sampled logits / the head's temperature."""
+        logits = self.mc_logits(tokens, num_samples, **kwargs).float()
+        return (logits / self.config.head.temperature).softmax(dim=-1)
 
     def to_bayesian(self, *, prior_sigma: float = 0.1, init_log_sigma: float = -5.0, local_reparam: bool = False) -> None:
         """Turn fc1/fc2 into Bayesian layers whose means are the trained weights (in place)."""
@@ -597,6 +602,7 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     training_state: dict | None = None
     versions: dict = field(default_factory=dict)
+    bin_width: float = 1.0  # scBERT's binning; files written before the option existed carry none
 
 
 def save_checkpoint(
@@ -607,6 +613,7 @@ def save_checkpoint(
     classes: list[str],
     bin_num: int,
     stage: str,
+    bin_width: float = 1.0,
     args: dict | None = None,
     metrics: dict | None = None,
     training_state: dict | None = None,
@@ -621,14 +628,19 @@ def save_checkpoint(
         "genes": [str(gene) for gene in genes],
         "classes": [str(name) for name in classes],
         "bin_num": int(bin_num),
+        "bin_width": float(bin_width),
         "stage": stage,
         "args": dict(args or {}),
         "metrics": dict(metrics or {}),
         "versions": package_versions(),
         "training_state": training_state,
     }
+    # Serialize in memory first: torch.save's C++ writer turns a failed write (disk full) into an opaque
+    # RuntimeError, while a plain write keeps the OSError that atomic_write reports with the path.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_write(path, "wb") as handle:
-        torch.save(payload, handle)
+        handle.write(buffer.getbuffer())
 
 
 def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -653,6 +665,39 @@ def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
     if not isinstance(payload, dict):
         raise UserError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary")
     return payload
+
+
+def checkpoint_paths(path: str | Path) -> list[Path]:
+    """The model files behind --model_path: one checkpoint file, or every fold's `*_best.pth` in a run directory.
+
+    A run directory with several folds is a cross-fitted ensemble: each fold model trained on all cells but its
+    own validation fold, and prediction averages them.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    found = sorted(path.glob("*_best.pth"), key=lambda p: _natural_key(p.name))
+    if not found:
+        raise UserError(f"{path} is a directory without *_best.pth checkpoints; pass a run directory of "
+                        "finetune_sparse.py (its --ckpt_dir) or one checkpoint file")
+    return found
+
+
+def _natural_key(name: str) -> list:
+    """'m10_best' after 'm9_best': fold numbers sort as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def load_ensemble(path: str | Path, map_location: str | torch.device = "cpu") -> list[Checkpoint]:
+    """The checkpoints behind `path` (see `checkpoint_paths`); they must share genes, classes and binning."""
+    paths = checkpoint_paths(path)
+    members = [load_checkpoint(p, map_location) for p in paths]
+    first = members[0]
+    for other, other_path in zip(members[1:], paths[1:]):
+        if (other.genes, other.classes, other.bin_num, other.bin_width) != (first.genes, first.classes, first.bin_num, first.bin_width):
+            raise UserError(f"{other_path} does not belong to the same ensemble as the other checkpoints in {path} "
+                            "(other genes, cell types or binning); keep one run's checkpoints per directory")
+    return members
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -685,6 +730,7 @@ def checkpoint_from_payload(path: str | Path, payload: dict, map_location: str |
         metrics=payload.get("metrics") or {},
         training_state=payload.get("training_state"),
         versions=payload.get("versions") or {},
+        bin_width=float(payload.get("bin_width", 1.0)),
     )
 
 

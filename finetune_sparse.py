@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,9 @@ from bayesian_sparse_transformer import (
     HeadConfig,
     ModelConfig,
     checkpoint_from_payload,
+    checkpoint_paths,
     load_checkpoint,
+    load_ensemble,
     load_gene_vectors,
     load_pretrained_encoder,
     predict_proba_samples,
@@ -59,6 +61,7 @@ from utils import (
     classification_metrics,
     collate_batch,
     encode_labels,
+    fit_temperature,
     load_dataset,
     package_versions,
     read_json,
@@ -72,6 +75,9 @@ from utils import (
 log = logging.getLogger("finetune")
 
 DEFAULT_BIN_NUM = 5  # scBERT's
+DEFAULT_BIN_WIDTH = 1.0  # scBERT's
+# Validation metrics that choose the best checkpoint, each as a score where higher is better.
+SELECTION_METRICS = {"nll": lambda metrics: -metrics["nll"], "macro_f1": lambda metrics: metrics["macro_f1"]}
 # Settings that may differ between the interrupted run and its --resume (another device changes results only at
 # float round-off; --amp stays fixed because the gradient scaler's state depends on it).
 RESUME_FREE_ARGS = {"resume", "overwrite", "device", "num_workers"}
@@ -88,10 +94,13 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     data = add_data_options(p, label_key="cell_type", label_help="obs column with cell types")
     data.add_argument("--min_cells_per_class", type=int, default=0, help="drop cell types with fewer cells (a split needs at least 2)")
     data.add_argument("--gene_num", type=int, default=None, help="number of genes (scBERT default 166; taken from the data unless given, and then checked against it)")
-    data.add_argument("--bin_num", type=int, default=None, help="expression bins: tokens are floor(log-expression) clipped to BIN_NUM (default: 5, or the --model_path checkpoint's)")
+    data.add_argument("--bin_num", type=int, default=None, help="expression bins: tokens are floor(log-expression / BIN_WIDTH) clipped to BIN_NUM (default: 5, or the --model_path checkpoint's)")
+    data.add_argument("--bin_width", type=float, default=None, help="width of an expression bin in log-expression units; 1 = scBERT's binning (default: 1, or the --model_path checkpoint's). "
+                      "0.25 with --bin_num 28 resolves the 0.7-2 range where most non-zero values lie")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model_path", default=None, help="start from a checkpoint: scBERT's pretrained PerformerLM (encoder init), a Stage A checkpoint (Stage B) or a Stage B checkpoint (round 2)")
+    model.add_argument("--model_path", default=None, help="start from a checkpoint: scBERT's pretrained PerformerLM (encoder init), a Stage A checkpoint (Stage B) or a Stage B checkpoint (round 2); "
+                       "or the run directory of a --cv_splits K run, whose fold k model fold k continues")
     model.add_argument("--dim", type=int, default=200, help="encoder width")
     model.add_argument("--depth", type=int, default=6, help="Performer layers")
     model.add_argument("--heads", type=int, default=10, help="attention heads")
@@ -104,11 +113,15 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     model.add_argument("--gene2vec_path", default=None, help="gene2vec vectors: .npy in the data's gene order, or text 'SYMBOL v1 ... vDIM'")
     model.add_argument("--h_dim", type=int, default=128, help="width of the head's fc2")
     model.add_argument("--dropout", type=float, default=0.0, help="dropout in the head (and the encoder's feed-forward)")
+    model.add_argument("--gradient_checkpointing", action="store_true", help="recompute each encoder block's activations in backward instead of storing them: "
+                       "~30%% more time per step for much less activation memory (e.g. all 16,907 genes on a small GPU); also applies to a continued --model_path")
     model.add_argument("--trainable_layers", type=int, default=None, help="train only the last N encoder layers (+ final norm and head); -1 = all; default: all, or 1 with a scBERT pretrained encoder as scBERT does")
 
     bayes = p.add_argument_group("Bayesian head (Stage B)")
     bayes.add_argument("--bayes_head", action="store_true", help="make fc1/fc2 Bayesian (variational inference)")
-    bayes.add_argument("--kl_weight", type=float, default=1e-6, help="final weight of the KL term")
+    bayes.add_argument("--kl_weight", type=kl_weight_option, default=1e-6,
+                       help="final weight of the KL term per training step; 'elbo' = 1 / training cells, the evidence lower "
+                            "bound's own weight (the loss is then the negative ELBO per cell)")
     bayes.add_argument("--kl_anneal_steps", type=int, default=10000, help="optimizer steps over which the KL weight rises linearly from 0")
     bayes.add_argument("--bayes_mc_samples", type=int, default=1, help="head samples per training step")
     bayes.add_argument("--mc_samples_eval", type=int, default=8, help="head samples for validation")
@@ -137,8 +150,18 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     train.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     train.add_argument("--l1_lambda", type=float, default=0.0, help="L1 penalty on fc1/fc2 weights (encourages prunable neurons)")
     train.add_argument("--sample_with_replacement", action="store_true", help="draw training cells with replacement (the original scBERT loader)")
-    train.add_argument("--cv_splits", type=int, default=1, help="stratified 80/20 train/validation splits (folds)")
-    train.add_argument("--patience", type=int, default=10, help="stop after this many validations without a better macro-F1")
+    train.add_argument("--cv_splits", type=int, default=1, help="1: one stratified 80/20 train/validation split; K >= 2: stratified K-fold "
+                       "cross-fitting, every cell validates one fold model, and the run directory is a K-model ensemble for predict_updated.py")
+    train.add_argument("--temperature_scaling", action="store_true",
+                       help="after training, fit a temperature to each fold's validation cells (minimum NLL) and store it "
+                            "in the checkpoint: calibrated probabilities, the same predicted types")
+    train.add_argument("--patience", type=int, default=10, help="stop after this many validations without a better SELECT_METRIC")
+    train.add_argument("--select_metric", default="nll", choices=tuple(SELECTION_METRICS),
+                       help="validation metric for early stopping and the best checkpoint: nll (smooth, every cell counts) "
+                            "or macro_f1 (scBERT's; with 1-2 validation cells in a class it moves by hundredths per cell)")
+    train.add_argument("--class_weight", default="balanced", choices=("balanced", "none"),
+                       help="cross-entropy class weights: balanced (n / (classes * n_class), favours rare types' recall) "
+                            "or none (calibrated to the training cells' type frequencies)")
     train.add_argument("--valid_every", type=int, default=1, help="validate every N epochs")
     train.add_argument("--seed", type=int, default=2021, help="random seed")
 
@@ -150,6 +173,16 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     return p
 
 
+def kl_weight_option(text: str) -> float | str:
+    """--kl_weight: a number, or 'elbo' for 1 / training cells."""
+    if text == "elbo":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'elbo', got {text!r}") from None
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Reject out-of-range options before any data is read or any model is built."""
     checks = [
@@ -158,6 +191,7 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.prune_f1_tol >= 0, "--prune_f1_tol must be at least 0"),
         (args.prune_ft_epochs >= 0, "--prune_ft_epochs must be at least 0"),
         (args.bin_num is None or args.bin_num >= 1, "--bin_num must be at least 1"),
+        (args.bin_width is None or args.bin_width > 0, "--bin_width must be positive"),
         (args.batch_size >= 1, "--batch_size must be at least 1"),
         (args.grad_acc >= 1, "--grad_acc must be at least 1"),
         (args.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1"),
@@ -172,7 +206,7 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.head_lr_mult > 0, "--head_lr_mult must be positive"),
         (args.weight_decay >= 0, "--weight_decay must be at least 0"),
         (0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (args.kl_weight >= 0, "--kl_weight must be at least 0"),
+        (args.kl_weight == "elbo" or args.kl_weight >= 0, "--kl_weight must be at least 0 (or 'elbo')"),
         (args.kl_anneal_steps >= 0, "--kl_anneal_steps must be at least 0"),
         (args.pre_warm_epochs >= 0, "--pre_warm_epochs must be at least 0"),
         (args.prior_sigma > 0, "--prior_sigma must be positive"),
@@ -351,35 +385,63 @@ class Source:
     def prune_amount(self) -> float:
         return float(self.checkpoint.metrics.get("prune_amount", 0.0)) if self.continues_model else 0.0
 
+    @property
+    def kl_step(self) -> int:
+        """Where the source's KL annealing stopped: round 2 continues it instead of starting from zero again."""
+        return int(self.checkpoint.metrics.get("kl_step", 0)) if self.continues_model else 0
 
-def read_source(args: argparse.Namespace) -> Source:
-    """Load --model_path once: our checkpoints carry genes/classes that the data must be aligned to."""
+
+def read_sources(args: argparse.Namespace) -> list[Source]:
+    """Load --model_path once: our checkpoints carry genes/classes that the data must be aligned to.
+
+    A run directory of K fold models gives one source per fold: fold k continues member k, on the same folds
+    (same --seed and --cv_splits), so every member is still validated on cells it never trained on.
+    """
     if not args.model_path:
-        return Source()
-    payload = read_checkpoint_file(args.model_path)
+        return [Source()]
+    paths = checkpoint_paths(args.model_path)
+    if len(paths) > 1:
+        if len(paths) != args.cv_splits:
+            raise UserError(f"--model_path {args.model_path} holds {len(paths)} fold models; pass --cv_splits {len(paths)} "
+                            "so that each fold continues its own model")
+        members = load_ensemble(args.model_path)
+        for member in members:
+            if (member.args.get("seed"), member.args.get("cv_splits")) != (args.seed, args.cv_splits):
+                raise UserError(f"the fold models in {args.model_path} were trained with --seed {member.args.get('seed')} "
+                                f"--cv_splits {member.args.get('cv_splits')}; continue them with the same values so each "
+                                "fold keeps its validation cells")
+        return [Source(member) for member in members]
+    payload = read_checkpoint_file(paths[0])
     if payload.get("format") == CHECKPOINT_FORMAT:
-        return Source(checkpoint_from_payload(args.model_path, payload))
-    return Source(encoder_payload=payload)  # a scBERT encoder: loaded into each fold's fresh model by build_model
+        return [Source(checkpoint_from_payload(paths[0], payload))]
+    return [Source(encoder_payload=payload)]  # a scBERT encoder: loaded into each fold's fresh model by build_model
 
 
 def adopt_checkpoint_binning(args: argparse.Namespace, source: Source) -> None:
-    """Our checkpoints fix the binning along with the architecture; --bin_num may only repeat it."""
-    if source.checkpoint is None:
-        args.bin_num = args.bin_num or DEFAULT_BIN_NUM
-    elif args.bin_num not in (None, source.checkpoint.bin_num):
-        raise UserError(f"--bin_num {args.bin_num} differs from the checkpoint's {source.checkpoint.bin_num}; "
-                        "drop --bin_num to keep the binning the model was trained with")
-    else:
-        args.bin_num = source.checkpoint.bin_num
+    """Our checkpoints fix the binning along with the architecture; --bin_num/--bin_width may only repeat it."""
+    defaults = {"bin_num": DEFAULT_BIN_NUM, "bin_width": DEFAULT_BIN_WIDTH}
+    for name, default in defaults.items():
+        given = getattr(args, name)
+        if source.checkpoint is None:
+            setattr(args, name, default if given is None else given)
+            continue
+        saved = getattr(source.checkpoint, name)
+        if given is not None and given != saved:
+            raise UserError(f"--{name} {given} differs from the checkpoint's {saved}; "
+                            f"drop --{name} to keep the binning the model was trained with")
+        setattr(args, name, saved)
 
 
 def build_model(args: argparse.Namespace, source: Source, genes: list[str], n_classes: int) -> BayesianSparseTransformer:
     """A fresh model, or a copy of the source checkpoint's model; Bayesian head ported when --bayes_head."""
     if source.continues_model:
-        model = BayesianSparseTransformer(source.checkpoint.model.config)
+        # Training starts uncalibrated: a temperature fitted to the source's validation cells is refitted at the end.
+        config = replace(source.checkpoint.model.config, head=replace(source.checkpoint.model.config.head, temperature=1.0))
+        config.encoder = replace(config.encoder, gradient_checkpointing=args.gradient_checkpointing)  # this run's choice
+        model = BayesianSparseTransformer(config)
         model.load_state_dict(source.checkpoint.model.state_dict())
     elif source.checkpoint is not None:  # our encoder, a fresh head for the data's cell types
-        encoder = source.checkpoint.model.config.encoder
+        encoder = replace(source.checkpoint.model.config.encoder, gradient_checkpointing=args.gradient_checkpointing)
         head = HeadConfig(seq_len=encoder.max_seq_len, dim=encoder.dim, num_classes=n_classes, hidden2=args.h_dim,
                           dropout=args.dropout)
         model = BayesianSparseTransformer(ModelConfig(encoder, head))
@@ -392,7 +454,7 @@ def build_model(args: argparse.Namespace, source: Source, genes: list[str], n_cl
             num_tokens=args.bin_num + 2, max_seq_len=seq_len, dim=args.dim, depth=args.depth, heads=args.heads,
             dim_head=args.dim_head, nb_features=args.nb_features, feature_redraw_interval=args.feature_redraw_interval,
             local_attn_heads=args.local_attn_heads, ff_dropout=args.dropout, gene_embedding=gene_embedding,
-            redraw_seed=args.seed,
+            redraw_seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
         )
         head = HeadConfig(seq_len=seq_len, dim=args.dim, num_classes=n_classes, hidden2=args.h_dim, dropout=args.dropout)
         model = BayesianSparseTransformer(ModelConfig(encoder, head), gene_vectors=source.gene_vectors)
@@ -422,6 +484,16 @@ def freeze_encoder_layers(model: BayesianSparseTransformer, trainable_layers: in
 # --------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------
+
+
+def class_weights(train_labels: np.ndarray, n_classes: int, scheme: str) -> torch.Tensor:
+    """Cross-entropy weights (classes,): balanced n / (C * n_c) or all ones; absent classes weigh nothing."""
+    counts = np.bincount(train_labels, minlength=n_classes).astype(np.float64)
+    if scheme == "balanced":
+        weights = counts.sum() / (n_classes * np.maximum(counts, 1))
+    else:
+        weights = np.ones(n_classes)
+    return torch.tensor(np.where(counts > 0, weights, 0.0), dtype=torch.float32)
 
 
 def make_optimizer(model: BayesianSparseTransformer, args: argparse.Namespace, total_steps: int):
@@ -456,7 +528,7 @@ class FoldState:
     level_index: int = 0  # next pruning level
     level_applied: bool = False  # the current level's prune is done, its fine-tuning may be under way
     kl_step: int = 0
-    best_f1: float = -1.0
+    best_score: float = -math.inf  # SELECTION_METRICS[--select_metric] of the best checkpoint
     reference_f1: float | None = None  # macro-F1 before pruning, the bar for --prune_f1_tol
     bad_rounds: int = 0
     prune_amount: float = 0.0  # last accepted pruning level (fraction of each layer's original slices removed)
@@ -474,16 +546,12 @@ class FoldTrainer:
         self.data, self.classes, self.source = data, classes, source
         self.labels = labels
         self.val_idx = np.sort(val_idx)  # validation outputs in data order, however many processes share the work
-        self.dataset = BinnedDataset(data.matrix, args.bin_num, labels)
+        self.dataset = BinnedDataset(data.matrix, args.bin_num, labels, bin_width=args.bin_width)
         self.train_set = Subset(self.dataset, train_idx)
-        counts = np.bincount(labels[train_idx], minlength=len(classes)).astype(np.float64)
-        # Class-balanced cross-entropy: weight n / (C * n_c), absent classes weigh nothing.
-        self.class_weights = torch.tensor(
-            np.where(counts > 0, counts.sum() / (len(classes) * np.maximum(counts, 1)), 0.0), dtype=torch.float32
-        ).to(device)
+        self.class_weights = class_weights(labels[train_idx], len(classes), args.class_weight).to(device)
         self.bayes = args.bayes_head or (source.continues_model and source.checkpoint.model.is_bayesian)
         self.prune_layers = tuple(args.prune_layers.split(","))
-        self.state = FoldState(prune_amount=source.prune_amount)
+        self.state = FoldState(prune_amount=source.prune_amount, kl_step=source.kl_step)
         self.model: BayesianSparseTransformer | None = None
 
     # ---- pieces -----------------------------------------------------------------------------------------------
@@ -524,9 +592,11 @@ class FoldTrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.args.amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported())
 
     def kl_scale(self) -> float:
+        """The KL weight at the current step: linear annealing that continues across rounds (the step is saved)."""
+        final = 1.0 / len(self.train_set) if self.args.kl_weight == "elbo" else self.args.kl_weight
         if not self.args.kl_anneal_steps:
-            return self.args.kl_weight
-        return self.args.kl_weight * min(1.0, self.state.kl_step / self.args.kl_anneal_steps)
+            return final
+        return final * min(1.0, self.state.kl_step / self.args.kl_anneal_steps)
 
     def train_epoch(self, epoch: int, deterministic: bool) -> dict:
         args, model = self.args, self.model
@@ -555,7 +625,7 @@ class FoldTrainer:
                     logits = forward(tokens)
                     ce = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
                 loss = ce
-                if model.is_bayesian and not deterministic and args.kl_weight > 0:
+                if model.is_bayesian and not deterministic and args.kl_weight != 0:
                     kl = model.kl_divergence()
                     kl_value = float(kl.detach())
                     # Each micro-batch carries the full KL; dividing by the group size makes it once per step.
@@ -583,20 +653,36 @@ class FoldTrainer:
         return {"train_loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2]), "kl": kl_value}
 
     def evaluate(self) -> tuple[dict, np.ndarray]:
-        """MC validation over the whole validation set exactly once (ranks take disjoint shards, no padding)."""
+        """MC validation over the whole validation set exactly once (ranks take disjoint shards, no padding).
+
+        Returns the metrics of the mean probabilities and the probability samples (S, validation cells, classes).
+        """
         args = self.args
         shard = self.val_idx[self.ctx.rank :: self.ctx.world]
         loader = DataLoader(Subset(self.dataset, shard), batch_size=max(args.batch_size, 16), collate_fn=collate_batch)
         samples = args.mc_samples_eval if self.model.is_bayesian else 1
-        self.model.set_deterministic(False)
-        probs = predict_proba_samples(self.model, loader, samples, seed=args.seed, device=self.device, amp=args.amp).mean(0)
+        self.model.set_deterministic(samples == 1)  # one sample means the posterior means, as in prediction
+        prob_samples = predict_proba_samples(self.model, loader, samples, seed=args.seed, device=self.device, amp=args.amp)
         if self.ctx.world > 1:
             gathered = [None] * self.ctx.world
-            dist.all_gather_object(gathered, (shard, probs))
+            dist.all_gather_object(gathered, (shard, prob_samples))
             order = np.concatenate([g[0] for g in gathered])
-            probs = np.concatenate([g[1] for g in gathered])[np.argsort(order)]
-        metrics = classification_metrics(probs, self.labels[self.val_idx], self.classes)
-        return metrics, probs
+            prob_samples = np.concatenate([g[1] for g in gathered], axis=1)[:, np.argsort(order)]
+        metrics = classification_metrics(prob_samples.mean(0), self.labels[self.val_idx], self.classes)
+        return metrics, prob_samples
+
+    def calibrate(self) -> None:
+        """Fit the temperature of the kept model to the validation cells (from T = 1, so a resume refits the same)."""
+        self.set_temperature(1.0)
+        _, prob_samples = self.evaluate()
+        temperature = fit_temperature(prob_samples, self.labels[self.val_idx])
+        self.set_temperature(temperature)
+        log.info("fold %d: temperature %.3f fitted to %d validation cells", self.fold, temperature, len(self.val_idx))
+
+    def set_temperature(self, temperature: float) -> None:
+        config = self.model.config
+        config.head = replace(config.head, temperature=temperature)
+        self.model.head.config = config.head
 
     def record(self, row: dict, started: float) -> None:
         stats = self.model.pruning_stats()
@@ -625,7 +711,7 @@ class FoldTrainer:
             }
         save_checkpoint(
             self.files.fold(self.fold, f"{kind}.pth"), self.model, genes=self.data.genes, classes=self.classes,
-            bin_num=self.args.bin_num, stage="B" if self.model.is_bayesian else "A", args=vars(self.args),
+            bin_num=self.args.bin_num, bin_width=self.args.bin_width, stage="B" if self.model.is_bayesian else "A", args=vars(self.args),
             metrics=metrics or {}, training_state=training_state,
         )
 
@@ -639,10 +725,11 @@ class FoldTrainer:
         """Validate, save the best model; True when early stopping says stop."""
         metrics, _ = self.evaluate()
         row.update(val_loss=metrics["nll"], val_acc=metrics["accuracy"], val_macro_f1=metrics["macro_f1"], val_ece=metrics["ece"])
-        if metrics["macro_f1"] > self.state.best_f1:
-            self.state.best_f1 = metrics["macro_f1"]
+        score = SELECTION_METRICS[self.args.select_metric](metrics)
+        if score > self.state.best_score:
+            self.state.best_score = score
             self.state.bad_rounds = 0
-            self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount))
+            self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount, self.state.kl_step))
         else:
             self.state.bad_rounds += 1
         return self.state.bad_rounds >= self.args.patience
@@ -668,7 +755,7 @@ class FoldTrainer:
                          self.fold, epoch + 1, row["train_loss"], row["train_acc"], row["val_acc"], row["val_macro_f1"], row["val_ece"])
             self.state.epoch += 1
             if stop:
-                log.info("fold %d: early stop, no better macro-F1 for %d validations", self.fold, args.patience)
+                log.info("fold %d: early stop, no better %s for %d validations", self.fold, args.select_metric, args.patience)
                 self.state.epoch = args.epoch
             self.record(row, started)
             self.save("last")
@@ -682,9 +769,9 @@ class FoldTrainer:
             self.load_best()
             metrics, _ = self.evaluate()
             self.state.reference_f1 = metrics["macro_f1"]
-            self.state.best_f1 = max(self.state.best_f1, metrics["macro_f1"])
+            self.state.best_score = max(self.state.best_score, SELECTION_METRICS[args.select_metric](metrics))
             if not self.files.fold(self.fold, "best.pth").exists() and self.ctx.main:
-                self.save("best", metrics=_summary_metrics(metrics, self.model, start))
+                self.save("best", metrics=_summary_metrics(metrics, self.model, start, self.state.kl_step))
             log.info("fold %d: pruning from %.0f%% to %.0f%% (reference macro-F1 %.3f, tolerance %.3f)",
                      self.fold, 100 * start, 100 * args.prune_target, self.state.reference_f1, args.prune_f1_tol)
         while self.state.level_index < len(levels):
@@ -715,7 +802,7 @@ class FoldTrainer:
             self.record(row, started)
             if ok:
                 self.state.prune_amount = level
-                self.save("best", metrics=_summary_metrics(metrics, self.model, level))
+                self.save("best", metrics=_summary_metrics(metrics, self.model, level, self.state.kl_step))
             else:
                 self.state.level_index = len(levels)
             self.save("last")
@@ -748,15 +835,18 @@ class FoldTrainer:
         if self.state.phase == "prune":
             self.run_pruning(started)
         self.load_best()
-        metrics, probs = self.evaluate()
-        if self.ctx.main and not self.files.fold(self.fold, "best.pth").exists():
-            # --epoch 0 without pruning only evaluates the --model_path model: that model is the run's best.
-            self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount))
+        if args.temperature_scaling:
+            self.calibrate()
+        metrics, prob_samples = self.evaluate()
+        if args.temperature_scaling or not self.files.fold(self.fold, "best.pth").exists():
+            # The calibrated model replaces the best; --epoch 0 without pruning only evaluates the --model_path
+            # model, which is then the run's best.
+            self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount, self.state.kl_step))
         self.report(metrics)
         if self.ctx.main:
-            self.write_val_predictions(probs)
+            self.write_val_predictions(prob_samples.mean(0))
         self.state.phase = "done"
-        self.state.result["final"] = _summary_metrics(metrics, self.model, self.state.prune_amount)
+        self.state.result["final"] = _summary_metrics(metrics, self.model, self.state.prune_amount, self.state.kl_step)
         self.save("last")
         self.barrier()
         return self.state.result["final"]
@@ -799,11 +889,12 @@ class FoldTrainer:
             y_true, y_pred, labels=np.arange(len(self.classes)), target_names=self.classes, zero_division=0, digits=4))
 
 
-def _summary_metrics(metrics: dict, model: BayesianSparseTransformer, prune_amount: float) -> dict:
+def _summary_metrics(metrics: dict, model: BayesianSparseTransformer, prune_amount: float, kl_step: int) -> dict:
     stats = model.pruning_stats()
     return {
         "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"], "nll": metrics["nll"],
-        "brier": metrics["brier"], "prune_amount": prune_amount, "head_sparsity": stats["fc12_sparsity"],
+        "brier": metrics["brier"], "prune_amount": prune_amount, "kl_step": kl_step,
+        "temperature": model.config.head.temperature, "head_sparsity": stats["fc12_sparsity"],
         "total_params": stats["total_params"], "nonzero_params": stats["nonzero_params"],
     }
 
@@ -856,11 +947,13 @@ def run(args: argparse.Namespace) -> dict:
     ctx, device = init_distributed(args.device)
     files = RunFiles(Path(args.ckpt_dir), args.model_name)
     # Every input is read and checked before the first output is written: a bad input leaves nothing behind.
-    source = read_source(args)
+    sources = read_sources(args)
+    source = sources[0]  # every member of an ensemble has the same genes, classes and binning
     adopt_checkpoint_binning(args, source)
     existing = check_outputs(args, files)
     data = load_dataset(args.data_path, label_key=args.label_key, layer=args.layer, use_raw=args.use_raw,
-                        normalize=args.normalize, min_cells_per_class=args.min_cells_per_class)
+                        normalize=args.normalize, min_cells_per_class=args.min_cells_per_class,
+                        gene_symbols=args.gene_symbols)
     if source.genes is not None:
         data = align_genes(data, source.genes)
     elif args.gene_num is not None and args.gene_num != len(data.genes):
@@ -872,7 +965,8 @@ def run(args: argparse.Namespace) -> dict:
             raise UserError(f"{len(unseen)} cell types of the data are not among the checkpoint's classes "
                             f"({', '.join(map(repr, unseen[:3]))}); Stage B continues a Stage A model on the same "
                             "types: train Stage A on this data first (--model_path without --bayes_head)")
-        source.new_head = bool(unseen)
+        for member in sources:
+            member.new_head = bool(unseen)
     labels, classes = encode_labels(data.labels, source.classes)
     splits = stratified_splits(labels, args.cv_splits, test_size=0.2, seed=args.seed, class_names=classes)
     if source.checkpoint is None and args.pos_embed and args.gene2vec_path:
@@ -885,7 +979,8 @@ def run(args: argparse.Namespace) -> dict:
              len(classes), len(splits), device, ctx.world)
     results = []
     for fold, (train_idx, val_idx) in enumerate(splits):
-        trainer = FoldTrainer(args, ctx, device, files, data, labels, classes, fold, train_idx, val_idx, source)
+        fold_source = sources[fold] if len(sources) > 1 else source
+        trainer = FoldTrainer(args, ctx, device, files, data, labels, classes, fold, train_idx, val_idx, fold_source)
         results.append(trainer.run())
     summary = {"folds": results}
     for key in ("accuracy", "macro_f1", "ece", "nll", "head_sparsity", "total_params"):

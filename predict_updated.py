@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +23,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure  # the object API needs no pyplot and no GUI backend
 from torch.utils.data import DataLoader
 
-from bayesian_sparse_transformer import Checkpoint, load_checkpoint, predict_proba_samples
+from bayesian_sparse_transformer import Checkpoint, load_ensemble, predict_proba_samples
 from utils import (
     BUNDLED_LABEL_KEY,
     BinnedDataset,
@@ -35,6 +33,7 @@ from utils import (
     add_data_options,
     add_run_options,
     align_genes,
+    atomic_path,
     atomic_write,
     classification_metrics,
     collate_batch,
@@ -55,6 +54,10 @@ UNASSIGN_RULES = ("confidence", "entropy", "mutual_info")
 COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.5)
 CURVE_COVERAGES = tuple(np.round(np.linspace(0.1, 1.0, 10), 2))
 OUTPUT_FILES = ("predictions.csv", "probabilities.csv", "predictions.h5ad", "metrics.json", "run.json")
+# Per-cell uncertainty columns of predictions.csv and of the .h5ad's obs, by uncertainty_summary key: one naming
+# (scanpy's obs convention) so a column means the same in both files.
+CELL_COLUMNS = {"confidence": "pred_confidence", "entropy": "pred_entropy", "expected_entropy": "pred_expected_entropy",
+                "mutual_info": "pred_mutual_info", "pred_std": "pred_std"}
 PLOT_FILES = ("reliability.png", "confusion_matrix.png", "accuracy_coverage.png", "uncertainty_hist.png", "umap.png")
 
 
@@ -66,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--allow_missing_genes", action="store_true", help="predict even when fewer than half of the model's genes are in the data (missing genes are zeros)")
 
     model = p.add_argument_group("model and prediction")
-    model.add_argument("--model_path", required=True, help="checkpoint written by finetune_sparse.py (e.g. ckpts/finetune0_best.pth)")
-    model.add_argument("--bayes_mc_samples", type=int, default=8, help="head samples per cell; 1 = the posterior means only (deterministic)")
+    model.add_argument("--model_path", required=True, help="a checkpoint of finetune_sparse.py (e.g. ckpts/finetune0_best.pth), or its run "
+                       "directory (--ckpt_dir): every fold's *_best.pth is then one member of an ensemble whose probabilities are averaged")
+    model.add_argument("--bayes_mc_samples", type=int, default=8, help="head samples per cell and ensemble member; 1 = the posterior means only (deterministic)")
     model.add_argument("--unassign_by", default="confidence", choices=UNASSIGN_RULES, help="score deciding which cells are Unassigned")
     model.add_argument("--unassign_thres", type=float, default=0.5, help="confidence: Unassigned below it (scBERT's novel-type rule); entropy/mutual_info: Unassigned above it")
     model.add_argument("--batch_size", type=int, default=32, help="cells per batch")
@@ -113,7 +117,8 @@ def load_data(args: argparse.Namespace, checkpoint: Checkpoint) -> tuple[Express
     if args.data_path is None and label_key is None:
         label_key = BUNDLED_LABEL_KEY  # evaluation runs out of the box on the bundled example
     data = load_dataset(args.data_path, label_key=label_key, layer=args.layer, use_raw=args.use_raw,
-                        normalize=args.normalize, require_labels=args.label_key is not None)
+                        normalize=args.normalize, require_labels=args.label_key is not None,
+                        gene_symbols=args.gene_symbols)
     data, rows = select_cells(data, args.cells)
     data = align_genes(data, checkpoint.genes, allow_missing=args.allow_missing_genes)
     return data, rows, label_key if data.labels is not None else None
@@ -178,25 +183,32 @@ class Prediction:
         return pd.Index(self.classes).get_indexer(self.true_labels)
 
 
-def predict(checkpoint: Checkpoint, data: ExpressionData, args: argparse.Namespace) -> Prediction:
-    """Encode each batch once, sample the head S times with noise drawn once from --seed, summarise per cell."""
+def predict(members: list[Checkpoint], data: ExpressionData, args: argparse.Namespace) -> Prediction:
+    """Encode each batch once per member, sample its head S times with noise drawn once from --seed, summarise.
+
+    An ensemble's K members contribute S samples each: (K*S, cells, classes), so the mean probability is the
+    mean of the members' and mutual information also counts their disagreement.
+    """
     set_seed(args.seed)
     device = resolve_device(args.device)
-    model = checkpoint.model.to(device)
-    model.set_deterministic(args.bayes_mc_samples == 1)
-    if not model.is_bayesian and args.bayes_mc_samples > 1:
-        warnings.warn(f"the checkpoint's head is deterministic (stage {checkpoint.stage}): all {args.bayes_mc_samples} "
-                      "samples agree and mutual_info is 0; use a Stage B (--bayes_head) checkpoint for Bayesian uncertainty",
+    first = members[0]
+    if not first.model.is_bayesian and args.bayes_mc_samples > 1:
+        warnings.warn(f"the checkpoint's head is deterministic (stage {first.stage}): the {args.bayes_mc_samples} "
+                      "samples of a model agree; use a Stage B (--bayes_head) checkpoint for Bayesian uncertainty",
                       stacklevel=2)
-    loader = DataLoader(BinnedDataset(data.matrix, checkpoint.bin_num), batch_size=args.batch_size,
+    loader = DataLoader(BinnedDataset(data.matrix, first.bin_num, bin_width=first.bin_width), batch_size=args.batch_size,
                         collate_fn=collate_batch, num_workers=args.num_workers)
     started = time.perf_counter()
-    samples = predict_proba_samples(model, loader, args.bayes_mc_samples, seed=args.seed, device=device,
-                                    amp=args.amp, progress=sys.stderr.isatty())  # (S, cells, classes)
+    samples = []
+    for index, member in enumerate(members):
+        model = member.model.to(device)
+        model.set_deterministic(args.bayes_mc_samples == 1)
+        samples.append(predict_proba_samples(model, loader, args.bayes_mc_samples, seed=args.seed + index,
+                                             device=device, amp=args.amp, progress=sys.stderr.isatty()))
     seconds = time.perf_counter() - started
-    summary = uncertainty_summary(samples)
+    summary = uncertainty_summary(np.concatenate(samples))  # (K*S, cells, classes) in
     unassigned = unassigned_cells(summary, args.unassign_by, args.unassign_thres)
-    return Prediction(data.cell_ids, checkpoint.classes, summary, unassigned, data.labels, seconds)
+    return Prediction(data.cell_ids, first.classes, summary, unassigned, data.labels, seconds)
 
 
 def unassigned_cells(summary: dict[str, np.ndarray], rule: str, threshold: float) -> np.ndarray:
@@ -346,11 +358,9 @@ def make_plots(pred: Prediction, metrics: dict | None, umap: np.ndarray | None) 
 
 def predictions_table(pred: Prediction) -> pd.DataFrame:
     """One row per cell: label, Unassigned flag, uncertainties, the most probable class and the true label."""
-    s = pred.summary
     table = pd.DataFrame({
         "cell_id": pred.cell_ids, "pred_label": pred.pred_label, "pred_unassigned": pred.unassigned,
-        "confidence": s["confidence"], "entropy": s["entropy"], "expected_entropy": s["expected_entropy"],
-        "mutual_info": s["mutual_info"], "pred_std": s["pred_std"], "top_label": pred.top_label,
+        **{column: pred.summary[key] for key, column in CELL_COLUMNS.items()}, "top_label": pred.top_label,
     })
     if pred.true_labels is not None:
         table["true_label"] = pred.true_labels
@@ -369,9 +379,7 @@ def annotated_anndata(adata: anndata.AnnData, rows: np.ndarray, pred: Prediction
     out = adata[rows].copy()
     s = pred.summary
     out.obs["pred_label"] = pd.Categorical(pred.pred_label, categories=[*pred.classes, UNASSIGNED])
-    columns = {"confidence": "pred_confidence", "entropy": "pred_entropy", "expected_entropy": "pred_expected_entropy",
-               "mutual_info": "pred_mutual_info", "pred_std": "pred_std"}
-    for key, column in columns.items():
+    for key, column in CELL_COLUMNS.items():
         out.obs[column] = s[key]
     out.obs["pred_unassigned"] = pred.unassigned
     out.obsm["pred_probabilities"] = s["mean_probs"].astype(np.float32)  # (cells, classes)
@@ -381,14 +389,12 @@ def annotated_anndata(adata: anndata.AnnData, rows: np.ndarray, pred: Prediction
 
 
 def write_h5ad_atomic(adata: anndata.AnnData, path: Path) -> None:
-    """anndata writes only to a path, so write a hidden file next to `path` and rename it into place."""
-    temp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
+    """anndata writes only to a path, so write a hidden file next to `path` and rename it into place.
+
+    h5py's errors (disk full) arrive as OSError, which atomic_path turns into a one-line error naming `path`.
+    """
+    with atomic_path(path) as temp:
         adata.write_h5ad(temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def write_outputs(directory: Path, tables: dict[str, pd.DataFrame], adata: anndata.AnnData,
@@ -450,16 +456,17 @@ def run(args: argparse.Namespace) -> dict:
     """parse -> validate -> load -> predict -> summarise -> write; returns the run summary."""
     started = time.perf_counter()
     validate_args(args)
-    checkpoint = load_checkpoint(args.model_path)
+    members = load_ensemble(args.model_path)
+    checkpoint = members[0]
     data, rows, label_key = load_data(args, checkpoint)
-    pred = predict(checkpoint, data, args)
+    pred = predict(members, data, args)
     metrics = evaluate(pred) if pred.true_labels is not None else None
     report(metrics, pred, args, label_key)
     umap = np.asarray(data.adata.obsm["X_umap"])[rows, :2] if "X_umap" in data.adata.obsm else None
     plots = make_plots(pred, metrics, umap)
     summary = run_summary(pred, metrics, label_key, seconds=time.perf_counter() - started)
     versions = package_versions()
-    metadata = {"model_path": str(args.model_path), "checkpoint_stage": checkpoint.stage,
+    metadata = {"model_path": str(args.model_path), "checkpoint_stage": checkpoint.stage, "ensemble_size": len(members),
                 "bayes_mc_samples": args.bayes_mc_samples, "seed": args.seed, "unassign_by": args.unassign_by,
                 "unassign_thres": args.unassign_thres, "versions": versions}
     jsons = {"metrics.json": metrics} if metrics is not None else {}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage B round 2: progressive structured pruning of a Bayesian checkpoint, fine-tuning after each step.
-# Usage: START_CKPT=runs/full/stageB1/stageB10_best.pth bash stageb_round2.sh   (settings: see pipeline_common.sh)
+# Usage: START_CKPT=runs/full/stageB1 bash stageb_round2.sh   (a round 1 run directory or one *_best.pth; settings: see pipeline_common.sh)
 set -euo pipefail
 # shellcheck source=pipeline_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/pipeline_common.sh"

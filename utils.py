@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 import warnings
@@ -26,17 +27,27 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from scipy.optimize import minimize_scalar
 from sklearn.metrics import (
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
     roc_auc_score,
 )
-from sklearn.model_selection import StratifiedShuffleSplit
+from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 
 class UserError(Exception):
     """A problem the user can fix (bad input, wrong flag); CLIs print it as one line and exit with status 2."""
+
+
+class OutputError(UserError):
+    """An output file could not be written (disk full, no permission); the message names the file and the cause."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError):
+        self.path = Path(path)
+        super().__init__(f"cannot write {path}: {_os_cause(cause)}; check free space and write permission there, "
+                         "or choose another output directory")
 
 
 DEFAULT_LABEL_KEY = "cell_type"
@@ -51,6 +62,17 @@ def _one_line(text: object, limit: int = 300) -> str:
     """Collapse a (library) message to one short line so UserError messages stay one line."""
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _os_cause(error: OSError) -> str:
+    """The reason of an OSError in a few words, e.g. 'No space left on device'.
+
+    HDF5 errors carry no strerror but spell the C library's reason out inside a long message.
+    """
+    if error.strerror:
+        return error.strerror
+    found = re.search(r"error message = '([^']+)'", str(error))
+    return found.group(1) if found else _one_line(error, limit=200)
 
 
 def _preview(names: Sequence[object], k: int = 5) -> str:
@@ -87,6 +109,7 @@ def load_dataset(
     normalize: bool = False,
     require_labels: bool = True,
     min_cells_per_class: int = 0,
+    gene_symbols: str | None = None,
 ) -> ExpressionData:
     """Read an .h5ad file (or the bundled pbmc68k_reduced example when `data_path` is None) and validate it.
 
@@ -110,6 +133,7 @@ def load_dataset(
         normalize=normalize,
         require_labels=require_labels,
         min_cells_per_class=min_cells_per_class,
+        gene_symbols=gene_symbols,
         source=source,
     )
 
@@ -123,6 +147,7 @@ def dataset_from_anndata(
     normalize: bool = False,
     require_labels: bool = True,
     min_cells_per_class: int = 0,
+    gene_symbols: str | None = None,
     source: str = "the AnnData",
 ) -> ExpressionData:
     """Validate an in-memory AnnData and return its log-normalized matrix as csr float32 (the user's is untouched).
@@ -131,10 +156,11 @@ def dataset_from_anndata(
     duplicated gene names, non-numeric, NaN/inf, negative (scaled) or not-log-transformed values (raw counts),
     and for a missing or incomplete label column. `normalize=True` applies normalize_total(1e4) + log1p to a copy
     when values are not log-transformed. Without `require_labels`, absent or incomplete labels give `labels=None`.
-    Classes with fewer than `min_cells_per_class` cells are dropped with a warning. `source` names the data in
+    Classes with fewer than `min_cells_per_class` cells are dropped with a warning. Genes are named by var_names,
+    or by the var column `gene_symbols` (e.g. symbols when var_names are Ensembl IDs). `source` names the data in
     messages.
     """
-    matrix, genes = _select_matrix(adata, layer=layer, use_raw=use_raw, source=source)
+    matrix, genes = _select_matrix(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, source=source)
     labels = _read_labels(adata, label_key, require_labels=require_labels, source=source)
     matrix = _as_log_normalized(matrix, normalize=normalize, source=source)
     data = ExpressionData(matrix, genes, [str(c) for c in adata.obs_names], labels, adata)
@@ -167,21 +193,21 @@ def _read_h5ad(path: Path) -> anndata.AnnData:
         ) from e
 
 
-def _select_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, source: str):
+def _select_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, gene_symbols: str | None, source: str):
     """Pick .X, a layer or .raw; check shape and gene names; return (csr float32 copy, genes)."""
     if use_raw and layer is not None:
         raise UserError("both --use_raw and --layer were given; choose one of them")
     if use_raw:
         if adata.raw is None:
             raise UserError(f"{source} has no .raw matrix; drop --use_raw or pass a log-normalized --layer")
-        x, var_names, where = adata.raw.X, adata.raw.var_names, ".raw.X"
+        x, var, where = adata.raw.X, adata.raw.var, ".raw.X"
     elif layer is not None:
         if layer not in adata.layers:
             available = _preview(list(adata.layers.keys()), k=20) or "none"
             raise UserError(f"layer {layer!r} not found in {source}; available layers: {available}")
-        x, var_names, where = adata.layers[layer], adata.var_names, f"layers[{layer!r}]"
+        x, var, where = adata.layers[layer], adata.var, f"layers[{layer!r}]"
     else:
-        x, var_names, where = adata.X, adata.var_names, ".X"
+        x, var, where = adata.X, adata.var, ".X"
     if x is None:
         raise UserError(f"{source} has no expression matrix in {where}; pass --layer or --use_raw")
     n_cells, n_genes = x.shape
@@ -190,13 +216,7 @@ def _select_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, 
     if n_genes == 0:
         raise UserError(f"{source} contains no genes in {where}; check the file or pick another --layer")
 
-    genes = [str(g) for g in var_names]
-    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
-    if duplicated:
-        raise UserError(
-            f"{len(duplicated)} gene names occur more than once in {source} ({_preview(duplicated)}); "
-            "make them unique first, e.g. adata.var_names_make_unique()"
-        )
+    genes = _gene_names(var, gene_symbols, var_label="adata.raw.var" if use_raw else "adata.var", source=source)
 
     dtype = np.dtype(x.dtype)
     if dtype.kind not in "biuf":
@@ -208,6 +228,35 @@ def _select_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, 
         matrix = sp.csr_matrix(np.asarray(x, dtype=np.float32))
     matrix.sum_duplicates()  # canonical form, so checks on .data see one value per entry
     return matrix, genes
+
+
+def _gene_names(var: pd.DataFrame, gene_symbols: str | None, *, var_label: str, source: str) -> list[str]:
+    """var_names, or the var column `gene_symbols`; UserError when that column is missing or incomplete, and for
+    duplicated names either way (a gene must map to one column of the model)."""
+    if gene_symbols is None:
+        genes = [str(g) for g in var.index]
+        fix = "adata.var_names_make_unique()"
+    else:
+        if gene_symbols not in var.columns:
+            available = _preview(list(var.columns), k=20) or "none"
+            raise UserError(f"gene symbol column {gene_symbols!r} not found in {var_label} of {source}; available "
+                            f"columns: {available}; pass one of them to --gene_symbols")
+        column = var[gene_symbols]
+        missing = column.isna().to_numpy() | (column.astype(str).str.strip() == "").to_numpy()
+        if missing.any():
+            raise UserError(f"{int(missing.sum())} of {len(column)} genes have no name (NaN or empty) in "
+                            f"{var_label}[{gene_symbols!r}] of {source}; drop those genes or fill in their names")
+        genes = column.astype(str).tolist()
+        fix = (f"set adata.var_names = adata.var[{gene_symbols!r}], run adata.var_names_make_unique() and drop "
+               "--gene_symbols")
+    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    if duplicated:
+        where = "" if gene_symbols is None else f" (by {var_label}[{gene_symbols!r}])"
+        raise UserError(
+            f"{len(duplicated)} gene names occur more than once in {source}{where} ({_preview(duplicated)}); "
+            f"make them unique first, e.g. {fix}"
+        )
+    return genes
 
 
 def _read_labels(adata: anndata.AnnData, label_key: str | None, *, require_labels: bool, source: str):
@@ -322,12 +371,14 @@ def align_genes(
         raise UserError(
             f"none of the {n_ref} model genes are in the data (e.g. {_preview(reference_genes, k=3)}); check "
             "that both use the same gene naming (symbols vs Ensembl IDs, species)"
+            + _gene_column_hint(data.adata, reference_genes, present.size)
         )
     overlap = present.size / n_ref
     if overlap < min_overlap and not allow_missing:
         raise UserError(
             f"only {present.size} of {n_ref} model genes ({overlap:.0%}) are in the data; check the gene naming, "
             "or pass --allow_missing_genes to fill the rest with zeros"
+            + _gene_column_hint(data.adata, reference_genes, present.size)
         )
     if n_missing:
         n_extra = len(data.genes) - present.size
@@ -345,15 +396,36 @@ def align_genes(
     return replace(data, matrix=matrix, genes=reference_genes)
 
 
-def bin_expression(rows: np.ndarray, bin_num: int) -> torch.Tensor:
-    """scBERT tokens: floor of each log-normalized value, clipped to [0, bin_num], with a 0 token appended.
+def _gene_column_hint(adata: anndata.AnnData, reference_genes: Sequence[str], n_matched: int) -> str:
+    """'; var column C holds N of them: pass --gene_symbols C' for the var column that holds more of the model's
+    genes than the names just matched (Ensembl IDs as var_names, symbols in a column), else ''."""
+    wanted = pd.Index(reference_genes)
+    best, best_count = None, n_matched
+    for var in (adata.var, adata.raw.var if adata.raw is not None else None):
+        for name in [] if var is None else var.columns:
+            column = var[name]
+            if not (pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column)
+                    or isinstance(column.dtype, pd.CategoricalDtype)):
+                continue  # numbers and flags cannot hold gene names
+            count = int(wanted.isin(column.astype(str)).sum())
+            if count > best_count:
+                best, best_count = name, count
+    if best is None:
+        return ""
+    return f"; var column {best!r} holds {best_count} of them: pass --gene_symbols {best}"
 
+
+def bin_expression(rows: np.ndarray, bin_num: int, bin_width: float = 1.0) -> torch.Tensor:
+    """Tokens: floor(log-expression / bin_width), clipped to [0, bin_num], with a 0 token appended.
+
+    bin_width 1 is scBERT's binning. On log-normalized data most non-zero values lie between 0.7 and 2, so scBERT's
+    bins put two thirds of them into bin 1; a finer width keeps that resolution.
     (B, G) float -> (B, G+1) int64, so the sequence length is genes + 1 as in scBERT.
     """
     rows = np.asarray(rows)
     if rows.ndim != 2:
         raise ValueError(f"expected a (cells, genes) array, got shape {rows.shape}")
-    tokens = np.clip(np.floor(rows), 0, bin_num).astype(np.int64)  # (B, G)
+    tokens = np.clip(np.floor(rows / bin_width), 0, bin_num).astype(np.int64)  # (B, G)
     tokens = np.concatenate([tokens, np.zeros((rows.shape[0], 1), dtype=np.int64)], axis=1)  # (B, G+1)
     return torch.from_numpy(tokens)
 
@@ -373,9 +445,10 @@ class BinnedDataset(torch.utils.data.Dataset):
     as `tokens, labels`.
     """
 
-    def __init__(self, matrix: sp.spmatrix, bin_num: int, labels: np.ndarray | None = None):
+    def __init__(self, matrix: sp.spmatrix, bin_num: int, labels: np.ndarray | None = None, bin_width: float = 1.0):
         self.matrix = sp.csr_matrix(matrix)  # (cells, genes)
         self.bin_num = bin_num
+        self.bin_width = bin_width
         n_cells = self.matrix.shape[0]
         if labels is None:
             self.labels = torch.full((n_cells,), UNLABELLED, dtype=torch.int64)
@@ -390,7 +463,7 @@ class BinnedDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         index = np.asarray(indices, dtype=np.int64)
         rows = self.matrix[index].toarray()  # (B, G): the only dense copy
-        return Batch(bin_expression(rows, self.bin_num), self.labels[torch.from_numpy(index)])
+        return Batch(bin_expression(rows, self.bin_num, self.bin_width), self.labels[torch.from_numpy(index)])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, labels = self.__getitems__([index])
@@ -427,7 +500,9 @@ def stratified_splits(
     *,
     class_names: Sequence[str] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train_idx, val_idx) pairs from sklearn's StratifiedShuffleSplit; UserError when a class is too small.
+    """(train_idx, val_idx) pairs: one StratifiedShuffleSplit split, or StratifiedKFold folds for n_splits >= 2.
+
+    UserError when a class is too small.
 
     `class_names` (indexed by label) only make the error message readable.
     """
@@ -440,7 +515,12 @@ def stratified_splits(
             f"{tiny.size} classes have fewer than 2 cells and cannot be split into train and validation "
             f"({_preview(names)}); drop them with --min_cells_per_class 2 (or more)"
         )
-    splitter = StratifiedShuffleSplit(n_splits=n_splits, test_size=test_size, random_state=seed)
+    if n_splits == 1:
+        splitter = StratifiedShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
+    else:
+        # Disjoint validation folds that together cover every cell once: each fold model is validated on cells
+        # it never trained on, and the fold ensemble's out-of-fold predictions cover the whole training set.
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     try:
         return list(splitter.split(np.zeros(len(labels_int)), labels_int))
     except ValueError as e:  # e.g. fewer validation cells than classes
@@ -483,6 +563,29 @@ def uncertainty_summary(prob_samples: np.ndarray) -> dict[str, np.ndarray]:
         "mutual_info": np.maximum(entropy - expected_entropy, 0.0),
         "pred_std": samples[:, cells, pred].std(axis=0),
     }
+
+
+def tempered(prob_samples: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) for every sample, from probabilities (S, N, C): log p differs from the logits by a
+    per-row constant, which the softmax removes."""
+    logits = np.log(np.clip(np.asarray(prob_samples, dtype=np.float64), PROB_EPS, None)) / temperature
+    logits -= logits.max(axis=-1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def fit_temperature(prob_samples: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T in [0.05, 20] minimising the NLL of the sample-averaged softmax(logits / T) on labelled
+    cells (Guo et al., 2017): one parameter, so it recalibrates confidence without changing any prediction."""
+    labels = np.asarray(labels)
+    rows = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        probs = tempered(prob_samples, math.exp(log_t)).mean(axis=0)
+        return float(-np.log(np.clip(probs[rows, labels], PROB_EPS, None)).mean())
+
+    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(result.x))
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, np.ndarray]:
@@ -597,26 +700,43 @@ def _current_umask() -> int:
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """The path of a new temp file next to `path`, for writers that need a path (h5py); on success it replaces
+    `path` in one step.
+
+    Readers never see a half-written file; on an exception the old file stays and the temp file is removed. An
+    OSError (disk full, no permission) becomes an OutputError naming `path`, so the CLIs print one line.
+    """
+    path = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)  # named after its target
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(path, e) from e
+    try:
+        yield Path(tmp_name)
+        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; give outputs normal permissions
+        os.replace(tmp_name, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # best effort: the original error matters more
+            os.unlink(tmp_name)
+        if isinstance(e, OSError):
+            raise OutputError(path, e) from e
+        raise
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temp file next to `path` ('w' text or 'wb' binary); on success it replaces `path` in one step.
 
-    Readers never see a half-written file, and on an exception the old file stays and the temp file is removed.
+    See `atomic_path`: no half-written files, no temp file left on an exception, OSError becomes OutputError.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write supports modes 'w' and 'wb', got {mode!r}")
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)  # named after its target
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; give outputs normal permissions
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())  # data on disk before the rename, so a crash cannot leave an empty file in place
 
 
 def _json_default(obj: object) -> object:
@@ -734,6 +854,8 @@ def add_data_options(parser: Any, *, label_key: str | None, label_help: str) -> 
     data.add_argument("--layer", default=None, help="read expression from adata.layers[LAYER] instead of .X")
     data.add_argument("--use_raw", action="store_true", help="read expression from adata.raw")
     data.add_argument("--normalize", action="store_true", help="normalize_total + log1p raw counts instead of refusing them")
+    data.add_argument("--gene_symbols", default=None, metavar="COLUMN", help="name genes by this adata.var column "
+                      "(e.g. gene_symbols, feature_name) instead of var_names, which are often Ensembl IDs")
     return data
 
 
@@ -757,5 +879,13 @@ def run_cli(job: Any) -> int:
         job()
     except UserError as e:
         print(f"error: {_one_line(e, limit=2000)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # Safety net for file errors outside atomic_write (e.g. opening the log file); an OSError without a file
+        # name is not the user's to fix, so its traceback stays.
+        if e.filename is None:
+            raise
+        print(f"error: cannot access {e.filename}: {_os_cause(e)}; check the path, free space and permissions",
+              file=sys.stderr)
         return 2
     return 0

@@ -1,117 +1,234 @@
-"""Accuracy and calibration on the bundled PBMC data: logistic regression vs Stage A vs Stage B vs pruned round 2.
+"""Accuracy and calibration of the pipeline a user runs, against logistic regression and kNN, on held-out cells.
 
-Five stratified 80/20 splits (StratifiedShuffleSplit, one split per seed). On each, logistic regression is fit
-on the same log-normalized matrix, and the model is trained with `finetune_sparse` on the 80 % (which holds out
-its own validation cells for early stopping): Stage A (deterministic), Stage B (Bayesian head, from Stage A)
-and round 2 (progressive pruning of Stage B). Every method then predicts the 20 % test cells.
+For each stratified 80/20 split of the bundled PBMC data: the 80 % training cells go through
+`bash train_sparse.sh demo` (Stage A -> Stage B round 1 -> round 2, each over the preset's cross-fitted folds;
+every choice inside — early stopping, best checkpoint, temperature, pruning level — is made on out-of-fold
+validation cells of the training split), and each stage's run directory then predicts the 20 % test cells with
+`predict_updated.py --bayes_mc_samples 8`. The test cells steer nothing. Baselines on the same splits and cells:
+logistic regression on standardized log-expression (sklearn defaults), the same with a temperature fitted to its
+5-fold out-of-fold probabilities on the training cells, and kNN (k = 15) on 50 principal components.
 
-    python -m benchmarks.accuracy_calibration            # demo configuration, 5 splits
-    python -m benchmarks.accuracy_calibration --smoke
+    python -m benchmarks.accuracy_calibration            # the demo preset, 5 splits
+    python -m benchmarks.accuracy_calibration --smoke    # a tiny model, 2 splits (CI)
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedShuffleSplit
+from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit, cross_val_predict
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-from benchmarks.common import Report, mean_std, parse_config
-from benchmarks.training import (
-    DEMO,
-    SMOKE_TRAINING,
-    entropy_scores,
-    evaluate,
-    load_pbmc,
-    predict,
-    prune_round2,
-    train_stage_a,
-    train_stage_b,
-    write_h5ad,
-)
-from utils import reliability_bins
+import predict_updated
+from benchmarks.common import ROOT, Report, mean_std, parse_config
+from benchmarks.training import load_pbmc, write_h5ad
+from utils import classification_metrics, fit_temperature, reliability_bins, tempered
 
 NAME = "accuracy_calibration"
-METHODS = ("logistic_regression", "stage_a", "stage_b", "round2_pruned")
-LABELS = {"logistic_regression": "logistic regression", "stage_a": "Stage A (deterministic)",
-          "stage_b": "Stage B (Bayesian, MC)", "round2_pruned": "round 2 (pruned, MC)"}
-METRICS = ("accuracy", "macro_f1", "ece", "nll", "misclf_auroc_one_minus_confidence", "misclf_auroc_entropy",
-           "misclf_auroc_mutual_info")
-REAL = DEMO | dict(seeds=[2021, 2022, 2023, 2024, 2025], test_size=0.2, lr_max_iter=2000, lr_c=1.0, work_dir="")
-SMOKE = SMOKE_TRAINING | dict(seeds=[2021, 2022], test_size=0.2, lr_max_iter=2000, lr_c=1.0, work_dir="")
+STAGES = {"stage_a": "stageA", "stage_b1": "stageB1", "stage_b2": "stageB2"}
+BASELINES = ("logistic_regression", "lr_temperature", "knn")
+METHODS = (*BASELINES, *STAGES)
+LABELS = {"logistic_regression": "logistic regression", "lr_temperature": "LR + temperature scaling",
+          "knn": "kNN (k=15, 50 PCs)", "stage_a": "Stage A", "stage_b1": "Stage B1 (Bayesian, MC)",
+          "stage_b2": "Stage B2 = final model (pruned, MC)"}
+METRICS = ("accuracy", "macro_f1", "ece", "nll")
+# Seeds that no design choice looked at (the design used inner splits of other seeds' training cells).
+REAL = dict(seeds=[101, 102, 103, 104, 105], test_size=0.2, mc_samples=8, knn_k=15, knn_pcs=50,
+            genes=0, max_cells=0, min_cells_per_class=0, preset_overrides=[""], work_dir="")
+# Tiny model and data for CI: preset overrides are VAR=VALUE settings of pipeline_common.sh.
+SMOKE = REAL | dict(seeds=[101, 102], mc_samples=2, knn_k=5, knn_pcs=10, genes=40, max_cells=160,
+                    min_cells_per_class=60, preset_overrides=[
+                        "DIM=8", "DEPTH=1", "HEADS=1", "DIM_HEAD=8", "H_DIM=8", "EPOCHS_A=1", "EPOCHS_B=1",
+                        "PRE_WARM_EPOCHS=0", "CV_SPLITS=2", "PRUNE_TARGET=0.2", "PRUNE_STEP=0.1"])
 
 
-def logistic_regression(config: dict, x_train, y_train, x_test) -> tuple[np.ndarray, list[str], dict]:
-    model = LogisticRegression(max_iter=config["lr_max_iter"], C=config["lr_c"])
+# --------------------------------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------------------------------
+
+
+def logistic_regression() -> object:
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+
+
+def baselines(config: dict, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> dict[str, tuple]:
+    """Test probabilities and class order of each baseline, fitted on the training cells only."""
+    lr = logistic_regression().fit(x_train, y_train)
+    classes = [str(c) for c in lr.classes_]
+    lr_probs = lr.predict_proba(x_test)
+    # The temperature comes from out-of-fold probabilities of the training cells, never from the test cells.
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    oof = cross_val_predict(logistic_regression(), x_train, y_train, cv=folds, method="predict_proba")
+    temperature = fit_temperature(oof[None], np.searchsorted(classes, y_train))
+    pcs = min(config["knn_pcs"], x_train.shape[1], x_train.shape[0] - 1)
+    knn = make_pipeline(StandardScaler(), PCA(pcs, random_state=0), KNeighborsClassifier(config["knn_k"])).fit(x_train, y_train)
+    return {"logistic_regression": (lr_probs, classes, {}),
+            "lr_temperature": (tempered(lr_probs[None], temperature)[0], classes, {"temperature": temperature}),
+            "knn": (knn.predict_proba(x_test), [str(c) for c in knn.classes_], {})}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pipeline, as a user runs it
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_pipeline(config: dict, train_path: Path, run_dir: Path) -> float:
+    """`bash train_sparse.sh demo` on the training cells; returns its wall time. The log goes to run_dir/pipeline.log."""
+    env = {**os.environ, "DATA_PATH": str(train_path), "LABEL_KEY": "cell_type", "RUN_DIR": str(run_dir), "DEVICE": "cpu"}
+    env.update(setting.split("=", 1) for setting in config["preset_overrides"] if setting)
+    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(x_train, y_train)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    info = {"seconds": time.perf_counter() - started, "converged": converged, "n_iter": int(np.max(model.n_iter_))}
-    return model.predict_proba(x_test), [str(c) for c in model.classes_], info
+    with open(run_dir / "pipeline.log", "w", encoding="utf-8") as log:
+        completed = subprocess.run(["bash", str(ROOT / "train_sparse.sh"), "demo"], cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    if completed.returncode != 0:
+        tail = "\n".join((run_dir / "pipeline.log").read_text(encoding="utf-8").splitlines()[-15:])
+        raise RuntimeError(f"train_sparse.sh failed (exit {completed.returncode}):\n{tail}")
+    return time.perf_counter() - started
+
+
+def predict_stage(config: dict, model_dir: Path, test_path: Path, out_dir: Path) -> tuple[np.ndarray, list[str], dict]:
+    """predict_updated.py on the test cells: (mean probabilities, classes, its run summary)."""
+    argv = ["--model_path", str(model_dir), "--data_path", str(test_path), "--bayes_mc_samples", str(config["mc_samples"]),
+            "--output_dir", str(out_dir), "--device", "cpu", "--overwrite"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        if predict_updated.main(argv) != 0:
+            raise RuntimeError(f"predict_updated.py failed on {model_dir}")
+    probs = pd.read_csv(out_dir / "probabilities.csv", index_col=0)
+    summary = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))["summary"]
+    return probs.to_numpy(), list(probs.columns), summary
+
+
+def stage_info(run_dir: Path, stage: str) -> dict:
+    """Size and pruning of a stage's fold models, from its summary."""
+    summary = json.loads((run_dir / stage / f"{stage}_summary.json").read_text(encoding="utf-8"))
+    folds = summary["folds"]
+    return {"prune_amount": float(np.mean([f["prune_amount"] for f in folds])),
+            "head_sparsity": float(np.mean([f["head_sparsity"] for f in folds])),
+            "prune_amounts": [f["prune_amount"] for f in folds],
+            "temperature": float(np.mean([f.get("temperature", 1.0) for f in folds])),
+            "total_params": int(folds[0]["total_params"]), "folds": len(folds)}
 
 
 def run_split(config: dict, data, seed: int, work: Path) -> tuple[dict, dict]:
-    """All four methods on one split: (metrics per method, test probabilities per method for the plot)."""
+    """Every method on one split: (metrics per method, (probabilities, labels, classes) per method for the plot)."""
     splitter = StratifiedShuffleSplit(n_splits=1, test_size=config["test_size"], random_state=seed)
     train, test = next(splitter.split(np.zeros(len(data.labels)), data.labels))
     work.mkdir(parents=True, exist_ok=True)
-    train_path = write_h5ad(data, train, work / "train.h5ad")
+    train_path, test_path = write_h5ad(data, train, work / "train.h5ad"), write_h5ad(data, test, work / "test.h5ad")
     labels = data.labels[test]
-    results, probs = {}, {}
+    outputs = baselines(config, data.matrix[train].toarray(), data.labels[train], data.matrix[test].toarray())
+    seconds = run_pipeline(config, train_path, work / "run")
+    for method, stage in STAGES.items():
+        probs, classes, summary = predict_stage(config, work / "run" / stage, test_path, work / f"pred_{stage}")
+        outputs[method] = (probs, classes, stage_info(work / "run", stage) | {
+            "pipeline_seconds": seconds, "inference_seconds": summary["inference_seconds"]})
+    results = {}
+    for method, (probs, classes, info) in outputs.items():
+        metrics = classification_metrics(probs, np.searchsorted(classes, labels), classes)
+        results[method] = {k: metrics[k] for k in METRICS} | info
+    return results, {m: (p, labels, c) for m, (p, c, _) in outputs.items()}
 
-    lr_probs, lr_classes, info = logistic_regression(config, data.matrix[train], data.labels[train], data.matrix[test])
-    results["logistic_regression"] = evaluate(lr_probs, labels, lr_classes, entropy_scores(lr_probs)) | info
-    probs["logistic_regression"] = (lr_probs, labels, lr_classes)
 
-    stage_a = train_stage_a(config, train_path, work, seed)
-    stage_b = train_stage_b(config, train_path, work, seed, stage_a["checkpoint"])
-    round2 = prune_round2(config, train_path, work, seed, stage_b["checkpoint"])
-    for method, run in (("stage_a", stage_a), ("stage_b", stage_b), ("round2_pruned", round2)):
-        prediction = predict(run["checkpoint"], data, test, config["mc_samples"], seed)
-        scores = prediction.scores()
-        if prediction.samples.shape[0] == 1:
-            scores.pop("mutual_info")  # zero for a deterministic model: not a score
-        results[method] = evaluate(prediction.mean, labels, prediction.classes, scores) | {
-            "seconds": run["seconds"], "prune_amount": run["folds"][0]["prune_amount"],
-            "head_sparsity": run["folds"][0]["head_sparsity"], "total_params": run["folds"][0]["total_params"],
-            "mc_samples": int(prediction.samples.shape[0]),
-        }
-        probs[method] = (prediction.mean, labels, prediction.classes)
-    return results, probs
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def paired(per_split: dict, method: str, reference: str, metric: str) -> dict:
+    """Per-split differences method − reference, their mean ± std, and on how many splits method is ≥ (≤ for
+    ECE/NLL, where lower is better)."""
+    diffs = [a[metric] - b[metric] for a, b in zip(per_split[method], per_split[reference])]
+    better = sum(d <= 0 if metric in ("ece", "nll") else d >= 0 for d in diffs)
+    return mean_std(diffs) | {"wins": better, "splits": len(diffs)}
 
 
 def reliability_figure(pooled: dict) -> Figure:
-    figure = Figure(figsize=(4.5, 4.2))
+    figure = Figure(figsize=(4.8, 4.4))
     ax = figure.add_subplot(1, 1, 1)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
-    for method in METHODS:
+    for method in ("logistic_regression", "lr_temperature", "stage_a", "stage_b2"):
         probs = np.concatenate([p for p, _, _ in pooled[method]])
         codes = np.concatenate([np.searchsorted(classes, labels) for _, labels, classes in pooled[method]])
         bins = reliability_bins(probs, codes, n_bins=10)
         filled = bins["count"] > 0
         ax.plot(bins["confidence"][filled], bins["accuracy"][filled], marker="o", label=LABELS[method])
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("confidence (max probability)")
-    ax.set_ylabel("accuracy")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (max probability)", ylabel="accuracy")
     ax.set_title("reliability on the test cells, pooled over splits", fontsize=9)
     ax.legend(fontsize=7)
     figure.tight_layout()
     return figure
 
 
+def write_report(report: Report, config: dict, data, per_split: dict, pooled: dict) -> None:
+    n = len(config["seeds"])
+    summary = {m: {k: mean_std([r[k] for r in rows]) for k in METRICS} for m, rows in per_split.items()}
+    for method in STAGES:
+        for key in ("prune_amount", "head_sparsity", "temperature", "pipeline_seconds", "inference_seconds"):
+            summary[method][key] = mean_std([r[key] for r in per_split[method]])
+    differences = {f"{m}_minus_{ref}": {k: paired(per_split, m, ref, k) for k in METRICS}
+                   for m, ref in (("stage_b2", "logistic_regression"), ("stage_b2", "knn"), ("stage_b1", "stage_a"),
+                                  ("stage_b2", "stage_a"))}
+    report.results = {"data": {"cells": len(data.labels), "genes": len(data.genes), "classes": sorted(set(data.labels.tolist()))},
+                      "summary": summary, "differences": differences, "per_split": per_split}
+    report.table(f"Test-cell metrics, mean ± std over {n} splits", ["method", "accuracy", "macro-F1", "ECE", "NLL"],
+                 [[LABELS[m]] + [summary[m][k] for k in METRICS] for m in METHODS])
+    report.table("Paired differences (mean ± std over splits; wins = splits where the first is at least as good)",
+                 ["comparison", "accuracy", "macro-F1", "ECE", "NLL"],
+                 [[name.replace("_minus_", " − ")] + [f"{d[k]['mean']:+.3f} ± {d[k]['std']:.3f} ({d[k]['wins']}/{n})"
+                                                       for k in METRICS] for name, d in differences.items()])
+    report.table("Per split (accuracy / macro-F1 / NLL)", ["seed", *[LABELS[m] for m in METHODS]],
+                 [[seed] + [f"{per_split[m][i]['accuracy']:.3f} / {per_split[m][i]['macro_f1']:.3f} / "
+                            f"{per_split[m][i]['nll']:.3f}" for m in METHODS] for i, seed in enumerate(config["seeds"])])
+    final, lr = summary["stage_b2"], summary["logistic_regression"]
+    vs_lr = differences["stage_b2_minus_logistic_regression"]
+    report.add_target("final accuracy ≥ logistic regression's", final["accuracy"]["mean"] >= lr["accuracy"]["mean"],
+                      f"{final['accuracy']['mean']:.3f} vs {lr['accuracy']['mean']:.3f} (≥ on {vs_lr['accuracy']['wins']} of {n} splits)")
+    report.add_target("final macro-F1 ≥ logistic regression's − 0.01", final["macro_f1"]["mean"] >= lr["macro_f1"]["mean"] - 0.01,
+                      f"{final['macro_f1']['mean']:.3f} vs {lr['macro_f1']['mean']:.3f} (≥ on {vs_lr['macro_f1']['wins']} of {n} splits)")
+    report.add_target("final NLL ≤ logistic regression's", final["nll"]["mean"] <= lr["nll"]["mean"],
+                      f"{final['nll']['mean']:.3f} vs {lr['nll']['mean']:.3f} (≤ on {vs_lr['nll']['wins']} of {n} splits)")
+    report.add_target("final ECE ≤ 0.05", final["ece"]["mean"] <= 0.05, f"{final['ece']['mean']:.3f}")
+    for stage in ("stage_b1", "stage_b2"):
+        d = differences[f"{stage}_minus_stage_a"]
+        ok = d["accuracy"]["mean"] >= -0.01 and d["macro_f1"]["mean"] >= -0.01
+        report.add_target(f"{LABELS[stage]} within 0.01 of Stage A (accuracy, macro-F1)", ok,
+                          f"{d['accuracy']['mean']:+.3f} accuracy, {d['macro_f1']['mean']:+.3f} macro-F1")
+    report.notes += [
+        f"{len(data.labels)} cells, {len(data.genes)} genes, {len(set(data.labels.tolist()))} cell types; test splits: "
+        f"StratifiedShuffleSplit(test_size={config['test_size']}, random_state=seed) for seeds {config['seeds']}.",
+        "The model: `bash train_sparse.sh demo` on the training cells (settings: pipeline_common.sh"
+        + (f", overridden by {' '.join(s for s in config['preset_overrides'] if s)}" if any(config["preset_overrides"]) else "")
+        + f"), then `predict_updated.py --model_path RUN/STAGE --bayes_mc_samples {config['mc_samples']}` on the test cells. "
+        "Every fold-ensemble member draws its own head samples; the reported probabilities are their mean.",
+        "How the preset was chosen: by validation on inner 80/20 splits of the training cells of four other outer "
+        "splits (seeds 11-14), never on these seeds' test cells; choices were coarse (bin width, selection metric, "
+        "number of folds, temperature scaling on or off).",
+        f"Pipeline wall time per split {summary['stage_b2']['pipeline_seconds']['mean']:.0f} ± "
+        f"{summary['stage_b2']['pipeline_seconds']['std']:.0f} s (three stages); final model pruned "
+        f"{summary['stage_b2']['prune_amount']['mean']:.2f} of fc1/fc2 on average.",
+    ]
+    report.save_figure(reliability_figure(pooled), "reliability")
+
+
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_config(__doc__.splitlines()[0], REAL, SMOKE, argv)
-    report = Report(NAME, "Accuracy and calibration on PBMC (5 stratified 80/20 splits)", config, args.out_dir)
+    report = Report(NAME, f"Accuracy and calibration on PBMC, held-out test cells ({len(config['seeds'])} splits)", config, args.out_dir)
     data = load_pbmc(config)
     per_split: dict[str, list[dict]] = {method: [] for method in METHODS}
     pooled: dict[str, list] = {method: [] for method in METHODS}
@@ -122,44 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             for method in METHODS:
                 per_split[method].append(results[method] | {"seed": seed})
                 pooled[method].append(probs[method])
-            print(f"  split {seed}: " + ", ".join(f"{m} F1 {results[m]['macro_f1']:.3f} ECE {results[m]['ece']:.3f}"
-                                                for m in METHODS))
-    summary = {method: {metric: mean_std([r.get(metric, float("nan")) for r in rows]) for metric in METRICS}
-               for method, rows in per_split.items()}
-    for method in ("stage_a", "stage_b", "round2_pruned"):
-        summary[method]["train_seconds"] = mean_std([r["seconds"] for r in per_split[method]])
-    summary["round2_pruned"]["prune_amount"] = mean_std([r["prune_amount"] for r in per_split["round2_pruned"]])
-    summary["round2_pruned"]["head_sparsity"] = mean_std([r["head_sparsity"] for r in per_split["round2_pruned"]])
-    report.results = {"data": {"cells": len(data.labels), "genes": len(data.genes),
-                               "classes": sorted(set(data.labels.tolist()))},
-                      "summary": summary, "per_split": per_split}
-    report.table(
-        f"Test-set metrics, mean ± std over {len(config['seeds'])} splits (misclassification AUROC: higher = the "
-        "score ranks errors first)",
-        ["method", "accuracy", "macro-F1", "ECE", "NLL", "AUROC 1−conf", "AUROC entropy", "AUROC MI"],
-        [[LABELS[m]] + [summary[m][k] for k in METRICS] for m in METHODS],
-    )
-    lr_f1, b_f1 = summary["logistic_regression"]["macro_f1"]["mean"], summary["stage_b"]["macro_f1"]["mean"]
-    a_ece, b_ece = summary["stage_a"]["ece"]["mean"], summary["stage_b"]["ece"]["mean"]
-    wins = sum(b["macro_f1"] >= lr["macro_f1"] for b, lr in zip(per_split["stage_b"], per_split["logistic_regression"]))
-    report.add_target("Stage B macro-F1 ≥ logistic regression's", b_f1 >= lr_f1,
-                      f"{b_f1:.3f} vs {lr_f1:.3f} (mean; Stage B ≥ LR on {wins} of {len(config['seeds'])} splits)")
-    lower = sum(b["ece"] <= a["ece"] for b, a in zip(per_split["stage_b"], per_split["stage_a"]))
-    report.add_target("Stage B ECE ≤ Stage A ECE", b_ece <= a_ece,
-                      f"{b_ece:.3f} vs {a_ece:.3f} (mean; lower or equal on {lower} of {len(config['seeds'])} splits)")
-    converged = all(r["converged"] for r in per_split["logistic_regression"])
-    report.notes += [
-        f"{len(data.labels)} cells, {len(data.genes)} genes, {len(set(data.labels.tolist()))} cell types; splits: "
-        f"StratifiedShuffleSplit(test_size={config['test_size']}, random_state=seed) for seeds {config['seeds']}.",
-        f"Logistic regression: LogisticRegression(max_iter={config['lr_max_iter']}, C={config['lr_c']}) on the "
-        f"log-normalized matrix; converged on every split: {converged}.",
-        f"Stage B and round 2 average {config['mc_samples']} head samples (predict_proba_samples); Stage A is one "
-        "deterministic forward, so it has no mutual information.",
-        "Round 2 prunes fc1/fc2 rows progressively up to prune_target in prune_step steps, stopping when validation "
-        f"macro-F1 drops > 0.01; mean level reached {summary['round2_pruned']['prune_amount']['mean']:.2f}, "
-        f"fc1+fc2 sparsity {summary['round2_pruned']['head_sparsity']['mean']:.2f}.",
-    ]
-    report.save_figure(reliability_figure(pooled), "reliability")
+            print(f"  split {seed}: " + ", ".join(f"{m} acc {results[m]['accuracy']:.3f} F1 {results[m]['macro_f1']:.3f} "
+                                                f"NLL {results[m]['nll']:.3f}" for m in METHODS), flush=True)
+    write_report(report, config, data, per_split, pooled)
     report.write()
     return 0
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import FastAttention, SelfAttention
 
@@ -37,6 +38,9 @@ class PerformerConfig:
     qkv_bias: bool = False
     attn_out_bias: bool = True
     redraw_seed: int = 0
+    # Recompute each block's activations during backward instead of keeping them (training only): about a third
+    # more time for a fraction of the activation memory. A runtime choice, so older checkpoints simply lack it.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.gene_embedding not in GENE_EMBEDDINGS:
@@ -131,6 +135,7 @@ class PerformerLM(nn.Module):
         self.feature_redraw_interval = c.feature_redraw_interval
         self.register_buffer("calls_since_redraw", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_redraws", torch.zeros((), dtype=torch.long))
+        self._redraws_this_process = 0  # a Python count (no device sync) that checkpointed blocks compare
 
     def fast_attentions(self) -> list[FastAttention]:
         return [m for m in self.modules() if isinstance(m, FastAttention)]
@@ -143,6 +148,7 @@ class PerformerLM(nn.Module):
         makes a resumed run redraw exactly what the uninterrupted run would have drawn.
         """
         self.num_redraws += 1
+        self._redraws_this_process += 1
         for layer_index, attention in enumerate(self.fast_attentions()):
             seed = (self.config.redraw_seed * 1_000_003 + int(self.num_redraws)) * 1009 + layer_index
             attention.redraw(torch.Generator().manual_seed(seed))
@@ -160,12 +166,31 @@ class PerformerLM(nn.Module):
         else:
             self.calls_since_redraw += 1
 
+    def _checked_block(self, layer: PerformerBlock, x: Tensor, redraws: int) -> Tensor:
+        # The recomputation in backward must see the projections the forward saw. A redraw in between (a second
+        # training forward before this backward) would make it silently differentiate other features than the
+        # plain path does, so refuse instead.
+        if redraws != self._redraws_this_process:
+            raise RuntimeError(
+                "the FAVOR+ projections were redrawn between a checkpointed forward and its backward; "
+                "call backward before the next training forward"
+            )
+        return layer(x)
+
+    def _block(self, layer: PerformerBlock, x: Tensor) -> Tensor:
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Dropout replays identically: checkpoint restores the RNG state before recomputing.
+            return checkpoint(self._checked_block, layer, x, self._redraws_this_process, use_reentrant=False)
+        return layer(x)
+
     def forward(self, tokens: Tensor) -> Tensor:
-        self._maybe_redraw()
+        self._maybe_redraw()  # before any block, so never inside a checkpoint's recomputed region
         x = self.token_emb(tokens)  # (batch, genes+1, dim)
         if self.gene_emb is not None:
             x = x + self.gene_emb.weight[: tokens.shape[1]]
         x = self.dropout(x)
+        # Frozen leading blocks (scBERT trains only the last) keep no activations without help: tokens are
+        # integers, so until the first trainable parameter nothing requires grad and autograd records nothing.
         for layer in self.layers:
-            x = layer(x)
+            x = self._block(layer, x)
         return self.norm(x)

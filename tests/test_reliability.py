@@ -139,7 +139,7 @@ def test_training_run_records_seed_versions_and_every_argument_as_json(runs):
     with open(directory / "run_config.json", encoding="utf-8") as handle:
         config = json.load(handle)  # JSON, read without running anything
     expected = vars(finetune_sparse.build_parser().parse_args(stage_b_argv(runs["data"], runs["start"], directory)))
-    expected["bin_num"] = 5  # recorded as used: the checkpoint's binning, which --bin_num left open
+    expected["bin_num"], expected["bin_width"] = 5, 1.0  # recorded as used: the checkpoint's binning, which --bin_num/--bin_width left open
     assert config["args"].keys() == expected.keys()
     assert config["args"] == json.loads(json.dumps(expected))
     assert config["args"]["seed"] == SEED

@@ -520,14 +520,19 @@ def test_train_sparse_sh_runs_the_whole_pipeline_into_a_directory_with_a_space(d
     env = {**ENV, "PATH": f"{VENV_BIN}{os.pathsep}{ENV.get('PATH', '')}", "PRESET": "demo", "DIM": "16", "DEPTH": "1",
            "HEADS": "2", "DIM_HEAD": "8", "H_DIM": "16", "EPOCHS_A": "1", "EPOCHS_B": "1", "PRUNE_TARGET": "0.2",
            "PRUNE_STEP": "0.1", "PRUNE_FT_EPOCHS": "1", "MC_SAMPLES": "2", "DEVICE": "cpu", "RUN_DIR": str(run_dir),
-           "DATA_PATH": str(data_path)}
+           "DATA_PATH": str(data_path), "CV_SPLITS": "2", "PREDICT_PATH": str(data_path), "PREDICT_LABEL_KEY": "cell_type"}
     result = run_command(["bash", "train_sparse.sh"], timeout=400, env=env)
     assert_ok(result)
-    summary = result.stdout[result.stdout.index("== Summary =="):].splitlines()
-    assert summary[1].split()[:3] == ["stage", "accuracy", "macro-F1"]
-    assert [line.split()[0] for line in summary[2:5]] == ["stageA", "stageB1", "stageB2"]
-    assert summary[5].startswith("validation-cell prediction")
+    summary = result.stdout[result.stdout.index("== Summary"):].splitlines()
+    assert summary[1].split()[:4] == ["stage", "cells", "accuracy", "macro-F1"]
+    rows = [line.split() for line in summary[2:5]]
+    assert [row[0] for row in rows] == ["stageA", "stageB1", "stageB2"]
+    # Out-of-fold: the two folds' validation cells together are every cell once.
+    assert all(int(row[1]) == CLASSES_KEPT * CELLS_PER_CLASS for row in rows)
+    assert summary[5] == f"final model: {run_dir / 'stageB2'}"
+    assert len(list((run_dir / "stageB2").glob("*_best.pth"))) == 2
     assert (run_dir / "predictions" / "predictions.csv").is_file()
+    assert json.loads((run_dir / "predictions" / "run.json").read_text())["args"]["model_path"] == str(run_dir / "stageB2")
 
 
 def test_resume_of_a_finished_run_returns_its_results(tmp_path, data_path):
