@@ -41,10 +41,14 @@ from bayesian_sparse_transformer import (
     ModelConfig,
     checkpoint_from_payload,
     checkpoint_paths,
+    collect_features,
+    fit_novelty,
     load_checkpoint,
     load_ensemble,
     load_gene_vectors,
     load_pretrained_encoder,
+    novelty_distance,
+    novelty_threshold,
     predict_proba_samples,
     read_checkpoint_file,
     save_checkpoint,
@@ -64,6 +68,7 @@ from utils import (
     fit_temperature,
     load_dataset,
     package_versions,
+    paired_comparison,
     read_json,
     resolve_device,
     run_cli,
@@ -134,7 +139,14 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     prune.add_argument("--prune_target", type=float, default=0.3, help="fraction of fc1/fc2 slices to remove in the end (0 = no pruning)")
     prune.add_argument("--prune_step", type=float, default=0.1, help="fraction removed per pruning step")
     prune.add_argument("--prune_ft_epochs", type=int, default=4, help="fine-tuning epochs after each pruning step")
-    prune.add_argument("--prune_f1_tol", type=float, default=0.01, help="stop pruning when validation macro-F1 drops more than this below the unpruned model's")
+    prune.add_argument("--prune_rule", default="paired", choices=("paired", "f1"),
+                       help="when to stop pruning. paired: compare the pruned and the unpruned model cell by cell on the same "
+                            "validation cells and keep a level while the 95%% bootstrap upper bound of the mean NLL increase is at "
+                            "most PRUNE_NLL_TOL and at most PRUNE_MAX_CHANGED of the cells change their predicted type; "
+                            "f1: keep it while validation macro-F1 stays within PRUNE_F1_TOL (noisy on small validation sets)")
+    prune.add_argument("--prune_nll_tol", type=float, default=0.02, help="paired rule: largest tolerated mean increase of the per-cell validation NLL")
+    prune.add_argument("--prune_max_changed", type=float, default=0.05, help="paired rule: largest tolerated share of validation cells whose predicted type changes")
+    prune.add_argument("--prune_f1_tol", type=float, default=0.01, help="f1 rule: stop pruning when validation macro-F1 drops more than this below the unpruned model's")
     prune.add_argument("--prune_dim", type=int, default=0, choices=(0, 1), help="0: prune output neurons (rows), 1: inputs (columns)")
     prune.add_argument("--prune_layers", default="fc1,fc2", help="comma-separated layers to prune")
     prune.add_argument("--prune_mode", default="physical", choices=PRUNE_MODES, help="physical: rebuild smaller layers; mask: zero in place")
@@ -155,6 +167,10 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     train.add_argument("--temperature_scaling", action="store_true",
                        help="after training, fit a temperature to each fold's validation cells (minimum NLL) and store it "
                             "in the checkpoint: calibrated probabilities, the same predicted types")
+    train.add_argument("--novelty_fpr", type=float, default=0.05,
+                       help="after training, fit class statistics of each fold model's features to its training cells and "
+                            "set the novelty threshold so this share of its validation cells (known types) lies above it; "
+                            "predict_updated.py flags cells beyond it as possible unseen types")
     train.add_argument("--patience", type=int, default=10, help="stop after this many validations without a better SELECT_METRIC")
     train.add_argument("--select_metric", default="nll", choices=tuple(SELECTION_METRICS),
                        help="validation metric for early stopping and the best checkpoint: nll (smooth, every cell counts) "
@@ -189,6 +205,8 @@ def validate_args(args: argparse.Namespace) -> None:
         (0 <= args.prune_target < 1, "--prune_target must be in [0, 1)"),
         (args.prune_step > 0, "--prune_step must be positive"),
         (args.prune_f1_tol >= 0, "--prune_f1_tol must be at least 0"),
+        (args.prune_nll_tol >= 0, "--prune_nll_tol must be at least 0"),
+        (0 <= args.prune_max_changed <= 1, "--prune_max_changed must be in [0, 1]"),
         (args.prune_ft_epochs >= 0, "--prune_ft_epochs must be at least 0"),
         (args.bin_num is None or args.bin_num >= 1, "--bin_num must be at least 1"),
         (args.bin_width is None or args.bin_width > 0, "--bin_width must be positive"),
@@ -201,6 +219,7 @@ def validate_args(args: argparse.Namespace) -> None:
          "--epoch 0 trains nothing: a model from scratch needs --epoch 1 or more (--epoch 0 only evaluates or prunes a --model_path checkpoint)"),
         (args.cv_splits >= 1, "--cv_splits must be at least 1"),
         (args.patience >= 1, "--patience must be at least 1"),
+        (0 < args.novelty_fpr < 1, "--novelty_fpr must be in (0, 1), e.g. 0.05 for 5 % of known cells flagged"),
         (args.valid_every >= 1, "--valid_every must be at least 1"),
         (args.learning_rate > 0, "--learning_rate must be positive"),
         (args.head_lr_mult > 0, "--head_lr_mult must be positive"),
@@ -530,6 +549,7 @@ class FoldState:
     kl_step: int = 0
     best_score: float = -math.inf  # SELECTION_METRICS[--select_metric] of the best checkpoint
     reference_f1: float | None = None  # macro-F1 before pruning, the bar for --prune_f1_tol
+    reference_probs: list | None = None  # (validation cells, classes) before pruning, the paired rule's reference
     bad_rounds: int = 0
     prune_amount: float = 0.0  # last accepted pruning level (fraction of each layer's original slices removed)
     total_steps: int = 1  # optimizer steps the current learning-rate schedule spans
@@ -697,7 +717,7 @@ class FoldTrainer:
         if self.ctx.main:
             write_metrics_csv(self.files.fold(self.fold, "metrics.csv"), self.state.history)
 
-    def save(self, kind: str, metrics: dict | None = None) -> None:
+    def save(self, kind: str, metrics: dict | None = None, novelty: dict | None = None) -> None:
         if not self.ctx.main:
             return
         training_state = None
@@ -712,8 +732,25 @@ class FoldTrainer:
         save_checkpoint(
             self.files.fold(self.fold, f"{kind}.pth"), self.model, genes=self.data.genes, classes=self.classes,
             bin_num=self.args.bin_num, bin_width=self.args.bin_width, stage="B" if self.model.is_bayesian else "A", args=vars(self.args),
-            metrics=metrics or {}, training_state=training_state,
+            metrics=metrics or {}, training_state=training_state, novelty=novelty,
         )
+
+    def fit_novelty(self) -> dict:
+        """Novelty statistics of the final model: its training cells' class means and shrunk covariance, and the
+        threshold that `--novelty_fpr` of its validation cells (known types it never trained on) exceed."""
+        args = self.args
+
+        def features(rows: np.ndarray) -> np.ndarray:
+            loader = DataLoader(Subset(self.dataset, rows), batch_size=max(args.batch_size, 16), collate_fn=collate_batch)
+            return collect_features(self.model, loader, device=self.device, amp=args.amp)
+
+        train_idx = np.asarray(self.train_set.indices)
+        stats = fit_novelty(features(train_idx), self.labels[train_idx])
+        distances = novelty_distance(features(self.val_idx), stats)
+        stats.update(threshold=novelty_threshold(distances, args.novelty_fpr), fpr=float(args.novelty_fpr))
+        log.info("fold %d: novelty threshold %.3f (%.0f%% of %d validation cells above it)", self.fold,
+                 stats["threshold"], 100 * args.novelty_fpr, len(self.val_idx))
+        return stats
 
     def barrier(self) -> None:
         if self.ctx.world > 1:
@@ -767,13 +804,14 @@ class FoldTrainer:
         levels = self.prune_levels(start)  # the same list on every call: it depends only on the source and args
         if self.state.reference_f1 is None:
             self.load_best()
-            metrics, _ = self.evaluate()
+            metrics, prob_samples = self.evaluate()
             self.state.reference_f1 = metrics["macro_f1"]
+            self.state.reference_probs = prob_samples.mean(0).tolist()
             self.state.best_score = max(self.state.best_score, SELECTION_METRICS[args.select_metric](metrics))
             if not self.files.fold(self.fold, "best.pth").exists() and self.ctx.main:
                 self.save("best", metrics=_summary_metrics(metrics, self.model, start, self.state.kl_step))
-            log.info("fold %d: pruning from %.0f%% to %.0f%% (reference macro-F1 %.3f, tolerance %.3f)",
-                     self.fold, 100 * start, 100 * args.prune_target, self.state.reference_f1, args.prune_f1_tol)
+            log.info("fold %d: pruning from %.0f%% to %.0f%% (reference: validation NLL %.3f, macro-F1 %.3f; %s rule)",
+                     self.fold, 100 * start, 100 * args.prune_target, metrics["nll"], metrics["macro_f1"], args.prune_rule)
         while self.state.level_index < len(levels):
             level = levels[self.state.level_index]
             steps = args.prune_ft_epochs * self.steps_per_epoch()
@@ -791,12 +829,11 @@ class FoldTrainer:
                 self.record(row, started)
                 self.save("last")
                 self.barrier()
-            metrics, _ = self.evaluate()
-            ok = metrics["macro_f1"] >= self.state.reference_f1 - args.prune_f1_tol
+            metrics, prob_samples = self.evaluate()
+            ok, verdict = self.keep_pruned(metrics, prob_samples.mean(0))
             row = {"phase": "prune", "epoch": 0, "prune_level": level, "val_loss": metrics["nll"], "val_acc": metrics["accuracy"],
                    "val_macro_f1": metrics["macro_f1"], "val_ece": metrics["ece"], "accepted": ok}
-            log.info("fold %d: prune level %.0f%%: val macro-F1 %.3f (%s)", self.fold, 100 * level, metrics["macro_f1"],
-                     "kept" if ok else f"more than {args.prune_f1_tol} below {self.state.reference_f1:.3f}, stop")
+            log.info("fold %d: prune level %.0f%%: %s: %s", self.fold, 100 * level, verdict, "kept" if ok else "stop")
             self.state.level_index += 1
             self.state.level_applied = False
             self.record(row, started)
@@ -807,6 +844,18 @@ class FoldTrainer:
                 self.state.level_index = len(levels)
             self.save("last")
             self.barrier()
+
+    def keep_pruned(self, metrics: dict, probs: np.ndarray) -> tuple[bool, str]:
+        """Whether the pruned, fine-tuned model may replace the unpruned one, and the numbers behind the verdict."""
+        args = self.args
+        if args.prune_rule == "f1":
+            ok = metrics["macro_f1"] >= self.state.reference_f1 - args.prune_f1_tol
+            return ok, f"val macro-F1 {metrics['macro_f1']:.3f} vs {self.state.reference_f1:.3f} (tolerance {args.prune_f1_tol})"
+        paired = paired_comparison(np.asarray(self.state.reference_probs), probs, self.labels[self.val_idx], seed=args.seed)
+        ok = paired["nll_diff_upper"] <= args.prune_nll_tol and paired["changed"] <= args.prune_max_changed
+        return ok, (f"val NLL {paired['nll_diff']:+.4f} per cell (95% upper bound {paired['nll_diff_upper']:+.4f}, "
+                    f"tolerance {args.prune_nll_tol}), {paired['changed']:.1%} of cells changed type "
+                    f"(tolerance {args.prune_max_changed:.0%})")
 
     def load_best(self) -> None:
         self.barrier()
@@ -838,10 +887,11 @@ class FoldTrainer:
         if args.temperature_scaling:
             self.calibrate()
         metrics, prob_samples = self.evaluate()
-        if args.temperature_scaling or not self.files.fold(self.fold, "best.pth").exists():
-            # The calibrated model replaces the best; --epoch 0 without pruning only evaluates the --model_path
-            # model, which is then the run's best.
-            self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount, self.state.kl_step))
+        # The best checkpoint is written once more, final: calibrated, with the novelty statistics of exactly this
+        # model's features (after any physical pruning); --epoch 0 without pruning makes the --model_path model the best.
+        novelty = self.fit_novelty() if self.ctx.main else None
+        self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount, self.state.kl_step),
+                  novelty=novelty)
         self.report(metrics)
         if self.ctx.main:
             self.write_val_predictions(prob_samples.mean(0))

@@ -89,7 +89,10 @@ def baselines(config: dict, x_train: np.ndarray, y_train: np.ndarray, x_test: np
 
 def run_pipeline(config: dict, train_path: Path, run_dir: Path) -> float:
     """`bash train_sparse.sh demo` on the training cells; returns its wall time. The log goes to run_dir/pipeline.log."""
-    env = {**os.environ, "DATA_PATH": str(train_path), "LABEL_KEY": "cell_type", "RUN_DIR": str(run_dir), "DEVICE": "cpu"}
+    # The scripts call `python`: this interpreter's (a virtual environment's) must come first on PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "DATA_PATH": str(train_path), "LABEL_KEY": "cell_type", "RUN_DIR": str(run_dir),
+           "DEVICE": "cpu"}
     env.update(setting.split("=", 1) for setting in config["preset_overrides"] if setting)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -158,7 +158,7 @@ def prune_round2(config: dict, train_path: Path, out_dir: Path, seed: int, stage
         stage = ["--epoch", str(config["prune_ft_epochs"]), "--pre_warm_epochs", "0", "--prune_target", "0"]
     else:
         stage = ["--epoch", "0", "--prune_target", str(target), "--prune_step", str(step),
-                 "--prune_ft_epochs", str(config["prune_ft_epochs"]), "--prune_f1_tol", str(f1_tol), "--prune_mode", mode]
+                 "--prune_ft_epochs", str(config["prune_ft_epochs"]), "--prune_rule", "f1", "--prune_f1_tol", str(f1_tol), "--prune_mode", mode]
     return _finetune(config, train_path, out_dir, name, seed, ["--model_path", stage_b, *_stage_b_args(config), *stage])
 
 

@@ -94,21 +94,32 @@ def test_pruning_tradeoff_smoke_shrinks_physical_but_not_masked(tmp_path):
 
 def test_accuracy_calibration_smoke_summarises_every_method(tmp_path):
     results = run_smoke("accuracy_calibration", tmp_path)
-    for method in ("logistic_regression", "stage_a", "stage_b", "round2_pruned"):
+    for method in ("logistic_regression", "lr_temperature", "knn", "stage_a", "stage_b1", "stage_b2"):
         for metric in ("accuracy", "macro_f1", "ece", "nll"):
             summary = results["summary"][method][metric]
             assert summary["n"] == 2
             assert_finite(summary["mean"], summary["std"])
-    assert_finite(results["summary"]["stage_b"]["misclf_auroc_mutual_info"]["mean"])
+    difference = results["differences"]["stage_b2_minus_logistic_regression"]["accuracy"]
+    assert_finite(difference["mean"]) and 0 <= difference["wins"] <= 2
+    # The pipeline ran with the smoke overrides: two cross-fitted folds per stage.
+    assert all(row["folds"] == 2 for row in results["per_split"]["stage_b2"])
 
 
 def test_novel_type_smoke_scores_each_left_out_type(tmp_path):
     results = run_smoke("novel_type", tmp_path)
-    assert len(results["per_type"]) == 2
-    for row in results["per_type"]:
-        for score in ("one_minus_confidence", "entropy", "mutual_info"):
+    assert len(results["per_case"]) == 2  # two left-out types, one split
+    scores = ("novelty", "entropy", "mutual_info", "one_minus_confidence", "pca_knn")
+    for row in results["per_case"]:
+        for score in scores:
             assert 0 <= row["auroc"][score] <= 1
         assert 0 <= row["flagged_unseen"] <= 1 and 0 <= row["flagged_known"] <= 1
+    for score in scores:
+        assert results["summary"]["auroc"][score]["n"] == 2
+
+
+def test_memory_smoke_measures_every_variant(tmp_path):
+    results = run_smoke("memory", tmp_path)
+    assert {p["variant"] for p in results["points"]} == {"plain", "checkpointing", "last_block", "reference"}
 
 
 def test_run_all_command_line_writes_a_summary(tmp_path):

@@ -187,7 +187,7 @@ def test_kl_annealing_continues_across_rounds(stage_b_folds, data_path, tmp_path
     kl_step = round1.metrics["kl_step"]
     assert kl_step > 0
     round2 = train(data_path, tmp_path, "r2", "--model_path", str(stage_b_folds.directory), *BAYES, "--epoch", "0",
-                   "--prune_target", "0.25", "--prune_step", "0.25", "--prune_ft_epochs", "1", "--prune_f1_tol", "1.0",
+                   "--prune_target", "0.25", "--prune_step", "0.25", "--prune_ft_epochs", "1", "--prune_rule", "f1", "--prune_f1_tol", "1.0",
                    "--cv_splits", str(FOLDS), "--kl_anneal_steps", "1000")
     first = next(row for row in round2.metrics() if row["phase"] == "prune_ft")
     # The first fine-tuning epoch's KL scale starts where round 1's annealing stopped, not at 0.
@@ -202,3 +202,45 @@ def test_kl_weight_elbo_is_one_over_the_training_cells(data_path, tmp_path):  # 
     n_train = 160 - len(run.val_cells())
     assert float(run.metrics()[0]["kl_scale"]) == pytest.approx(1 / n_train)
     assert math.isfinite(float(run.metrics()[0]["kl"]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pruning decision
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _paired_verdict(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> bool:
+    """FoldTrainer.keep_pruned with the paired rule's defaults, on given validation probabilities."""
+    from types import SimpleNamespace
+
+    args = finetune_sparse.build_parser().parse_args([])
+    trainer = SimpleNamespace(args=args, state=SimpleNamespace(reference_probs=reference.tolist()),
+                              labels=labels, val_idx=np.arange(len(labels)))
+    ok, verdict = finetune_sparse.FoldTrainer.keep_pruned(trainer, {}, candidate)
+    assert "NLL" in verdict and "changed type" in verdict
+    return ok
+
+
+def test_paired_rule_keeps_a_level_that_predicts_like_the_unpruned_model_and_refuses_one_that_does_not():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=120)
+    reference = rng.dirichlet(np.ones(4), size=120)
+    reference[np.arange(120), labels] += 1.0
+    reference /= reference.sum(1, keepdims=True)
+    assert _paired_verdict(reference, reference.copy(), labels)  # the same predictions: keep
+    shuffled = reference[:, [1, 2, 3, 0]]  # most cells change their predicted type
+    assert not _paired_verdict(reference, shuffled, labels)
+    blurred = 0.5 * reference + 0.5 / 4  # same types, but much less sure of the right one: NLL rises
+    assert not _paired_verdict(reference, blurred, labels)
+
+
+def test_paired_comparison_matches_a_direct_computation():
+    from utils import paired_comparison
+
+    reference = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    candidate = np.array([[0.8, 0.2], [0.6, 0.4], [0.6, 0.4]])
+    labels = np.array([0, 1, 0])
+    result = paired_comparison(reference, candidate, labels)
+    expected = np.mean([np.log(0.9 / 0.8), np.log(0.8 / 0.4), 0.0])
+    assert result["changed"] == pytest.approx(1 / 3) and result["nll_diff"] == pytest.approx(expected)
+    assert result["nll_diff_upper"] >= result["nll_diff"]

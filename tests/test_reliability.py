@@ -83,7 +83,7 @@ def stage_b_argv(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
     """Stage B from a Stage A checkpoint, with Monte Carlo validation and two pruning levels: every random part."""
     return ["--data_path", str(data), "--model_path", str(model), "--bayes_head", "--epoch", "2",
             "--pre_warm_epochs", "1", "--kl_anneal_steps", "2", "--bayes_mc_samples", "2", "--mc_samples_eval", "2",
-            "--prune_target", "0.2", "--prune_step", "0.1", "--prune_ft_epochs", "1", "--prune_f1_tol", "1.0",
+            "--prune_target", "0.2", "--prune_step", "0.1", "--prune_ft_epochs", "1", "--prune_rule", "f1", "--prune_f1_tol", "1.0",
             "--batch_size", "16", "--grad_acc", "1", "--learning_rate", "2e-3", "--seed", str(SEED),
             "--device", "cpu", "--ckpt_dir", str(out), "--model_name", "run", *extra]
 

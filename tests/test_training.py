@@ -165,7 +165,7 @@ def stage_b1(data_path, stage_a, tmp_path_factory) -> Run:
 def stage_b2(data_path, stage_b1, tmp_path_factory) -> Run:
     return train(data_path, tmp_path_factory.mktemp("stageB2"), "stageB2", "--model_path", str(stage_b1.best), *BAYES,
                  "--epoch", "0", "--prune_target", "0.5", "--prune_step", "0.25", "--prune_ft_epochs", "1",
-                 "--prune_f1_tol", "1.0")
+                 "--prune_rule", "f1", "--prune_f1_tol", "1.0")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def test_run_killed_twice_and_resumed_matches_an_uninterrupted_run(stage_a, data
         return [sys.executable, "finetune_sparse.py", "--data_path", str(data_path), *TINY, "--batch_size", "8",
                 "--grad_acc", "2", "--model_path", str(stage_a.best), *BAYES, "--bayes_mc_samples", "2", "--epoch", "4",
                 "--pre_warm_epochs", "1", "--prune_target", "0.5", "--prune_step", "0.25", "--prune_ft_epochs", "2",
-                "--prune_f1_tol", "1.0", "--ckpt_dir", str(directory), "--model_name", "run"]
+                "--prune_rule", "f1", "--prune_f1_tol", "1.0", "--ckpt_dir", str(directory), "--model_name", "run"]
 
     whole = Run(tmp_path / "uninterrupted", "run")
     process = _start(command(whole.directory), tmp_path / "uninterrupted.log")
