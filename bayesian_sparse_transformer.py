@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.covariance import LedoitWolf
+from sklearn.utils.extmath import randomized_svd
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -29,6 +31,11 @@ from utils import UserError, atomic_write, autocast, package_versions
 CHECKPOINT_FORMAT = "bayesian-sparse-transformer/1"
 PRUNABLE_LAYERS = ("fc1", "fc2")
 PRUNE_MODES = ("physical", "mask")
+NOVELTY_LAYERS = ("fc2", "gene_features")
+# fc1's input: the head's later layers learn to map every cell onto a known type, an unseen one included
+# (benchmarks/novel_type.py measures both layers)
+NOVELTY_LAYER = "gene_features"
+NOVELTY_PCS = 50
 LOG_SIGMA_RANGE = (-12.0, 0.0)  # sigma in [6e-6, 1]: no collapse to a point mass, no noise swamping the mean
 
 
@@ -254,6 +261,25 @@ class ClassifierHead(nn.Module):
     def forward(self, encodings: Tensor, noise: dict[str, dict[str, Tensor]] | None = None) -> Tensor:
         return self.classify(self.gene_features(encodings), noise)
 
+    def novelty_features(self, features: Tensor, layer: str = NOVELTY_LAYER) -> Tensor:
+        """The representation novelty is measured in: (batch, fc1_in) gene features -> (batch, hidden2) for "fc2".
+
+        "fc2" is fc2's ReLU output with the posterior means (no sampling, no dropout), so it is one fixed function
+        of the cell; "gene_features" is fc1's input itself.
+        """
+        if layer == "gene_features":
+            return features
+        if layer != "fc2":
+            raise ValueError(f"novelty layer must be one of {NOVELTY_LAYERS}, got {layer!r}")
+        hidden = torch.relu(_mean_linear(self.fc1, features))
+        return torch.relu(_mean_linear(self.fc2, hidden))
+
+
+def _mean_linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """A PrunableLinear or BayesianLinear with its (masked) mean weights, whatever its `deterministic` flag."""
+    bias = layer.bias_mu if isinstance(layer, BayesianLinear) else layer.bias
+    return F.linear(x, layer.mean_weight(), bias * layer.out_mask)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # The full model
@@ -310,13 +336,16 @@ class BayesianSparseTransformer(nn.Module):
         *,
         generator: torch.Generator | None = None,
         noise: dict | None = None,
+        features: Tensor | None = None,
     ) -> Tensor:
         """Encode once, then sample the head: logits (S, batch, classes).
 
         Pass the same `noise` (from `self.head.draw_noise`) for every batch to evaluate one fixed set of S networks:
-        predictions then depend neither on batch size nor on batch order.
+        predictions then depend neither on batch size nor on batch order. `features` (the head's gene features of
+        `tokens`, when the caller needs them too) skips the encoder.
         """
-        features = self.head.gene_features(self.encode(tokens))  # (batch, fc1_in)
+        if features is None:
+            features = self.head.gene_features(self.encode(tokens))  # (batch, fc1_in)
         deterministic = not self.is_bayesian or all(layer.deterministic for layer in self.head.bayesian_layers().values())
         if deterministic:
             return self.head.classify(features).expand(num_samples, -1, -1)
@@ -518,17 +547,120 @@ def predict_proba_samples(
     The S head networks are drawn once from `seed` and shared by all batches, so a cell's prediction does not
     depend on the batch it lands in. A deterministic model (or deterministic mode) gives S identical samples.
     """
+    return predict_samples(model, loader, num_samples, seed=seed, device=device, amp=amp, progress=progress)[0]
+
+
+@torch.no_grad()
+def predict_samples(
+    model: BayesianSparseTransformer,
+    loader: Iterable,
+    num_samples: int,
+    *,
+    novelty: dict | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`predict_proba_samples`, plus each cell's novelty distance (cells,) when `novelty` statistics are given.
+
+    Both come from one encoding of each batch: the encoder is the expensive part.
+    """
     device = torch.device(device)
     model.eval()
     noise = None
     if model.is_bayesian:
         noise = model.head.draw_noise(num_samples, torch.Generator().manual_seed(seed))
-    outputs = []
+    outputs, distances = [], []
     for tokens, _ in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
+        tokens = tokens.to(device)
         with autocast(device, amp):
-            probs = model.mc_probs(tokens.to(device), num_samples, noise=noise)  # (S, batch, classes)
+            features = model.head.gene_features(model.encode(tokens))  # (batch, fc1_in)
+            probs = model.mc_probs(tokens, num_samples, noise=noise, features=features)  # (S, batch, classes)
+            if novelty is not None:
+                hidden = model.head.novelty_features(features, novelty["layer"]).float().cpu().numpy()
+                distances.append(novelty_distance(hidden, novelty))
         outputs.append(probs.float().cpu())
-    return torch.cat(outputs, dim=1).numpy()
+    return torch.cat(outputs, dim=1).numpy(), np.concatenate(distances) if novelty is not None else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Novelty: distance to the training cells' classes in the head's feature space
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect_features(model: BayesianSparseTransformer, loader: Iterable, layer: str = NOVELTY_LAYER, *,
+                     device: torch.device | str = "cpu", amp: bool = False) -> np.ndarray:
+    """The head's novelty features (cells, width) of every batch of `loader` (batches of (tokens, labels))."""
+    device = torch.device(device)
+    model.eval()
+    outputs = []
+    for tokens, _ in loader:
+        with autocast(device, amp):
+            features = model.head.gene_features(model.encode(tokens.to(device)))
+            outputs.append(model.head.novelty_features(features, layer).float().cpu())
+    return torch.cat(outputs).numpy()
+
+
+def fit_novelty(features: np.ndarray, labels: np.ndarray, layer: str = NOVELTY_LAYER, pcs: int = NOVELTY_PCS) -> dict:
+    """Class means and one shared (tied) covariance of the training cells' features, shrunk by Ledoit-Wolf.
+
+    features (cells, width), labels (cells,) class indices. The features are standardized and projected on the
+    training cells' top `pcs` principal components: gene features are as wide as the gene list, and a few dozen
+    axes carry the cell-to-cell variation (on held-out PBMC types, adding the distance off those axes as
+    probabilistic PCA would, or keeping one axis per 10 cells, lowered the AUROC). The covariance is stored as the
+    Cholesky factor U of its inverse (precision = U U^T), so a distance is one matrix product; the shrinkage keeps
+    it invertible on few cells.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    center, scale = features.mean(axis=0), features.std(axis=0)
+    scale[scale < 1e-6] = 1.0  # genes or ReLU units that are constant over the training cells
+    standardized = (features - center) / scale
+    pcs = min(pcs, *standardized.shape)
+    _, _, components = randomized_svd(standardized, pcs, random_state=0)  # (pcs, width)
+    projected = standardized @ components.T  # (cells, pcs)
+    present = np.unique(labels)  # a class without training cells has no mean; the minimum skips it
+    means = np.stack([projected[labels == c].mean(axis=0) for c in present])  # (classes present, pcs)
+    centered = projected - means[np.searchsorted(present, labels)]
+    covariance = LedoitWolf(assume_centered=True).fit(centered).covariance_
+    covariance += 1e-6 * max(np.trace(covariance) / len(covariance), 1e-12) * np.eye(len(covariance))  # round-off
+    lower = np.linalg.cholesky(covariance)  # covariance = L L^T, so precision = L^-T L^-1 = U U^T with U = L^-T
+    return {"layer": layer, "classes": [int(c) for c in present], "center": _float_tensor(center),
+            "scale": _float_tensor(scale), "components": _float_tensor(components), "means": _float_tensor(means),
+            "precision_cholesky": _float_tensor(np.linalg.inv(lower).T)}
+
+
+def _float_tensor(array: np.ndarray) -> Tensor:
+    """float32 tensors: plain data that torch.load(weights_only=True) reads back."""
+    return torch.from_numpy(np.ascontiguousarray(array)).float()
+
+
+def novelty_distance(features: np.ndarray, stats: dict) -> np.ndarray:
+    """Mahalanobis distance (cells,) of each cell's features to the nearest training class mean (see fit_novelty)."""
+    def array(key: str) -> np.ndarray:
+        return np.asarray(stats[key], dtype=np.float64)
+
+    standardized = (np.asarray(features, dtype=np.float64) - array("center")) / array("scale")  # (cells, width)
+    projected = standardized @ array("components").T  # (cells, pcs)
+    whiten = array("precision_cholesky")  # (pcs, pcs)
+    cells, centres = projected @ whiten, array("means") @ whiten  # (cells, pcs), (classes, pcs)
+    squared = (cells**2).sum(1, keepdims=True) - 2 * cells @ centres.T + (centres**2).sum(1)  # (cells, classes)
+    return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+
+
+def novelty_threshold(distances: np.ndarray, fpr: float) -> float:
+    """The (1 - fpr) quantile of known-type cells' distances: about `fpr` of such cells lie above it."""
+    return float(np.quantile(np.asarray(distances, dtype=np.float64), 1.0 - fpr))
+
+
+def ensemble_novelty(distances: list[np.ndarray], thresholds: list[float]) -> np.ndarray:
+    """The members' distances divided by their own thresholds, averaged: 1.0 is the threshold for every size.
+
+    Each fold model has its own feature space and scale, so raw distances are not comparable across members;
+    relative to its threshold (its validation cells' (1 - fpr) quantile) each says "how unusual" on one scale.
+    """
+    return np.mean([d / max(t, 1e-12) for d, t in zip(distances, thresholds)], axis=0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -603,6 +735,8 @@ class Checkpoint:
     training_state: dict | None = None
     versions: dict = field(default_factory=dict)
     bin_width: float = 1.0  # scBERT's binning; files written before the option existed carry none
+    # fit_novelty's statistics plus "threshold" and "fpr"; None in checkpoints written before novelty existed
+    novelty: dict | None = None
 
 
 def save_checkpoint(
@@ -617,6 +751,7 @@ def save_checkpoint(
     args: dict | None = None,
     metrics: dict | None = None,
     training_state: dict | None = None,
+    novelty: dict | None = None,
 ) -> None:
     """Write everything needed to rebuild and use the model, atomically (a kill never leaves a torn file)."""
     module = model.module if hasattr(model, "module") else model  # unwrap DistributedDataParallel
@@ -635,6 +770,8 @@ def save_checkpoint(
         "versions": package_versions(),
         "training_state": training_state,
     }
+    if novelty is not None:
+        payload["novelty"] = novelty
     # Serialize in memory first: torch.save's C++ writer turns a failed write (disk full) into an opaque
     # RuntimeError, while a plain write keeps the OSError that atomic_write reports with the path.
     buffer = io.BytesIO()
@@ -731,6 +868,7 @@ def checkpoint_from_payload(path: str | Path, payload: dict, map_location: str |
         training_state=payload.get("training_state"),
         versions=payload.get("versions") or {},
         bin_width=float(payload.get("bin_width", 1.0)),
+        novelty=payload.get("novelty"),
     )
 
 

@@ -218,6 +218,9 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.epoch >= 1 or bool(args.model_path),
          "--epoch 0 trains nothing: a model from scratch needs --epoch 1 or more (--epoch 0 only evaluates or prunes a --model_path checkpoint)"),
         (args.cv_splits >= 1, "--cv_splits must be at least 1"),
+        (not (args.local_reparam and args.bayes_mc_samples > 1),
+         "--local_reparam samples pre-activations of one network per step and cannot average --bayes_mc_samples "
+         "networks; use one of the two"),
         (args.patience >= 1, "--patience must be at least 1"),
         (0 < args.novelty_fpr < 1, "--novelty_fpr must be in (0, 1), e.g. 0.05 for 5 % of known cells flagged"),
         (args.valid_every >= 1, "--valid_every must be at least 1"),
@@ -451,6 +454,27 @@ def adopt_checkpoint_binning(args: argparse.Namespace, source: Source) -> None:
         setattr(args, name, saved)
 
 
+def check_fixed_options(args: argparse.Namespace, source: Source) -> None:
+    """A continued checkpoint fixes its architecture (and a Bayesian one its variational family): options given
+    on the command line that contradict it would be silently ignored, so they are refused."""
+    if not source.continues_model:
+        return
+    config = source.checkpoint.model.config
+    fixed = {"dim": config.encoder.dim, "depth": config.encoder.depth, "heads": config.encoder.heads,
+             "dim_head": config.encoder.dim_head, "local_attn_heads": config.encoder.local_attn_heads,
+             "h_dim": config.head.base_hidden2, "dropout": config.head.dropout}
+    if config.head.bayes:
+        fixed |= {"prior_sigma": config.head.prior_sigma, "init_log_sigma": config.head.init_log_sigma,
+                  "local_reparam": config.head.local_reparam}
+    defaults = build_parser()
+    given = sorted(name for name, value in fixed.items()
+                   if getattr(args, name) != defaults.get_default(name) and getattr(args, name) != value)
+    if given:
+        settings = ", ".join(f"--{name} {fixed[name]}" for name in given)
+        raise UserError(f"{args.model_path} fixes {settings}; drop {', '.join('--' + n for n in given)} (they cannot "
+                        "change when training continues a checkpoint)")
+
+
 def build_model(args: argparse.Namespace, source: Source, genes: list[str], n_classes: int) -> BayesianSparseTransformer:
     """A fresh model, or a copy of the source checkpoint's model; Bayesian head ported when --bayes_head."""
     if source.continues_model:
@@ -495,8 +519,9 @@ def freeze_encoder_layers(model: BayesianSparseTransformer, trainable_layers: in
     encoder = model.encoder
     for param in encoder.parameters():
         param.requires_grad_(False)
-    for block in list(encoder.layers)[len(encoder.layers) - trainable_layers:] if trainable_layers else []:
-        block.requires_grad_(True)
+    blocks = list(encoder.layers)
+    for block in blocks[max(len(blocks) - trainable_layers, 0):] if trainable_layers else []:
+        block.requires_grad_(True)  # N >= depth trains every block (the embeddings stay fixed)
     encoder.norm.requires_grad_(True)
 
 
@@ -513,6 +538,11 @@ def class_weights(train_labels: np.ndarray, n_classes: int, scheme: str) -> torc
     else:
         weights = np.ones(n_classes)
     return torch.tensor(np.where(counts > 0, weights, 0.0), dtype=torch.float32)
+
+
+def shuffle_seed(seed: int, fold: int, pruning: bool, level: int, epoch: int) -> int:
+    """A 32-bit seed for one epoch's shuffle, distinct for every (seed, fold, phase, pruning level, epoch)."""
+    return int(np.random.SeedSequence([seed, fold, int(pruning), level, epoch]).generate_state(1)[0])
 
 
 def make_optimizer(model: BayesianSparseTransformer, args: argparse.Namespace, total_steps: int):
@@ -581,8 +611,8 @@ class FoldTrainer:
         return math.ceil(math.ceil(per_rank / self.args.batch_size) / self.args.grad_acc)
 
     def train_loader(self, epoch: int) -> DataLoader:
-        # Shuffling is seeded by (seed, fold, epoch), so a resumed run sees the same batches as an uninterrupted one.
-        seed = self.args.seed * 1000 + self.fold * 100 + epoch
+        # Shuffling is seeded by where training stands, so a resumed run sees the same batches as an uninterrupted one.
+        seed = shuffle_seed(self.args.seed, self.fold, self.state.phase == "prune", self.state.level_index, epoch)
         if self.args.sample_with_replacement:
             # scBERT's loader: random cells with replacement; each rank draws its share from its own stream.
             generator = torch.Generator().manual_seed(seed * 1009 + self.ctx.rank)
@@ -1017,6 +1047,7 @@ def run(args: argparse.Namespace) -> dict:
                             "types: train Stage A on this data first (--model_path without --bayes_head)")
         for member in sources:
             member.new_head = bool(unseen)
+    check_fixed_options(args, source)
     labels, classes = encode_labels(data.labels, source.classes)
     splits = stratified_splits(labels, args.cv_splits, test_size=0.2, seed=args.seed, class_names=classes)
     if source.checkpoint is None and args.pos_embed and args.gene2vec_path:

@@ -23,7 +23,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure  # the object API needs no pyplot and no GUI backend
 from torch.utils.data import DataLoader
 
-from bayesian_sparse_transformer import Checkpoint, load_ensemble, predict_proba_samples
+from bayesian_sparse_transformer import Checkpoint, ensemble_novelty, load_ensemble, predict_samples
 from utils import (
     BUNDLED_LABEL_KEY,
     BinnedDataset,
@@ -50,14 +50,17 @@ from utils import (
 )
 
 UNASSIGNED = "Unassigned"
-UNASSIGN_RULES = ("confidence", "entropy", "mutual_info")
+UNASSIGN_RULES = ("novelty", "confidence", "entropy", "mutual_info")
+# Default --unassign_thres per rule: novelty is relative to the checkpoints' own thresholds (1.0 = theirs);
+# confidence < 0.5 is scBERT's novel-type rule.
+DEFAULT_THRESHOLDS = {"novelty": 1.0, "confidence": 0.5, "entropy": 0.5, "mutual_info": 0.5}
 COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.5)
 CURVE_COVERAGES = tuple(np.round(np.linspace(0.1, 1.0, 10), 2))
 OUTPUT_FILES = ("predictions.csv", "probabilities.csv", "predictions.h5ad", "metrics.json", "run.json")
 # Per-cell uncertainty columns of predictions.csv and of the .h5ad's obs, by uncertainty_summary key: one naming
 # (scanpy's obs convention) so a column means the same in both files.
 CELL_COLUMNS = {"confidence": "pred_confidence", "entropy": "pred_entropy", "expected_entropy": "pred_expected_entropy",
-                "mutual_info": "pred_mutual_info", "pred_std": "pred_std"}
+                "mutual_info": "pred_mutual_info", "pred_std": "pred_std", "novelty": "pred_novelty"}
 PLOT_FILES = ("reliability.png", "confusion_matrix.png", "accuracy_coverage.png", "uncertainty_hist.png", "umap.png")
 
 
@@ -72,8 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model_path", required=True, help="a checkpoint of finetune_sparse.py (e.g. ckpts/finetune0_best.pth), or its run "
                        "directory (--ckpt_dir): every fold's *_best.pth is then one member of an ensemble whose probabilities are averaged")
     model.add_argument("--bayes_mc_samples", type=int, default=8, help="head samples per cell and ensemble member; 1 = the posterior means only (deterministic)")
-    model.add_argument("--unassign_by", default="confidence", choices=UNASSIGN_RULES, help="score deciding which cells are Unassigned")
-    model.add_argument("--unassign_thres", type=float, default=0.5, help="confidence: Unassigned below it (scBERT's novel-type rule); entropy/mutual_info: Unassigned above it")
+    model.add_argument("--unassign_by", default="novelty", choices=UNASSIGN_RULES,
+                       help="score deciding which cells are Unassigned: novelty (distance to the training cells' types, for cell "
+                            "types absent from training; checkpoints without its statistics fall back to confidence), or confidence, "
+                            "entropy, mutual_info")
+    model.add_argument("--unassign_thres", type=float, default=None,
+                       help="novelty: Unassigned above it (default 1.0 = the threshold stored at training, --novelty_fpr of known "
+                            "validation cells above it); confidence: below it (default 0.5, scBERT's rule); entropy/mutual_info: above it (default 0.5)")
     model.add_argument("--batch_size", type=int, default=32, help="cells per batch")
     model.add_argument("--seed", type=int, default=2021, help="seed of the head samples: same checkpoint + seed = same predictions")
 
@@ -84,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject out-of-range options, and outputs that would replace an input, before anything is read."""
+    if args.unassign_thres is None:
+        args.unassign_thres = DEFAULT_THRESHOLDS[args.unassign_by]
     checks = [
         (args.batch_size >= 1, "--batch_size must be at least 1"),
         (args.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1 (1 = deterministic posterior means)"),
@@ -121,7 +131,7 @@ def load_data(args: argparse.Namespace, checkpoint: Checkpoint) -> tuple[Express
                         gene_symbols=args.gene_symbols)
     data, rows = select_cells(data, args.cells)
     data = align_genes(data, checkpoint.genes, allow_missing=args.allow_missing_genes)
-    return data, rows, label_key if data.labels is not None else None
+    return data, rows, data.label_key
 
 
 def select_cells(data: ExpressionData, cells_file: str | None) -> tuple[ExpressionData, np.ndarray]:
@@ -163,6 +173,7 @@ class Prediction:
     unassigned: np.ndarray  # (cells,) bool
     true_labels: np.ndarray | None  # (cells,) str, may include types the model never saw
     seconds: float  # inference time
+    rule: tuple[str, float] = ("confidence", 0.5)  # the Unassigned rule applied: score and threshold
 
     @property
     def top_label(self) -> np.ndarray:
@@ -175,8 +186,11 @@ class Prediction:
     def scores(self) -> dict[str, np.ndarray]:
         """Uncertainty scores, higher = less sure, used to rank cells for error and novel-type detection."""
         s = self.summary
-        return {"1-confidence": 1 - s["confidence"], "entropy": s["entropy"], "mutual_info": s["mutual_info"],
-                "pred_std": s["pred_std"]}
+        scores = {"1-confidence": 1 - s["confidence"], "entropy": s["entropy"], "mutual_info": s["mutual_info"],
+                  "pred_std": s["pred_std"]}
+        if np.isfinite(s["novelty"]).all():  # NaN: checkpoints without novelty statistics
+            scores["novelty"] = s["novelty"]
+        return scores
 
     def label_codes(self) -> np.ndarray:
         """True labels as class indices, -1 for types the model never saw."""
@@ -187,7 +201,8 @@ def predict(members: list[Checkpoint], data: ExpressionData, args: argparse.Name
     """Encode each batch once per member, sample its head S times with noise drawn once from --seed, summarise.
 
     An ensemble's K members contribute S samples each: (K*S, cells, classes), so the mean probability is the
-    mean of the members' and mutual information also counts their disagreement.
+    mean of the members' and mutual information also counts their disagreement. Novelty is each member's distance
+    divided by its own threshold, averaged over members (see `ensemble_novelty`): 1.0 is the threshold.
     """
     set_seed(args.seed)
     device = resolve_device(args.device)
@@ -199,20 +214,36 @@ def predict(members: list[Checkpoint], data: ExpressionData, args: argparse.Name
     loader = DataLoader(BinnedDataset(data.matrix, first.bin_num, bin_width=first.bin_width), batch_size=args.batch_size,
                         collate_fn=collate_batch, num_workers=args.num_workers)
     started = time.perf_counter()
-    samples = []
+    has_novelty = all(member.novelty is not None for member in members)
+    samples, distances = [], []
     for index, member in enumerate(members):
         model = member.model.to(device)
         model.set_deterministic(args.bayes_mc_samples == 1)
-        samples.append(predict_proba_samples(model, loader, args.bayes_mc_samples, seed=args.seed + index,
-                                             device=device, amp=args.amp, progress=sys.stderr.isatty()))
+        probs, distance = predict_samples(model, loader, args.bayes_mc_samples, seed=args.seed + index,
+                                          novelty=member.novelty if has_novelty else None, device=device, amp=args.amp,
+                                          progress=sys.stderr.isatty())
+        samples.append(probs)
+        distances.append(distance)
     seconds = time.perf_counter() - started
     summary = uncertainty_summary(np.concatenate(samples))  # (K*S, cells, classes) in
-    unassigned = unassigned_cells(summary, args.unassign_by, args.unassign_thres)
-    return Prediction(data.cell_ids, first.classes, summary, unassigned, data.labels, seconds)
+    summary["novelty"] = (ensemble_novelty(distances, [m.novelty["threshold"] for m in members]) if has_novelty
+                          else np.full(len(data.cell_ids), np.nan))
+    rule = unassign_rule(args, has_novelty)
+    unassigned = unassigned_cells(summary, *rule)
+    return Prediction(data.cell_ids, first.classes, summary, unassigned, data.labels, seconds, rule)
+
+
+def unassign_rule(args: argparse.Namespace, has_novelty: bool) -> tuple[str, float]:
+    """--unassign_by and its threshold; scBERT's confidence < 0.5 when novelty is asked of checkpoints without it."""
+    if args.unassign_by == "novelty" and not has_novelty:
+        warnings.warn("the checkpoint has no novelty statistics (trained before they existed): Unassigned means "
+                      "confidence < 0.5 instead; retrain, or pass --unassign_by confidence to silence this", stacklevel=3)
+        return "confidence", DEFAULT_THRESHOLDS["confidence"]
+    return args.unassign_by, args.unassign_thres
 
 
 def unassigned_cells(summary: dict[str, np.ndarray], rule: str, threshold: float) -> np.ndarray:
-    """Cells too uncertain to name: confidence below the threshold (scBERT's rule), or entropy/MI above it."""
+    """Cells too uncertain to name: confidence below the threshold (scBERT's rule), or novelty/entropy/MI above it."""
     if rule == "confidence":
         return summary["confidence"] < threshold
     return summary[rule] > threshold
@@ -231,6 +262,7 @@ def evaluate(pred: Prediction) -> dict:
         # The novel-type case: how many unseen-type cells were left Unassigned, and how well each score ranks
         # them above cells of known types (NaN when every cell is of an unseen type).
         metrics["unseen_unassigned_share"] = float(pred.unassigned[~known].mean())
+        metrics["known_unassigned_share"] = float(pred.unassigned[known].mean()) if known.any() else float("nan")
         metrics["unseen_type_auroc"] = {name: misclassification_auroc(s, known) for name, s in scores.items()}
     if not known.any():
         return metrics
@@ -419,7 +451,8 @@ def write_outputs(directory: Path, tables: dict[str, pd.DataFrame], adata: annda
 
 def report(metrics: dict | None, pred: Prediction, args: argparse.Namespace, label_key: str | None) -> None:
     """A few lines for the terminal; metrics.json has everything."""
-    rule = f"{args.unassign_by} {'<' if args.unassign_by == 'confidence' else '>'} {args.unassign_thres:g}"
+    name, threshold = pred.rule
+    rule = f"{name} {'<' if name == 'confidence' else '>'} {threshold:g}"
     print(f"unassigned ({rule}): {pred.unassigned.mean():.1%} of {len(pred.cell_ids)} cells")
     if metrics is None:
         return
@@ -467,8 +500,8 @@ def run(args: argparse.Namespace) -> dict:
     summary = run_summary(pred, metrics, label_key, seconds=time.perf_counter() - started)
     versions = package_versions()
     metadata = {"model_path": str(args.model_path), "checkpoint_stage": checkpoint.stage, "ensemble_size": len(members),
-                "bayes_mc_samples": args.bayes_mc_samples, "seed": args.seed, "unassign_by": args.unassign_by,
-                "unassign_thres": args.unassign_thres, "versions": versions}
+                "bayes_mc_samples": args.bayes_mc_samples, "seed": args.seed, "unassign_by": pred.rule[0],
+                "unassign_thres": pred.rule[1], "versions": versions}
     jsons = {"metrics.json": metrics} if metrics is not None else {}
     jsons["run.json"] = {"args": vars(args), "versions": versions, "checkpoint_versions": checkpoint.versions,
                          "summary": summary}

@@ -98,6 +98,7 @@ class ExpressionData:
     cell_ids: list[str]
     labels: np.ndarray | None  # (cells,) str
     adata: anndata.AnnData
+    label_key: str | None = None  # the obs column the labels came from (the bundled data's own, whatever was asked)
 
 
 def load_dataset(
@@ -163,7 +164,8 @@ def dataset_from_anndata(
     matrix, genes = _select_matrix(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, source=source)
     labels = _read_labels(adata, label_key, require_labels=require_labels, source=source)
     matrix = _as_log_normalized(matrix, normalize=normalize, source=source)
-    data = ExpressionData(matrix, genes, [str(c) for c in adata.obs_names], labels, adata)
+    data = ExpressionData(matrix, genes, [str(c) for c in adata.obs_names], labels, adata,
+                          label_key if labels is not None else None)
     if labels is not None and min_cells_per_class > 0:
         data = _drop_small_classes(data, min_cells_per_class)
     return data

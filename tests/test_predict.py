@@ -290,7 +290,7 @@ def test_user_errors_exit_2_with_one_line_and_no_outputs(setup, tmp_path, capsys
     cases = {
         "missing model": (["--model_path", str(tmp_path / "nope.pth")], "checkpoint not found"),
         "zero samples": (["--bayes_mc_samples", "0"], "--bayes_mc_samples must be at least 1"),
-        "confidence above 1": (["--unassign_thres", "1.5"], "must be in [0, 1]"),
+        "confidence above 1": (["--unassign_by", "confidence", "--unassign_thres", "1.5"], "must be in [0, 1]"),
         "negative entropy": (["--unassign_by", "entropy", "--unassign_thres", "-1"], "at least 0"),
         "low overlap": (["--data_path", str(tmp_path / "low_overlap.h5ad")], "only 10 of 30 model genes"),
         "unknown cells": (["--cells", str(tmp_path / "cells.txt")], "2 of 3 cell ids"),
