@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import anndata
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -64,6 +65,7 @@ from utils import (
     autocast,
     classification_metrics,
     collate_batch,
+    dataset_from_anndata,
     encode_labels,
     fit_temperature,
     load_dataset,
@@ -1022,7 +1024,8 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, adata: anndata.AnnData | None = None) -> dict:
+    """One training run (every fold) on `adata`, or on --data_path; returns the summary (per fold and mean ± std)."""
     validate_args(args)
     ctx, device = init_distributed(args.device)
     files = RunFiles(Path(args.ckpt_dir), args.model_name)
@@ -1031,9 +1034,9 @@ def run(args: argparse.Namespace) -> dict:
     source = sources[0]  # every member of an ensemble has the same genes, classes and binning
     adopt_checkpoint_binning(args, source)
     existing = check_outputs(args, files)
-    data = load_dataset(args.data_path, label_key=args.label_key, layer=args.layer, use_raw=args.use_raw,
-                        normalize=args.normalize, min_cells_per_class=args.min_cells_per_class,
-                        gene_symbols=args.gene_symbols)
+    options = dict(label_key=args.label_key, layer=args.layer, use_raw=args.use_raw, normalize=args.normalize,
+                   min_cells_per_class=args.min_cells_per_class, gene_symbols=args.gene_symbols)
+    data = dataset_from_anndata(adata, **options) if adata is not None else load_dataset(args.data_path, **options)
     if source.genes is not None:
         data = align_genes(data, source.genes)
     elif args.gene_num is not None and args.gene_num != len(data.genes):
@@ -1075,6 +1078,22 @@ def run(args: argparse.Namespace) -> dict:
     if ctx.world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def fit(adata: anndata.AnnData, ckpt_dir: str | os.PathLike, **options) -> dict:
+    """Train from an in-memory AnnData, as `finetune_sparse.py` does from a file: the same options by name, the
+    same outputs in `ckpt_dir`; returns the run summary. E.g. Stage A then Stage B over 5 cross-fitted folds:
+
+        fit(adata, "runs/a", label_key="cell_type", cv_splits=5, bin_width=0.25, bin_num=28, epoch=12)
+        fit(adata, "runs/b", label_key="cell_type", cv_splits=5, model_path="runs/a", bayes_head=True, epoch=4)
+    """
+    args = build_parser().parse_args(["--ckpt_dir", str(ckpt_dir)])
+    unknown = sorted(set(options) - set(vars(args)) | set(options) & {"data_path", "ckpt_dir"})
+    if unknown:
+        raise TypeError(f"fit() got unknown or file-only options {unknown}; see finetune_sparse.py --help for the others")
+    for name, value in options.items():
+        setattr(args, name, value)
+    return run(args, adata)
 
 
 def main(argv: list[str] | None = None, description: str = __doc__, **defaults) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 import sys
 import time
 import warnings
@@ -37,6 +38,7 @@ from utils import (
     atomic_write,
     classification_metrics,
     collate_batch,
+    dataset_from_anndata,
     load_dataset,
     misclassification_auroc,
     package_versions,
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Reject out-of-range options, and outputs that would replace an input, before anything is read."""
+    """Reject out-of-range options before anything is read."""
     if args.unassign_thres is None:
         args.unassign_thres = DEFAULT_THRESHOLDS[args.unassign_by]
     checks = [
@@ -108,6 +110,10 @@ def validate_args(args: argparse.Namespace) -> None:
         if not ok:
             raise UserError(message)
     resolve_device(args.device)  # an unusable --device fails here, before any data is read
+
+
+def validate_outputs(args: argparse.Namespace) -> None:
+    """The CLI's outputs must not replace an input or an earlier run (without --overwrite)."""
     outputs = {(Path(args.output_dir) / name).resolve() for name in OUTPUT_FILES}
     for flag, path in (("--data_path", args.data_path), ("--model_path", args.model_path), ("--cells", args.cells)):
         if path is not None and Path(path).resolve() in outputs:
@@ -121,14 +127,19 @@ def validate_args(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_data(args: argparse.Namespace, checkpoint: Checkpoint) -> tuple[ExpressionData, np.ndarray, str | None]:
-    """The requested cells, genes in the checkpoint's order; also their row positions in the AnnData and label key."""
-    label_key = args.label_key
-    if args.data_path is None and label_key is None:
-        label_key = BUNDLED_LABEL_KEY  # evaluation runs out of the box on the bundled example
-    data = load_dataset(args.data_path, label_key=label_key, layer=args.layer, use_raw=args.use_raw,
-                        normalize=args.normalize, require_labels=args.label_key is not None,
-                        gene_symbols=args.gene_symbols)
+def load_data(args: argparse.Namespace, checkpoint: Checkpoint,
+              adata: anndata.AnnData | None = None) -> tuple[ExpressionData, np.ndarray, str | None]:
+    """The requested cells (of `adata`, else --data_path), genes in the checkpoint's order; also their row
+    positions in the AnnData and the label column used."""
+    options = dict(layer=args.layer, use_raw=args.use_raw, normalize=args.normalize,
+                   require_labels=args.label_key is not None, gene_symbols=args.gene_symbols)
+    if adata is not None:
+        data = dataset_from_anndata(adata, label_key=args.label_key, **options)
+    else:
+        label_key = args.label_key
+        if args.data_path is None and label_key is None:
+            label_key = BUNDLED_LABEL_KEY  # evaluation runs out of the box on the bundled example
+        data = load_dataset(args.data_path, label_key=label_key, **options)
     data, rows = select_cells(data, args.cells)
     data = align_genes(data, checkpoint.genes, allow_missing=args.allow_missing_genes)
     return data, rows, data.label_key
@@ -485,28 +496,69 @@ def run_summary(pred: Prediction, metrics: dict | None, label_key: str | None, s
     return summary
 
 
-def run(args: argparse.Namespace) -> dict:
-    """parse -> validate -> load -> predict -> summarise -> write; returns the run summary."""
-    started = time.perf_counter()
+@dataclass
+class Annotation:
+    """Everything one prediction run produced, before anything is written."""
+
+    adata: anndata.AnnData  # the predicted cells with obs/obsm/uns results (a copy)
+    prediction: Prediction
+    metrics: dict | None
+    members: list[Checkpoint]
+    rows: np.ndarray  # positions of the predicted cells in the input AnnData
+    label_key: str | None
+
+
+def annotate_with(args: argparse.Namespace, adata: anndata.AnnData | None = None) -> Annotation:
+    """load the model -> read and align the data -> predict -> evaluate; the CLI and `annotate` share it."""
     validate_args(args)
     members = load_ensemble(args.model_path)
     checkpoint = members[0]
-    data, rows, label_key = load_data(args, checkpoint)
+    data, rows, label_key = load_data(args, checkpoint, adata)
     pred = predict(members, data, args)
     metrics = evaluate(pred) if pred.true_labels is not None else None
-    report(metrics, pred, args, label_key)
-    umap = np.asarray(data.adata.obsm["X_umap"])[rows, :2] if "X_umap" in data.adata.obsm else None
-    plots = make_plots(pred, metrics, umap)
-    summary = run_summary(pred, metrics, label_key, seconds=time.perf_counter() - started)
-    versions = package_versions()
     metadata = {"model_path": str(args.model_path), "checkpoint_stage": checkpoint.stage, "ensemble_size": len(members),
                 "bayes_mc_samples": args.bayes_mc_samples, "seed": args.seed, "unassign_by": pred.rule[0],
-                "unassign_thres": pred.rule[1], "versions": versions}
+                "unassign_thres": pred.rule[1], "versions": package_versions()}
+    if metrics is not None and "accuracy" in metrics:
+        metadata["metrics"] = {key: metrics[key] for key in ("accuracy", "macro_f1", "ece", "nll")}
+    return Annotation(annotated_anndata(data.adata, rows, pred, metadata), pred, metrics, members, rows, label_key)
+
+
+def annotate(adata: anndata.AnnData, model: str | os.PathLike, **options) -> anndata.AnnData:
+    """Annotate an in-memory AnnData, as `predict_updated.py` does a file: returns a copy of it with the same
+    `obs` columns (pred_label, pred_confidence, pred_entropy, ...), `obsm['pred_probabilities']` and
+    `uns['prediction']` (with `uns['prediction']['metrics']` when `label_key` names true types).
+
+    `model` is a checkpoint file or a run directory (an ensemble); `options` are the CLI's options by name, e.g.
+    `annotate(adata, "runs/demo/stageB2", bayes_mc_samples=8, gene_symbols="feature_name", label_key="cell_type")`.
+    """
+    args = build_parser().parse_args(["--model_path", str(model)])
+    unknown = sorted(set(options) - set(vars(args)) | set(options) & {"model_path", "data_path", "output_dir", "overwrite", "cells"})
+    if unknown:
+        raise TypeError(f"annotate() got unknown or file-only options {unknown}; see predict_updated.py --help for the others")
+    for name, value in options.items():
+        setattr(args, name, value)
+    return annotate_with(args, adata).adata
+
+
+def run(args: argparse.Namespace) -> dict:
+    """parse -> validate -> load -> predict -> summarise -> write; returns the run summary."""
+    started = time.perf_counter()
+    validate_outputs(args)
+    result = annotate_with(args)
+    pred, metrics, label_key = result.prediction, result.metrics, result.label_key
+    checkpoint = result.members[0]
+    report(metrics, pred, args, label_key)
+    adata = result.adata
+    umap = np.asarray(adata.obsm["X_umap"])[:, :2] if "X_umap" in adata.obsm else None
+    plots = make_plots(pred, metrics, umap)
+    summary = run_summary(pred, metrics, label_key, seconds=time.perf_counter() - started)
+    versions = adata.uns["prediction"]["versions"]
     jsons = {"metrics.json": metrics} if metrics is not None else {}
     jsons["run.json"] = {"args": vars(args), "versions": versions, "checkpoint_versions": checkpoint.versions,
                          "summary": summary}
     tables = {"predictions.csv": predictions_table(pred), "probabilities.csv": probabilities_table(pred)}
-    write_outputs(Path(args.output_dir), tables, annotated_anndata(data.adata, rows, pred, metadata), plots, jsons)
+    write_outputs(Path(args.output_dir), tables, adata, plots, jsons)
     print(f"done: {summary['n_cells']} cells in {time.perf_counter() - started:.1f} s (inference {pred.seconds:.1f} s, "
           f"{summary['cells_per_second']:.0f} cells/s), {summary['unassigned_share']:.1%} unassigned -> {args.output_dir}")
     return summary
