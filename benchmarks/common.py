@@ -15,6 +15,8 @@ import json
 import math
 import os
 import platform
+import re
+import resource
 import statistics
 import subprocess
 import time
@@ -171,6 +173,30 @@ def matmul_peak_gflops(size: int = 2048, *, warmup: int = 2, repeats: int = 5) -
     timing = time_call(lambda: torch.matmul(a, b), warmup=warmup, repeats=repeats)
     flops = 2 * size**3
     return {"size": size, "gflops": flops / timing["median_s"] / 1e9, "timing": timing}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory (resident set of this process)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rss_mb() -> dict[str, float]:
+    """Current and peak resident memory (MB) from /proc; falls back to getrusage's peak only."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return {key: int(re.search(rf"{key}:\s+(\d+)", status)[1]) / 1024 for key in ("VmRSS", "VmHWM")}
+    except (OSError, TypeError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"VmRSS": float("nan"), "VmHWM": peak}
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak resident memory to the current one (Linux); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -40,13 +38,26 @@ try:
         Report,
         emit_worker_result,
         parse_config,
+        reset_peak_rss,
+        rss_mb,
         run_worker,
         set_threads,
         thread_env,
         time_call,
     )
 except ModuleNotFoundError:  # the reference's worker: run by file path without the repository on sys.path
-    from common import ROOT, Report, emit_worker_result, parse_config, run_worker, set_threads, thread_env, time_call
+    from common import (
+        ROOT,
+        Report,
+        emit_worker_result,
+        parse_config,
+        reset_peak_rss,
+        rss_mb,
+        run_worker,
+        set_threads,
+        thread_env,
+        time_call,
+    )
 
 NAME = "memory"
 VARIANTS = ("plain", "checkpointing", "last_block", "reference")
@@ -61,24 +72,6 @@ WORKER = Path(__file__).resolve()
 # --------------------------------------------------------------------------------------------------------------
 # Worker (a fresh interpreter per measurement; imports only torch, the standard library and benchmarks/common.py)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _rss_mb() -> dict[str, float]:
-    """Current and peak resident memory (MB) from /proc; falls back to getrusage's peak only."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return {key: int(re.search(rf"{key}:\s+(\d+)", status)[1]) / 1024 for key in ("VmRSS", "VmHWM")}
-    except (OSError, TypeError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"VmRSS": float("nan"), "VmHWM": peak}
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
 
 
 def build_model(variant: str, spec: dict) -> torch.nn.Module:
@@ -120,10 +113,10 @@ def measure(variant: str, spec: dict) -> dict:
         model(cell).sum().backward()
 
     step(tokens[:, :8])  # one-time setup, not memory per cell
-    exact_reset = _reset_peak()
-    before = _rss_mb()
+    exact_reset = reset_peak_rss()
+    before = rss_mb()
     timing = time_call(step, warmup=spec["warmup"], repeats=spec["repeats"])
-    after = _rss_mb()
+    after = rss_mb()
     return {
         "variant": variant, "seq_len": spec["seq_len"], "performer_pytorch": location,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -20,10 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
-import resource
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +32,8 @@ from benchmarks.common import (
     Report,
     emit_worker_result,
     parse_config,
+    reset_peak_rss,
+    rss_mb,
     run_worker,
     set_threads,
     thread_env,
@@ -70,24 +69,6 @@ def naive_bytes(tokens: int, heads: int) -> float:
     return 3 * 4 * heads * tokens**2
 
 
-def _rss_mb() -> dict[str, float]:
-    """Current and peak resident memory (MB) from /proc; falls back to getrusage's peak only."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return {key: int(re.search(rf"{key}:\s+(\d+)", status)[1]) / 1024 for key in ("VmRSS", "VmHWM")}
-    except (OSError, TypeError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"VmRSS": float("nan"), "VmHWM": peak}
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def measure_point(spec: dict, method: str, tokens: int) -> dict:
     """Build the block, measure the first forward's extra peak memory, then time forwards."""
     from performer_pytorch.model import PerformerBlock, PerformerConfig
@@ -104,10 +85,10 @@ def measure_point(spec: dict, method: str, tokens: int) -> dict:
         with torch.no_grad():
             block(x)
 
-    exact_reset = _reset_peak()
-    before = _rss_mb()
+    exact_reset = reset_peak_rss()
+    before = rss_mb()
     forward()
-    after = _rss_mb()
+    after = rss_mb()
     timing = time_call(forward, warmup=spec["warmup"], repeats=spec["repeats"])
     return {"method": method, "tokens": tokens, "time_s": timing["median_s"], "timing": timing,
             "rss_before_mb": before["VmRSS"], "peak_rss_mb": after["VmHWM"],

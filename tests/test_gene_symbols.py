@@ -10,18 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
+from test_cli_errors import tiny_model  # the same 20 genes (GENE0..GENE19) and 3 classes
 
 import finetune_sparse
 import predict_updated
 from bayesian_sparse_transformer import (
-    BayesianSparseTransformer,
-    HeadConfig,
-    ModelConfig,
     load_checkpoint,
     save_checkpoint,
 )
-from performer_pytorch import PerformerConfig
 from utils import UserError, align_genes, dataset_from_anndata
 
 pytestmark = pytest.mark.filterwarnings("ignore:the checkpoint's head is deterministic")  # Stage A checkpoints
@@ -45,15 +41,6 @@ def make_adata(var_names: list[str] = ENSEMBL, symbols: list | None = SYMBOLS) -
     if symbols is not None:
         var["feature_name"] = symbols
     return anndata.AnnData(X=sp.csr_matrix(x.astype(np.float32)), obs=obs, var=var)
-
-
-def tiny_model() -> BayesianSparseTransformer:
-    torch.manual_seed(0)
-    seq_len = len(SYMBOLS) + 1
-    encoder = PerformerConfig(num_tokens=BIN_NUM + 2, max_seq_len=seq_len, dim=16, depth=1, heads=2, dim_head=8,
-                              nb_features=16)
-    head = HeadConfig(seq_len=seq_len, dim=16, num_classes=len(CLASSES), hidden1=16, hidden2=16)
-    return BayesianSparseTransformer(ModelConfig(encoder, head)).eval()
 
 
 @pytest.fixture(scope="module")

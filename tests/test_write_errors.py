@@ -12,45 +12,19 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
-import torch
+from test_cli_errors import BIN_NUM, CLASSES, GENES, TINY, make_adata, tiny_model
 
 import finetune_sparse
 import predict_updated
 import utils
-from bayesian_sparse_transformer import BayesianSparseTransformer, HeadConfig, ModelConfig, save_checkpoint
-from performer_pytorch import PerformerConfig
+from bayesian_sparse_transformer import save_checkpoint
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:the checkpoint's head is deterministic"),  # Stage A checkpoints
     pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fill the disk"),
 ]
 
-GENES = [f"GENE{i}" for i in range(20)]
-CLASSES = ["B cell", "NK", "T cell"]
-N_CELLS = 48
-BIN_NUM = 5
-TINY = ["--dim", "16", "--depth", "1", "--heads", "2", "--dim_head", "8", "--h_dim", "16", "--epoch", "1",
-        "--batch_size", "16", "--grad_acc", "1", "--device", "cpu"]
 NO_SPACE = "No space left on device"
-
-
-def make_adata() -> anndata.AnnData:
-    """Log-normalized-looking values in [0, 4), three balanced classes."""
-    rng = np.random.default_rng(0)
-    x = np.where(rng.random((N_CELLS, len(GENES))) < 0.5, 0, rng.uniform(0, 4, (N_CELLS, len(GENES))))
-    obs = pd.DataFrame({"cell_type": [CLASSES[i % 3] for i in range(N_CELLS)]},
-                       index=[f"cell{i}" for i in range(N_CELLS)])
-    return anndata.AnnData(X=sp.csr_matrix(x.astype(np.float32)), obs=obs, var=pd.DataFrame(index=GENES))
-
-
-def tiny_model() -> BayesianSparseTransformer:
-    torch.manual_seed(0)
-    seq_len = len(GENES) + 1
-    encoder = PerformerConfig(num_tokens=BIN_NUM + 2, max_seq_len=seq_len, dim=16, depth=1, heads=2, dim_head=8,
-                              nb_features=16)
-    head = HeadConfig(seq_len=seq_len, dim=16, num_classes=len(CLASSES), hidden1=16, hidden2=16)
-    return BayesianSparseTransformer(ModelConfig(encoder, head)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +163,7 @@ def test_predictions_csv_and_h5ad_obs_share_column_names(files, tmp_path):
     obs = anndata.read_h5ad(out / "predictions.h5ad").obs
     shared = ["pred_label", "pred_unassigned", *predict_updated.CELL_COLUMNS.values()]
     assert shared == ["pred_label", "pred_unassigned", "pred_confidence", "pred_entropy", "pred_expected_entropy",
-                      "pred_mutual_info", "pred_std"]
+                      "pred_mutual_info", "pred_std", "pred_novelty"]
     assert set(shared) <= set(table.columns) and set(shared) <= set(obs.columns)
     assert not {"confidence", "entropy", "mutual_info"} & set(table.columns)
     for column in predict_updated.CELL_COLUMNS.values():
