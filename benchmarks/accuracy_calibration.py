@@ -218,10 +218,11 @@ def write_report(report: Report, config: dict, data, per_split: dict, pooled: di
         "The model: `bash train_sparse.sh demo` on the training cells (settings: pipeline_common.sh"
         + (f", overridden by {' '.join(s for s in config['preset_overrides'] if s)}" if any(config["preset_overrides"]) else "")
         + f"), then `predict_updated.py --model_path RUN/STAGE --bayes_mc_samples {config['mc_samples']}` on the test cells. "
-        "Every fold-ensemble member draws its own head samples; the reported probabilities are their mean.",
+        "Every fold-ensemble member draws its own head samples and averages them; the members are pooled geometrically "
+        "(normalised product of their probabilities, utils.pool_members).",
         "How the preset was chosen: by validation on inner 80/20 splits of the training cells of four other outer "
         "splits (seeds 11-14), never on these seeds' test cells; choices were coarse (bin width, selection metric, "
-        "number of folds, temperature scaling on or off).",
+        "number of folds, temperature scaling on or off, arithmetic or geometric pooling of the members).",
         f"Pipeline wall time per split {summary['stage_b2']['pipeline_seconds']['mean']:.0f} ± "
         f"{summary['stage_b2']['pipeline_seconds']['std']:.0f} s (three stages); final model pruned "
         f"{summary['stage_b2']['prune_amount']['mean']:.2f} of fc1/fc2 on average.",

@@ -68,7 +68,7 @@ def test_a_run_directory_is_an_ensemble_of_its_fold_models(stage_a_folds):
     assert len(members) == FOLDS and all(m.bin_width == 0.5 and m.bin_num == 12 for m in members)
 
 
-def test_ensemble_prediction_is_the_mean_of_its_members_probabilities(stage_b_folds, data_path, tmp_path):  # noqa: F811
+def test_ensemble_prediction_pools_its_members_probabilities_geometrically(stage_b_folds, data_path, tmp_path):  # noqa: F811
     def probabilities(model_path, seed: int, name: str) -> pd.DataFrame:
         out = tmp_path / name
         argv = ["--model_path", str(model_path), "--data_path", str(data_path), "--bayes_mc_samples", "3",
@@ -77,9 +77,12 @@ def test_ensemble_prediction_is_the_mean_of_its_members_probabilities(stage_b_fo
         return pd.read_csv(out / "probabilities.csv", index_col=0)
 
     ensemble = probabilities(stage_b_folds.directory, 5, "ensemble")
-    # Member k of the ensemble draws its head samples from seed + k.
+    # Member k of the ensemble draws its head samples from seed + k; the ensemble pools the members' posterior
+    # means geometrically: softmax of the mean log-probability.
     members = [probabilities(path, 5 + k, f"member{k}") for k, path in enumerate(checkpoint_paths(stage_b_folds.directory))]
-    np.testing.assert_allclose(ensemble.to_numpy(), np.mean([m.to_numpy() for m in members], axis=0), atol=1e-5)
+    mean_log = np.mean([np.log(m.to_numpy()) for m in members], axis=0)
+    expected = np.exp(mean_log) / np.exp(mean_log).sum(1, keepdims=True)
+    np.testing.assert_allclose(ensemble.to_numpy(), expected, atol=1e-5)
     assert not np.allclose(members[0].to_numpy(), members[1].to_numpy())  # two different models
 
 
@@ -244,3 +247,20 @@ def test_paired_comparison_matches_a_direct_computation():
     expected = np.mean([np.log(0.9 / 0.8), np.log(0.8 / 0.4), 0.0])
     assert result["changed"] == pytest.approx(1 / 3) and result["nll_diff"] == pytest.approx(expected)
     assert result["nll_diff_upper"] >= result["nll_diff"]
+
+
+def test_geometric_pooling_normalises_the_product_of_members_and_keeps_one_member():
+    from utils import pool_members, uncertainty_summary
+
+    rng = np.random.default_rng(0)
+    members = rng.dirichlet(np.ones(4), size=(3, 50))  # (members, cells, classes)
+    assert np.array_equal(pool_members(members[:1]), members[0])
+    pooled = pool_members(members)
+    product = np.prod(members, axis=0) ** (1 / 3)
+    np.testing.assert_allclose(pooled, product / product.sum(1, keepdims=True))
+    # Members that agree pool to what they agree on.
+    np.testing.assert_allclose(pool_members(np.stack([members[0]] * 3)), members[0])
+    # The summary reports the pooled prediction; mutual information stays the samples' disagreement.
+    summary = uncertainty_summary(members, pooled)
+    np.testing.assert_allclose(summary["mean_probs"], pooled)
+    np.testing.assert_allclose(summary["mutual_info"], uncertainty_summary(members)["mutual_info"])
