@@ -31,6 +31,9 @@ from utils import UserError, atomic_write, autocast, package_versions
 CHECKPOINT_FORMAT = "bayesian-sparse-transformer/1"
 PRUNABLE_LAYERS = ("fc1", "fc2")
 PRUNE_MODES = ("physical", "mask")
+# How a slice (a neuron's weights) is ranked for removal: l2 = norm of its posterior means; snr = mean |mu| / sigma
+# of its weights, the posterior's own signal-to-noise (a weight the posterior cannot tell from 0 is not needed).
+PRUNE_SCORES = ("l2", "snr")
 NOVELTY_LAYERS = ("fc2", "gene_features")
 # fc1's input: the head's later layers learn to map every cell onto a known type, an unseen one included
 # (benchmarks/novel_type.py measures both layers)
@@ -375,12 +378,19 @@ class BayesianSparseTransformer(nn.Module):
 
     # ---- structured pruning ---------------------------------------------------------------------------------
 
-    def prune(self, amount: float, *, layers: tuple[str, ...] = PRUNABLE_LAYERS, dim: int = 0, mode: str = "physical") -> dict:
-        """Remove the smallest-L2-norm slices of fc1/fc2 until `amount` of each layer's original slices are gone.
+    def group_norm(self, layers: tuple[str, ...] = PRUNABLE_LAYERS, dim: int = 0) -> Tensor:
+        """Sum of the L2 norms of the slices `prune` would remove: the group-lasso penalty, differentiable."""
+        return sum(slice_norms(getattr(self.head, name), dim).sum() for name in layers)
 
-        dim=0 prunes rows (output neurons), dim=1 columns (inputs). Scores use the posterior means. `mask` zeroes
-        the slices in place (weights, biases and, for the next layer, the matching inputs); `physical` rebuilds the
-        layers smaller so the pruned head really is smaller and faster. Returns `pruning_stats()`.
+    def prune(self, amount: float, *, layers: tuple[str, ...] = PRUNABLE_LAYERS, dim: int = 0, mode: str = "physical",
+              score: str = "l2") -> dict:
+        """Remove the lowest-scoring slices of fc1/fc2 until `amount` of each layer's original slices are gone.
+
+        dim=0 prunes rows (output neurons), dim=1 columns (inputs). `score` ranks the slices (PRUNE_SCORES): "l2"
+        the norm of the posterior means, "snr" the mean |mu| / sigma of the slice's weights (Bayesian head only).
+        `mask` zeroes the slices in place (weights, biases and, for the next layer, the matching inputs);
+        `physical` rebuilds the layers smaller so the pruned head really is smaller and faster. Returns
+        `pruning_stats()`.
         """
         if not 0.0 <= amount < 1.0:
             raise ValueError(f"amount must be in [0, 1), got {amount}")
@@ -388,13 +398,17 @@ class BayesianSparseTransformer(nn.Module):
             raise ValueError(f"dim must be 0 (rows) or 1 (columns), got {dim}")
         if mode not in PRUNE_MODES:
             raise ValueError(f"mode must be one of {PRUNE_MODES}, got {mode!r}")
+        if score not in PRUNE_SCORES:
+            raise ValueError(f"score must be one of {PRUNE_SCORES}, got {score!r}")
+        if score == "snr" and not self.is_bayesian:
+            raise ValueError("snr scoring needs a Bayesian head (its posterior sigmas); use l2 for a deterministic one")
         for name in layers:
             if name not in PRUNABLE_LAYERS:
                 raise ValueError(f"can only prune {PRUNABLE_LAYERS}, got {name!r}")
             unit = _prunable_unit(name, dim)
             layer = getattr(self.head, name)
             active = layer.out_mask if dim == 0 else layer.in_mask
-            keep = _choose_kept(layer.mean_weight(), active, dim, self._base_width(unit), amount)
+            keep = _choose_kept(slice_scores(layer, dim, score), active, self._base_width(unit), amount)
             if keep is not None:
                 (self._remove_physically if mode == "physical" else self._remove_by_mask)(unit, keep)
         return self.pruning_stats()
@@ -468,8 +482,22 @@ def _prunable_unit(layer: str, dim: int) -> str:
     return "inputs" if layer == "fc1" else "hidden1"
 
 
-def _choose_kept(weight: Tensor, active: Tensor, dim: int, base_width: int, amount: float) -> Tensor | None:
-    """Sorted indices of the slices to keep along `dim`, or None when nothing has to go.
+def slice_norms(layer: nn.Module, dim: int) -> Tensor:
+    """L2 norm of each slice of `layer`'s posterior-mean weight along `dim` (rows for 0, columns for 1)."""
+    return layer.mean_weight().norm(p=2, dim=1 - dim)
+
+
+def slice_scores(layer: nn.Module, dim: int, score: str = "l2") -> Tensor:
+    """One score per slice of `layer` along `dim` (rows for 0, columns for 1); higher = more worth keeping."""
+    with torch.no_grad():
+        if score == "snr":
+            snr = layer.weight_mu.abs() / layer.weight_sigma()
+            return (snr * layer.weight_mask()).mean(dim=1 - dim)
+        return slice_norms(layer, dim)
+
+
+def _choose_kept(scores: Tensor, active: Tensor, base_width: int, amount: float) -> Tensor | None:
+    """Sorted indices of the slices to keep (the highest `scores`), or None when nothing has to go.
 
     `active` marks slices not yet pruned by mask; masked slices are never kept, so a physical prune after a masked
     one drops them too.
@@ -478,8 +506,8 @@ def _choose_kept(weight: Tensor, active: Tensor, dim: int, base_width: int, amou
     n_active = int(active.sum())
     if n_active <= target and n_active == active.numel():
         return None
-    norms = weight.detach().norm(p=2, dim=1 - dim).masked_fill(active == 0, -1.0)  # one L2 norm per slice
-    return torch.topk(norms, min(target, n_active), sorted=False).indices.sort().values
+    scores = scores.masked_fill(active == 0, -1.0)
+    return torch.topk(scores, min(target, n_active), sorted=False).indices.sort().values
 
 
 def _slice_layer(layer: nn.Module, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Module:

@@ -37,6 +37,7 @@ from bayesian_sparse_transformer import (
     CHECKPOINT_FORMAT,
     PRUNABLE_LAYERS,
     PRUNE_MODES,
+    PRUNE_SCORES,
     BayesianSparseTransformer,
     HeadConfig,
     ModelConfig,
@@ -152,6 +153,12 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     prune.add_argument("--prune_dim", type=int, default=0, choices=(0, 1), help="0: prune output neurons (rows), 1: inputs (columns)")
     prune.add_argument("--prune_layers", default="fc1,fc2", help="comma-separated layers to prune")
     prune.add_argument("--prune_mode", default="physical", choices=PRUNE_MODES, help="physical: rebuild smaller layers; mask: zero in place")
+    prune.add_argument("--prune_score", default="l2", choices=PRUNE_SCORES,
+                       help="which slices go first. l2: smallest norm of the posterior means; snr: smallest mean |mu|/sigma "
+                            "(the posterior's signal-to-noise; Bayesian head only)")
+    prune.add_argument("--prune_distill", type=float, default=0.0, metavar="ALPHA",
+                       help="fine-tune pruned models toward the unpruned model's predicted probabilities on the training cells: "
+                            "loss = (1 - ALPHA) cross-entropy + ALPHA KL(unpruned || pruned); 0 = labels only")
 
     train = p.add_argument_group("training")
     train.add_argument("--epoch", type=int, default=100, help="training epochs (one shuffled pass over the training cells each)")
@@ -163,6 +170,9 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     train.add_argument("--warmup_ratio", type=float, default=0.05, help="share of steps with linear learning-rate warm-up before the cosine decay")
     train.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     train.add_argument("--l1_lambda", type=float, default=0.0, help="L1 penalty on fc1/fc2 weights (encourages prunable neurons)")
+    train.add_argument("--group_lasso", type=float, default=0.0, metavar="LAMBDA",
+                       help="group-lasso penalty LAMBDA * sum of the L2 norms of fc1/fc2's slices along --prune_dim: drives "
+                            "whole neurons to zero before pruning removes them (0 = off)")
     train.add_argument("--sample_with_replacement", action="store_true", help="draw training cells with replacement (the original scBERT loader)")
     train.add_argument("--cv_splits", type=int, default=1, help="1: one stratified 80/20 train/validation split; K >= 2: stratified K-fold "
                        "cross-fitting, every cell validates one fold model, and the run directory is a K-model ensemble for predict_updated.py")
@@ -236,6 +246,8 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.prior_sigma > 0, "--prior_sigma must be positive"),
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
         (args.l1_lambda >= 0, "--l1_lambda must be at least 0"),
+        (args.group_lasso >= 0, "--group_lasso must be at least 0"),
+        (0 <= args.prune_distill <= 1, "--prune_distill must be in [0, 1]"),
         (min(args.dim, args.depth, args.heads, args.dim_head, args.h_dim) >= 1, "--dim, --depth, --heads, --dim_head and --h_dim must be at least 1"),
         (0 <= args.local_attn_heads <= args.heads, "--local_attn_heads must be between 0 and --heads"),
         (args.min_cells_per_class >= 0, "--min_cells_per_class must be at least 0"),
@@ -582,6 +594,7 @@ class FoldState:
     best_score: float = -math.inf  # SELECTION_METRICS[--select_metric] of the best checkpoint
     reference_f1: float | None = None  # macro-F1 before pruning, the bar for --prune_f1_tol
     reference_probs: list | None = None  # (validation cells, classes) before pruning, the paired rule's reference
+    teacher_probs: torch.Tensor | None = None  # (cells, classes) of the unpruned model, --prune_distill's targets
     bad_rounds: int = 0
     prune_amount: float = 0.0  # last accepted pruning level (fraction of each layer's original slices removed)
     total_steps: int = 1  # optimizer steps the current learning-rate schedule spans
@@ -598,7 +611,10 @@ class FoldTrainer:
         self.data, self.classes, self.source = data, classes, source
         self.labels = labels
         self.val_idx = np.sort(val_idx)  # validation outputs in data order, however many processes share the work
-        self.dataset = BinnedDataset(data.matrix, args.bin_num, labels, bin_width=args.bin_width)
+        # Each cell's label slot carries its row number: a batch finds its labels (and, when pruning with
+        # distillation, its teacher probabilities) by row.
+        self.dataset = BinnedDataset(data.matrix, args.bin_num, np.arange(len(labels)), bin_width=args.bin_width)
+        self.label_tensor = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.train_set = Subset(self.dataset, train_idx)
         self.class_weights = class_weights(labels[train_idx], len(classes), args.class_weight).to(device)
         self.bayes = args.bayes_head or (source.continues_model and source.checkpoint.model.is_bayesian)
@@ -661,22 +677,19 @@ class FoldTrainer:
         n_batches = len(loader)
         bar = tqdm(loader, desc=f"fold {self.fold} epoch {epoch + 1}", disable=not (self.ctx.main and sys.stderr.isatty()), leave=False)
         self.optimizer.zero_grad(set_to_none=True)
-        for i, (tokens, labels) in enumerate(bar):
-            tokens, labels = tokens.to(self.device), labels.to(self.device)
+        for i, (tokens, rows) in enumerate(bar):
+            tokens, labels = tokens.to(self.device), self.label_tensor[rows].to(self.device)
             last_of_step = (i + 1) % args.grad_acc == 0 or i + 1 == n_batches
             # The last step of an epoch may gather fewer micro-batches: average over those it has.
             group_size = min(args.grad_acc, n_batches - (i // args.grad_acc) * args.grad_acc)
             sync = self.ddp.no_sync() if self.ddp is not None and not last_of_step else contextlib.nullcontext()
             with sync, autocast(self.device, args.amp):
                 if model.is_bayesian and not deterministic and args.bayes_mc_samples > 1:
-                    noise = model.head.draw_noise(args.bayes_mc_samples)
-                    logits = forward(tokens, noise=noise)  # (S, batch, classes)
-                    ce = torch.stack([F.cross_entropy(s.float(), labels, weight=self.class_weights) for s in logits]).mean()
-                    logits = logits.mean(0)
+                    logits = forward(tokens, noise=model.head.draw_noise(args.bayes_mc_samples))  # (S, batch, classes)
                 else:
-                    logits = forward(tokens)
-                    ce = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
-                loss = ce
+                    logits = forward(tokens).unsqueeze(0)
+                ce, loss = self.data_loss(logits, labels, rows)
+                logits = logits.mean(0)
                 if model.is_bayesian and not deterministic and args.kl_weight != 0:
                     kl = model.kl_divergence()
                     kl_value = float(kl.detach())
@@ -684,6 +697,8 @@ class FoldTrainer:
                     loss = loss + self.kl_scale() * kl
                 if args.l1_lambda > 0:
                     loss = loss + args.l1_lambda * sum(getattr(model.head, n).mean_weight().abs().sum() for n in PRUNABLE_LAYERS)
+                if args.group_lasso > 0:
+                    loss = loss + args.group_lasso * model.group_norm(self.prune_layers, dim=args.prune_dim)
                 self.scaler.scale(loss / group_size).backward()
             if last_of_step:
                 if args.grad_clip > 0:
@@ -704,17 +719,30 @@ class FoldTrainer:
             dist.all_reduce(stats)
         return {"train_loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2]), "kl": kl_value}
 
+    def data_loss(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy, loss) of logits (samples, batch, classes), averaged over samples.
+
+        The loss is the class-weighted cross-entropy, mixed while a pruned model is fine-tuned with --prune_distill
+        with the KL divergence from the unpruned model's probabilities (a pruned head learns to predict what the
+        full one did, not to refit the labels).
+        """
+        num_samples, _, num_classes = logits.shape
+        log_probs = F.log_softmax(logits.float(), dim=-1).reshape(-1, num_classes)
+        ce = F.nll_loss(log_probs, labels.repeat(num_samples), weight=self.class_weights)
+        alpha = self.args.prune_distill
+        if self.state.teacher_probs is None or alpha == 0:
+            return ce, ce
+        teacher = self.state.teacher_probs[rows].to(log_probs.device).repeat(num_samples, 1)
+        distill = F.kl_div(log_probs, teacher, reduction="batchmean")
+        return ce, (1 - alpha) * ce + alpha * distill
+
     def evaluate(self) -> tuple[dict, np.ndarray]:
         """MC validation over the whole validation set exactly once (ranks take disjoint shards, no padding).
 
         Returns the metrics of the mean probabilities and the probability samples (S, validation cells, classes).
         """
-        args = self.args
         shard = self.val_idx[self.ctx.rank :: self.ctx.world]
-        loader = DataLoader(Subset(self.dataset, shard), batch_size=max(args.batch_size, 16), collate_fn=collate_batch)
-        samples = args.mc_samples_eval if self.model.is_bayesian else 1
-        self.model.set_deterministic(samples == 1)  # one sample means the posterior means, as in prediction
-        prob_samples = predict_proba_samples(self.model, loader, samples, seed=args.seed, device=self.device, amp=args.amp)
+        prob_samples = self.predict_rows(shard)
         if self.ctx.world > 1:
             gathered = [None] * self.ctx.world
             dist.all_gather_object(gathered, (shard, prob_samples))
@@ -722,6 +750,21 @@ class FoldTrainer:
             prob_samples = np.concatenate([g[1] for g in gathered], axis=1)[:, np.argsort(order)]
         metrics = classification_metrics(prob_samples.mean(0), self.labels[self.val_idx], self.classes)
         return metrics, prob_samples
+
+    def predict_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Probability samples (S, len(rows), classes) of the current model, as validation draws them."""
+        args = self.args
+        loader = DataLoader(Subset(self.dataset, rows), batch_size=max(args.batch_size, 16), collate_fn=collate_batch)
+        samples = args.mc_samples_eval if self.model.is_bayesian else 1
+        self.model.set_deterministic(samples == 1)  # one sample means the posterior means, as in prediction
+        return predict_proba_samples(self.model, loader, samples, seed=args.seed, device=self.device, amp=args.amp)
+
+    def teacher_probabilities(self) -> torch.Tensor:
+        """(cells, classes): the current model's mean probabilities on the training cells (zeros elsewhere)."""
+        rows = np.sort(np.asarray(self.train_set.indices))
+        teacher = torch.zeros(len(self.labels), len(self.classes))
+        teacher[torch.from_numpy(rows)] = torch.from_numpy(self.predict_rows(rows).mean(0)).float()
+        return teacher
 
     def calibrate(self) -> None:
         """Fit the temperature of the kept model to the validation cells (from T = 1, so a resume refits the same)."""
@@ -839,6 +882,8 @@ class FoldTrainer:
             metrics, prob_samples = self.evaluate()
             self.state.reference_f1 = metrics["macro_f1"]
             self.state.reference_probs = prob_samples.mean(0).tolist()
+            if args.prune_distill > 0:
+                self.state.teacher_probs = self.teacher_probabilities()
             self.state.best_score = max(self.state.best_score, SELECTION_METRICS[args.select_metric](metrics))
             if not self.files.fold(self.fold, "best.pth").exists() and self.ctx.main:
                 self.save("best", metrics=_summary_metrics(metrics, self.model, start, self.state.kl_step))
@@ -848,7 +893,8 @@ class FoldTrainer:
             level = levels[self.state.level_index]
             steps = args.prune_ft_epochs * self.steps_per_epoch()
             if not self.state.level_applied:
-                stats = self.model.prune(level, layers=self.prune_layers, dim=args.prune_dim, mode=args.prune_mode)
+                stats = self.model.prune(level, layers=self.prune_layers, dim=args.prune_dim, mode=args.prune_mode,
+                                         score=args.prune_score)
                 self.attach(self.model, steps)
                 self.state.level_applied, self.state.epoch = True, 0
                 log.info("fold %d: pruned to %.0f%% of %s slices (dim %d, %s): fc1+fc2 sparsity %.1f%%, %d parameters",

@@ -32,7 +32,8 @@ esac
 : "${DATA_PATH:=}" "${LABEL_KEY:=cell_type}" "${RUN_DIR:=runs/$PRESET}" "${SEED:=2021}" "${NPROC:=1}"
 : "${DEVICE:=auto}" "${MC_SAMPLES:=8}" "${PREDICT_PATH:=}" "${PREDICT_LABEL_KEY:=}"
 : "${SELECT_METRIC:=nll}" "${CLASS_WEIGHT:=balanced}" "${PRUNE_RULE:=paired}" "${PRUNE_NLL_TOL:=0.02}" "${PRUNE_MAX_CHANGED:=0.05}"
-: "${PRUNE_MODE:=physical}" "${PRUNE_DIM:=0}" "${PRUNE_LAYERS:=fc1,fc2}" "${EXTRA_ARGS:=}"
+: "${PRUNE_MODE:=physical}" "${PRUNE_DIM:=0}" "${PRUNE_LAYERS:=fc1,fc2}" "${PRUNE_SCORE:=l2}" "${PRUNE_DISTILL:=0}" "${GROUP_LASSO:=0}"
+: "${EXTRA_ARGS:=}"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -40,7 +41,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck disable=SC2034  # used by the scripts that source this file
 # The posterior's initial width and the prior are set when round 1 ports the head (stageb_round1.sh); round 2
 # continues a Bayesian checkpoint, which fixes both.
-STAGE_B_ARGS=(--bayes_head --learning_rate "$LEARNING_RATE_B" --kl_weight "$KL_WEIGHT" --kl_anneal_steps "$KL_ANNEAL_STEPS")
+# GROUP_LASSO acts in both rounds: round 1 trains the neurons pruning will remove toward zero.
+STAGE_B_ARGS=(--bayes_head --learning_rate "$LEARNING_RATE_B" --kl_weight "$KL_WEIGHT" --kl_anneal_steps "$KL_ANNEAL_STEPS"
+  --group_lasso "$GROUP_LASSO" --prune_dim "$PRUNE_DIM" --prune_layers "$PRUNE_LAYERS")
 
 # Runs a Python script of the project, under torchrun when NPROC > 1.
 launch() {

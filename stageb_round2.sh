@@ -7,5 +7,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/pipeline_common.sh"
 require_checkpoint "${START_CKPT:-}"
 launch finetune_sparse.py "${COMMON_ARGS[@]}" "${STAGE_B_ARGS[@]}" --model_path "$START_CKPT" --epoch 0 \
   --prune_target "$PRUNE_TARGET" --prune_step "$PRUNE_STEP" --prune_ft_epochs "$PRUNE_FT_EPOCHS" \
-  --prune_rule "$PRUNE_RULE" --prune_nll_tol "$PRUNE_NLL_TOL" --prune_max_changed "$PRUNE_MAX_CHANGED" --prune_f1_tol "$PRUNE_F1_TOL" --prune_mode "$PRUNE_MODE" --prune_dim "$PRUNE_DIM" --prune_layers "$PRUNE_LAYERS" \
+  --prune_rule "$PRUNE_RULE" --prune_nll_tol "$PRUNE_NLL_TOL" --prune_max_changed "$PRUNE_MAX_CHANGED" --prune_f1_tol "$PRUNE_F1_TOL" --prune_mode "$PRUNE_MODE" \
+  --prune_score "$PRUNE_SCORE" --prune_distill "$PRUNE_DISTILL" \
   --ckpt_dir "$RUN_DIR/stageB2" --model_name stageB2 "$@"

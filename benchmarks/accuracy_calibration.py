@@ -14,18 +14,11 @@ logistic regression on standardized log-expression (sklearn defaults), the same 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
@@ -34,8 +27,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-import predict_updated
-from benchmarks.common import ROOT, Report, mean_std, parse_config
+from benchmarks.common import Report, mean_std, parse_config
+from benchmarks.pipeline import predict_stage, run_script, settings, stage_info
 from benchmarks.training import load_pbmc, write_h5ad
 from utils import classification_metrics, fit_temperature, reliability_bins, tempered
 
@@ -87,47 +80,6 @@ def baselines(config: dict, x_train: np.ndarray, y_train: np.ndarray, x_test: np
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_pipeline(config: dict, train_path: Path, run_dir: Path) -> float:
-    """`bash train_sparse.sh demo` on the training cells; returns its wall time. The log goes to run_dir/pipeline.log."""
-    # The scripts call `python`: this interpreter's (a virtual environment's) must come first on PATH.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "DATA_PATH": str(train_path), "LABEL_KEY": "cell_type", "RUN_DIR": str(run_dir),
-           "DEVICE": "cpu"}
-    env.update(setting.split("=", 1) for setting in config["preset_overrides"] if setting)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(run_dir / "pipeline.log", "w", encoding="utf-8") as log:
-        completed = subprocess.run(["bash", str(ROOT / "train_sparse.sh"), "demo"], cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    if completed.returncode != 0:
-        tail = "\n".join((run_dir / "pipeline.log").read_text(encoding="utf-8").splitlines()[-15:])
-        raise RuntimeError(f"train_sparse.sh failed (exit {completed.returncode}):\n{tail}")
-    return time.perf_counter() - started
-
-
-def predict_stage(config: dict, model_dir: Path, test_path: Path, out_dir: Path) -> tuple[np.ndarray, list[str], dict]:
-    """predict_updated.py on the test cells: (mean probabilities, classes, its run summary)."""
-    argv = ["--model_path", str(model_dir), "--data_path", str(test_path), "--bayes_mc_samples", str(config["mc_samples"]),
-            "--output_dir", str(out_dir), "--device", "cpu", "--overwrite"]
-    with contextlib.redirect_stdout(io.StringIO()):
-        if predict_updated.main(argv) != 0:
-            raise RuntimeError(f"predict_updated.py failed on {model_dir}")
-    probs = pd.read_csv(out_dir / "probabilities.csv", index_col=0)
-    summary = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))["summary"]
-    return probs.to_numpy(), list(probs.columns), summary
-
-
-def stage_info(run_dir: Path, stage: str) -> dict:
-    """Size and pruning of a stage's fold models, from its summary."""
-    summary = json.loads((run_dir / stage / f"{stage}_summary.json").read_text(encoding="utf-8"))
-    folds = summary["folds"]
-    return {"prune_amount": float(np.mean([f["prune_amount"] for f in folds])),
-            "head_sparsity": float(np.mean([f["head_sparsity"] for f in folds])),
-            "prune_amounts": [f["prune_amount"] for f in folds],
-            "temperature": float(np.mean([f.get("temperature", 1.0) for f in folds])),
-            "total_params": int(folds[0]["total_params"]), "folds": len(folds)}
-
-
 def run_split(config: dict, data, seed: int, work: Path) -> tuple[dict, dict]:
     """Every method on one split: (metrics per method, (probabilities, labels, classes) per method for the plot)."""
     splitter = StratifiedShuffleSplit(n_splits=1, test_size=config["test_size"], random_state=seed)
@@ -136,9 +88,9 @@ def run_split(config: dict, data, seed: int, work: Path) -> tuple[dict, dict]:
     train_path, test_path = write_h5ad(data, train, work / "train.h5ad"), write_h5ad(data, test, work / "test.h5ad")
     labels = data.labels[test]
     outputs = baselines(config, data.matrix[train].toarray(), data.labels[train], data.matrix[test].toarray())
-    seconds = run_pipeline(config, train_path, work / "run")
+    seconds = run_script("train_sparse.sh", train_path, work / "run", settings(config["preset_overrides"]))
     for method, stage in STAGES.items():
-        probs, classes, summary = predict_stage(config, work / "run" / stage, test_path, work / f"pred_{stage}")
+        probs, classes, summary = predict_stage(config["mc_samples"], work / "run" / stage, test_path, work / f"pred_{stage}")
         outputs[method] = (probs, classes, stage_info(work / "run", stage) | {
             "pipeline_seconds": seconds, "inference_seconds": summary["inference_seconds"]})
     results = {}

@@ -237,6 +237,33 @@ def test_paired_rule_keeps_a_level_that_predicts_like_the_unpruned_model_and_ref
     assert not _paired_verdict(reference, blurred, labels)
 
 
+def test_distillation_loss_mixes_cross_entropy_with_the_kl_divergence_from_the_unpruned_model():
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 3)  # (samples, cells, classes)
+    labels, rows = torch.tensor([0, 1, 2, 1, 0]), torch.arange(5) + 3  # batch rows 3..7 of a 10-cell dataset
+
+    def loss(alpha: float, teacher: torch.Tensor | None, samples: torch.Tensor = logits) -> torch.Tensor:
+        trainer = SimpleNamespace(args=SimpleNamespace(prune_distill=alpha), class_weights=None,
+                                  state=SimpleNamespace(teacher_probs=teacher))
+        return finetune_sparse.FoldTrainer.data_loss(trainer, samples, labels, rows)[1]
+
+    ce = torch.stack([F.cross_entropy(sample, labels) for sample in logits]).mean()
+    assert torch.allclose(loss(0.7, None), ce)  # no teacher (not pruning): labels only
+    one_hot = torch.zeros(10, 3)
+    one_hot[rows, labels] = 1.0
+    assert torch.allclose(loss(1.0, one_hot), ce)  # a teacher that is the labels: KL = cross-entropy
+    agreeing = torch.zeros(10, 3)
+    agreeing[rows] = F.softmax(logits[0], -1)
+    first = logits[:1]
+    # A student that already predicts what the teacher does: no KL term.
+    assert torch.allclose(loss(0.25, agreeing, first), 0.75 * F.cross_entropy(first[0], labels))
+    assert torch.allclose(loss(1.0, agreeing, first), torch.tensor(0.0), atol=1e-6)
+
+
 def test_paired_comparison_matches_a_direct_computation():
     from utils import paired_comparison
 

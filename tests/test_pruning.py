@@ -189,9 +189,32 @@ def test_physically_pruned_bayesian_layers_keep_their_sigmas():
     assert torch.equal(new.weight_mu, fc1.weight_mu[rows])
 
 
+def test_snr_scoring_removes_the_neurons_with_the_lowest_signal_to_noise():
+    """Rows with large means but wide posteriors go first under snr, last under l2."""
+    model = tiny_model(bayes=True)
+    fc1 = model.head.fc1
+    rng = torch.Generator().manual_seed(1)
+    magnitude = torch.rand(HIDDEN1, 1, generator=rng) + 0.5  # (rows, 1): each row's |mu|
+    sigma = magnitude * (torch.rand(HIDDEN1, 1, generator=rng) + 0.1)  # wider posteriors on larger rows, in random ratios
+    with torch.no_grad():
+        fc1.weight_mu.copy_(magnitude * torch.sign(torch.randn(fc1.weight_mu.shape, generator=rng)))
+        fc1.weight_log_sigma.copy_(sigma.log().expand_as(fc1.weight_log_sigma))
+    snr = (magnitude / sigma).squeeze(1)
+    by_snr, by_l2 = copy.deepcopy(model), copy.deepcopy(model)
+    by_snr.prune(0.5, layers=("fc1",), score="snr", mode="mask")
+    by_l2.prune(0.5, layers=("fc1",), score="l2", mode="mask")
+    keep = kept(0.5, HIDDEN1)
+    expected = torch.zeros(HIDDEN1)
+    expected[snr.topk(keep).indices] = 1.0
+    assert torch.equal(by_snr.head.fc1.out_mask, expected)
+    assert not torch.equal(by_l2.head.fc1.out_mask, expected)  # the two scores disagree on this layer
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        (dict(amount=0.2, score="random"), "score"),
+        (dict(amount=0.2, score="snr"), "Bayesian head"),
         (dict(amount=1.0), "amount"),
         (dict(amount=-0.1), "amount"),
         (dict(amount=0.2, dim=2), "dim"),
@@ -202,3 +225,15 @@ def test_physically_pruned_bayesian_layers_keep_their_sigmas():
 def test_invalid_prune_arguments_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_model(bayes=False).prune(**kwargs)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_group_lasso_penalty_is_the_sum_of_slice_norms_and_shrinks_each_slice_toward_zero(dim):
+    """The penalty's gradient on a slice is that slice's unit vector: it shrinks whole neurons, not single weights."""
+    model = tiny_model(bayes=True)
+    penalty = model.group_norm(("fc1", "fc2"), dim=dim)
+    by_hand = sum(getattr(model.head, n).weight_mu.norm(dim=1 - dim).sum() for n in ("fc1", "fc2"))
+    torch.testing.assert_close(penalty, by_hand)
+    penalty.backward()
+    mu = model.head.fc2.weight_mu
+    torch.testing.assert_close(mu.grad, mu.detach() / mu.detach().norm(dim=1 - dim, keepdim=True))

@@ -245,6 +245,26 @@ def test_round_2_prunes_physically_to_the_target(stage_b1, stage_b2):
     assert after.metrics["head_sparsity"] > 0.5
 
 
+def test_round_2_with_distillation_fine_tunes_toward_the_unpruned_models_training_probabilities(stage_b1, data_path, tmp_path):
+    """--prune_distill keeps the unpruned model's probabilities of the training cells (as validation draws them) as
+    targets in the resumable state; --prune_score snr prunes to the level asked."""
+    run = train(data_path, tmp_path / "distill", "distill", "--model_path", str(stage_b1.best), *BAYES, "--epoch", "0",
+                "--prune_target", "0.5", "--prune_step", "0.5", "--prune_ft_epochs", "1", "--prune_rule", "f1",
+                "--prune_f1_tol", "1.0", "--prune_distill", "1", "--prune_score", "snr")
+    assert load_checkpoint(run.best).metrics["prune_amount"] == 0.5
+    teacher = load_checkpoint(run.fold("last.pth")).training_state["fold_state"]["teacher_probs"].numpy()
+
+    unpruned = load_checkpoint(stage_b1.best)
+    data = align_genes(load_dataset(data_path, label_key="cell_type"), unpruned.genes)
+    loader = DataLoader(BinnedDataset(data.matrix, unpruned.bin_num, bin_width=unpruned.bin_width), batch_size=16,
+                        collate_fn=collate_batch)
+    unpruned.model.set_deterministic(False)
+    expected = predict_proba_samples(unpruned.model, loader, 4, seed=SEED).mean(0)  # BAYES: --mc_samples_eval 4
+    training = ~np.isin(data.cell_ids, run.val_cells())
+    np.testing.assert_allclose(teacher[training], expected[training], atol=1e-6)
+    assert not teacher[~training].any()  # validation cells are never targets
+
+
 def test_predict_on_the_round_2_checkpoint_and_held_out_cells(stage_b2, data_path, tmp_path):
     predict_updated = pytest.importorskip("predict_updated")
     if not hasattr(predict_updated, "main"):
@@ -338,13 +358,15 @@ def _kill_after_next_checkpoint(command: list[str], run: Run, log_path: Path, de
 
 
 def test_run_killed_twice_and_resumed_matches_an_uninterrupted_run(stage_a, data_path, tmp_path):
-    """Stage B with pre-warm, MC training samples, KL annealing and two pruning levels, SIGKILLed at random points."""
+    """Stage B with pre-warm, MC training samples, KL annealing and two pruning levels with distillation, SIGKILLed at
+    random points."""
 
     def command(directory: Path) -> list[str]:
         return [sys.executable, "finetune_sparse.py", "--data_path", str(data_path), *TINY, "--batch_size", "8",
                 "--grad_acc", "2", "--model_path", str(stage_a.best), *BAYES, "--bayes_mc_samples", "2", "--epoch", "4",
                 "--pre_warm_epochs", "1", "--prune_target", "0.5", "--prune_step", "0.25", "--prune_ft_epochs", "2",
-                "--prune_rule", "f1", "--prune_f1_tol", "1.0", "--ckpt_dir", str(directory), "--model_name", "run"]
+                "--prune_rule", "f1", "--prune_f1_tol", "1.0", "--prune_distill", "0.5", "--prune_score", "snr",
+                "--ckpt_dir", str(directory), "--model_name", "run"]
 
     whole = Run(tmp_path / "uninterrupted", "run")
     process = _start(command(whole.directory), tmp_path / "uninterrupted.log")
