@@ -75,6 +75,14 @@ class PrunableLinear(StructuredMask):
         return F.linear(x, self.mean_weight(), self.bias * self.out_mask)
 
 
+def standard_noise(out_features: int, in_features: int, num_samples: int,
+                   generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Standard normal draws for one layer: weight (S, out, in), then bias (S, out), on the generator's device."""
+    device = generator.device if generator is not None else None
+    return {"weight": torch.randn((num_samples, out_features, in_features), generator=generator, device=device),
+            "bias": torch.randn((num_samples, out_features), generator=generator, device=device)}
+
+
 class BayesianLinear(StructuredMask):
     """Linear layer with a mean-field Gaussian posterior over weight and bias, trained by variational inference.
 
@@ -124,12 +132,7 @@ class BayesianLinear(StructuredMask):
 
     def draw_noise(self, num_samples: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Standard normal noise for `num_samples` weight draws: weight (S, out, in), bias (S, out)."""
-        device = generator.device if generator is not None else self.weight_mu.device
-        shape_w, shape_b = (num_samples, *self.weight_mu.shape), (num_samples, self.out_features)
-        noise = {
-            "weight": torch.randn(shape_w, generator=generator, device=device),
-            "bias": torch.randn(shape_b, generator=generator, device=device),
-        }
+        noise = standard_noise(self.out_features, self.in_features, num_samples, generator)
         return {name: value.to(self.weight_mu.device) for name, value in noise.items()}
 
     def forward(self, x: Tensor, noise: dict[str, Tensor] | None = None) -> Tensor:
@@ -278,10 +281,17 @@ class ClassifierHead(nn.Module):
         return torch.relu(_mean_linear(self.fc2, hidden))
 
 
+def _mean_parameters(layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """(weight, bias) a layer computes with when its posterior is replaced by its means (masks applied)."""
+    if isinstance(layer, nn.Linear):  # fc3
+        return layer.weight, layer.bias
+    bias = layer.bias_mu if isinstance(layer, BayesianLinear) else layer.bias
+    return layer.mean_weight(), bias * layer.out_mask
+
+
 def _mean_linear(layer: nn.Module, x: Tensor) -> Tensor:
     """A PrunableLinear or BayesianLinear with its (masked) mean weights, whatever its `deterministic` flag."""
-    bias = layer.bias_mu if isinstance(layer, BayesianLinear) else layer.bias
-    return F.linear(x, layer.mean_weight(), bias * layer.out_mask)
+    return F.linear(x, *_mean_parameters(layer))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -383,14 +393,23 @@ class BayesianSparseTransformer(nn.Module):
         return sum(slice_norms(getattr(self.head, name), dim).sum() for name in layers)
 
     def prune(self, amount: float, *, layers: tuple[str, ...] = PRUNABLE_LAYERS, dim: int = 0, mode: str = "physical",
-              score: str = "l2") -> dict:
+              score: str = "l2", refit_features: Tensor | None = None, refit_ridge: float = 0.01) -> dict:
         """Remove the lowest-scoring slices of fc1/fc2 until `amount` of each layer's original slices are gone.
 
         dim=0 prunes rows (output neurons), dim=1 columns (inputs). `score` ranks the slices (PRUNE_SCORES): "l2"
         the norm of the posterior means, "snr" the mean |mu| / sigma of the slice's weights (Bayesian head only).
         `mask` zeroes the slices in place (weights, biases and, for the next layer, the matching inputs);
-        `physical` rebuilds the layers smaller so the pruned head really is smaller and faster. Returns
-        `pruning_stats()`.
+        `physical` rebuilds the layers smaller so the pruned head really is smaller and faster.
+
+        The returned `pruning_stats()` carry "kept": for each unit this call shrank ("inputs", "hidden1",
+        "hidden2"), the positions it kept among the unit's slices before the call (see `slice_head_noise`).
+
+        With `refit_features` (cells, fc1_in: the head's gene features of training cells, as `gene_features` gives
+        them now) the layer that reads the
+        removed units is refitted so that its pre-activations on those cells change as little as possible: a
+        least-squares fit on the kept units, shrunk toward the old weights by `refit_ridge` (relative to the
+        units' mean second moment). The next layer then no longer waits for fine-tuning to make up for what was
+        lost.
         """
         if not 0.0 <= amount < 1.0:
             raise ValueError(f"amount must be in [0, 1), got {amount}")
@@ -402,6 +421,7 @@ class BayesianSparseTransformer(nn.Module):
             raise ValueError(f"score must be one of {PRUNE_SCORES}, got {score!r}")
         if score == "snr" and not self.is_bayesian:
             raise ValueError("snr scoring needs a Bayesian head (its posterior sigmas); use l2 for a deterministic one")
+        kept = {}
         for name in layers:
             if name not in PRUNABLE_LAYERS:
                 raise ValueError(f"can only prune {PRUNABLE_LAYERS}, got {name!r}")
@@ -409,9 +429,49 @@ class BayesianSparseTransformer(nn.Module):
             layer = getattr(self.head, name)
             active = layer.out_mask if dim == 0 else layer.in_mask
             keep = _choose_kept(slice_scores(layer, dim, score), active, self._base_width(unit), amount)
-            if keep is not None:
-                (self._remove_physically if mode == "physical" else self._remove_by_mask)(unit, keep)
-        return self.pruning_stats()
+            if keep is None:
+                continue
+            refit = None if refit_features is None else self._refit_consumer(unit, keep, refit_features, refit_ridge)
+            (self._remove_physically if mode == "physical" else self._remove_by_mask)(unit, keep)
+            if refit is not None:
+                self._set_consumer(unit, keep, *refit, physical=mode == "physical")
+                if unit == "inputs" and mode == "physical":  # fc1 now reads only the kept gene positions
+                    refit_features = refit_features[:, keep]
+            kept[unit] = keep
+        return self.pruning_stats() | {"kept": kept}
+
+    def _unit_activations(self, unit: str, features: Tensor) -> Tensor:
+        """(cells, width) of a prunable unit on the head's gene features, with the posterior means."""
+        if unit == "inputs":
+            return features
+        hidden = torch.relu(_mean_linear(self.head.fc1, features))
+        return hidden if unit == "hidden1" else torch.relu(_mean_linear(self.head.fc2, hidden))
+
+    @torch.no_grad()
+    def _refit_consumer(self, unit: str, keep: Tensor, features: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+        """The consumer's new (weight over the kept units, bias): ridge regression toward the old weights."""
+        consumer = getattr(self.head, _UNIT_LAYERS[unit][1])
+        weight, bias = _mean_parameters(consumer)  # (out, width), (out,)
+        acts = self._unit_activations(unit, features).double()  # (cells, width)
+        weight, bias = weight.double(), bias.double()
+        target = acts @ weight.T + bias  # (cells, out): what the consumer computes now
+        design = torch.cat([acts[:, keep], torch.ones(len(acts), 1, dtype=acts.dtype, device=acts.device)], 1)
+        gram = design.T @ design
+        shrink = ridge * gram.diagonal().mean()
+        prior = torch.cat([weight[:, keep], bias[:, None]], 1).T  # (kept + 1, out)
+        eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        solution = torch.linalg.solve(gram + shrink * eye, design.T @ target + shrink * prior)
+        return solution[:-1].T.float(), solution[-1].float()
+
+    @torch.no_grad()
+    def _set_consumer(self, unit: str, keep: Tensor, weight: Tensor, bias: Tensor, *, physical: bool) -> None:
+        consumer = getattr(self.head, _UNIT_LAYERS[unit][1])
+        weight_name, bias_name = ("weight_mu", "bias_mu") if isinstance(consumer, BayesianLinear) else ("weight", "bias")
+        if physical:  # the consumer already reads only the kept units
+            getattr(consumer, weight_name).copy_(weight)
+        else:
+            getattr(consumer, weight_name)[:, keep] = weight
+        getattr(consumer, bias_name).copy_(bias)
 
     def _base_width(self, unit: str) -> int:
         c = self.config.head
@@ -480,6 +540,34 @@ def _prunable_unit(layer: str, dim: int) -> str:
     if dim == 0:
         return "hidden1" if layer == "fc1" else "hidden2"
     return "inputs" if layer == "fc1" else "hidden1"
+
+
+def unit_widths(model: BayesianSparseTransformer) -> dict[str, int]:
+    """The current widths of the prunable units: fc1's inputs, and the two hidden layers."""
+    fc1_out, fc1_in = model.head.fc1.mean_weight().shape
+    return {"inputs": int(fc1_in), "hidden1": int(fc1_out), "hidden2": int(model.head.fc2.mean_weight().shape[0])}
+
+
+def head_noise_for_widths(widths: dict[str, int], num_samples: int, seed: int) -> dict[str, dict[str, Tensor]]:
+    """What `head.draw_noise(num_samples, Generator().manual_seed(seed))` gives a Bayesian head of these widths."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: standard_noise(widths[out_unit], widths[in_unit], num_samples, generator)
+            for name, (out_unit, in_unit) in (("fc1", ("hidden1", "inputs")), ("fc2", ("hidden2", "hidden1")))}
+
+
+def slice_head_noise(noise: dict[str, dict[str, Tensor]], positions: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """A head's noise (`draw_noise`) restricted to the units a physically pruned copy kept.
+
+    `positions` maps "inputs", "hidden1" and "hidden2" to the kept positions among the original units (all when
+    absent). The pruned head then draws exactly the weights the original drew for what they share: comparing
+    the two with these common random numbers measures pruning, not Monte Carlo noise.
+    """
+    def take(tensor: Tensor, dim: int, unit: str) -> Tensor:
+        return tensor if unit not in positions else tensor.index_select(dim, positions[unit].to(tensor.device))
+
+    units = {"fc1": ("hidden1", "inputs"), "fc2": ("hidden2", "hidden1")}
+    return {name: {"weight": take(take(draws["weight"], 1, units[name][0]), 2, units[name][1]),
+                   "bias": take(draws["bias"], 1, units[name][0])} for name, draws in noise.items()}
 
 
 def slice_norms(layer: nn.Module, dim: int) -> Tensor:
@@ -566,16 +654,18 @@ def predict_proba_samples(
     num_samples: int,
     *,
     seed: int = 0,
+    noise: dict | None = None,
     device: torch.device | str = "cpu",
     amp: bool = False,
     progress: bool = False,
 ) -> np.ndarray:
     """Class probabilities (S, cells, classes) for every batch of `loader` (batches of (tokens, labels)).
 
-    The S head networks are drawn once from `seed` and shared by all batches, so a cell's prediction does not
-    depend on the batch it lands in. A deterministic model (or deterministic mode) gives S identical samples.
+    The S head networks are drawn once from `seed` (or given as `noise`, from `draw_noise`) and shared by all
+    batches, so a cell's prediction does not depend on the batch it lands in. A deterministic model (or
+    deterministic mode) gives S identical samples.
     """
-    return predict_samples(model, loader, num_samples, seed=seed, device=device, amp=amp, progress=progress)[0]
+    return predict_samples(model, loader, num_samples, seed=seed, noise=noise, device=device, amp=amp, progress=progress)[0]
 
 
 @torch.no_grad()
@@ -586,6 +676,7 @@ def predict_samples(
     *,
     novelty: dict | None = None,
     seed: int = 0,
+    noise: dict | None = None,
     device: torch.device | str = "cpu",
     amp: bool = False,
     progress: bool = False,
@@ -596,9 +687,10 @@ def predict_samples(
     """
     device = torch.device(device)
     model.eval()
-    noise = None
-    if model.is_bayesian:
+    if model.is_bayesian and noise is None:
         noise = model.head.draw_noise(num_samples, torch.Generator().manual_seed(seed))
+    elif not model.is_bayesian:
+        noise = None
     outputs, distances = [], []
     for tokens, _ in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
         tokens = tokens.to(device)

@@ -32,7 +32,7 @@ esac
 : "${DATA_PATH:=}" "${LABEL_KEY:=cell_type}" "${RUN_DIR:=runs/$PRESET}" "${SEED:=2021}" "${NPROC:=1}"
 : "${DEVICE:=auto}" "${MC_SAMPLES:=8}" "${PREDICT_PATH:=}" "${PREDICT_LABEL_KEY:=}"
 : "${SELECT_METRIC:=nll}" "${CLASS_WEIGHT:=balanced}" "${PRUNE_RULE:=paired}" "${PRUNE_NLL_TOL:=0.02}" "${PRUNE_MAX_CHANGED:=0.05}"
-: "${PRUNE_MODE:=physical}" "${PRUNE_DIM:=0}" "${PRUNE_LAYERS:=fc1,fc2}" "${PRUNE_SCORE:=l2}" "${PRUNE_DISTILL:=0}" "${GROUP_LASSO:=0}"
+: "${PRUNE_MODE:=physical}" "${PRUNE_DIM:=0}" "${PRUNE_LAYERS:=fc1,fc2}" "${PRUNE_SCORE:=l2}" "${PRUNE_DISTILL:=0}" "${GROUP_LASSO:=0}" "${PRUNE_REFIT:=1}"
 : "${EXTRA_ARGS:=}"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -32,7 +32,8 @@ from sklearn.preprocessing import StandardScaler
 
 import predict_updated
 from benchmarks.common import Report, mean_std, parse_config
-from benchmarks.training import DEMO, SMOKE_TRAINING, load_pbmc, run_finetune, write_h5ad
+from benchmarks.pipeline import preset_config
+from benchmarks.training import load_pbmc, run_finetune, write_h5ad
 
 NAME = "novel_type"
 SCORES = ("novelty", "entropy", "mutual_info", "one_minus_confidence", "pca_knn")
@@ -40,10 +41,13 @@ SCORE_LABELS = {"novelty": "novelty", "entropy": "entropy", "mutual_info": "mutu
                 "one_minus_confidence": "1 − confidence", "pca_knn": "PCA-kNN baseline"}
 # The demo preset's Stage A (pipeline_common.sh) on 2 cross-fitted folds instead of 5, so that 7 types x 2
 # splits fit in ~20 minutes on 2 shared CPU cores.
-REAL = DEMO | dict(seeds=[101, 102], cv_splits=2, bin_num=28, bin_width=0.25, test_size=0.2, min_type_cells=20,
-                   max_types=0, knn_k=15, knn_pcs=50, novelty_fpr=0.05, work_dir="")
-SMOKE = SMOKE_TRAINING | dict(seeds=[101], cv_splits=2, bin_num=28, bin_width=0.25, test_size=0.2, min_type_cells=25,
-                              max_types=2, knn_k=5, knn_pcs=10, novelty_fpr=0.05, work_dir="")
+REAL = preset_config(("DIM", "DEPTH", "HEADS", "DIM_HEAD", "H_DIM", "BATCH_SIZE", "GRAD_ACC", "LEARNING_RATE", "EPOCHS_A",
+                      "PATIENCE", "BIN_NUM", "BIN_WIDTH")) | dict(
+    mc_samples=8, seeds=[101, 102], cv_splits=2, test_size=0.2, min_type_cells=20, max_types=0, knn_k=15, knn_pcs=50,
+    novelty_fpr=0.05, genes=0, max_cells=0, min_cells_per_class=0, work_dir="")
+# Tiny model, few genes and cells, one epoch: seconds, for CI.
+SMOKE = REAL | dict(dim=8, depth=1, heads=1, dim_head=8, h_dim=8, epochs_a=1, patience=1, mc_samples=4, genes=32,
+                    max_cells=160, min_cells_per_class=60, seeds=[101], min_type_cells=25, max_types=2, knn_k=5, knn_pcs=10)
 
 
 def held_out_types(labels: np.ndarray, min_cells: int, max_types: int) -> list[str]:

@@ -27,6 +27,20 @@ def settings(pairs: list[str]) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs if pair)
 
 
+def preset_settings(names: tuple[str, ...], preset: str = "demo") -> dict[str, str]:
+    """The preset's values of the setting `names`, read from pipeline_common.sh itself (the one source of presets)."""
+    script = f"PRESET={preset}; source pipeline_common.sh; " + "; ".join(f'echo "${name}"' for name in names)
+    clean_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # no inherited settings
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=clean_env, capture_output=True, text=True, check=True)
+    return dict(zip(names, out.stdout.splitlines()))
+
+
+def preset_config(names: tuple[str, ...], preset: str = "demo") -> dict[str, int | float]:
+    """`preset_settings` as a benchmark config: lower-case keys, numbers as int or float."""
+    return {name.lower(): int(value) if value.lstrip("-").isdigit() else float(value)
+            for name, value in preset_settings(names, preset).items()}
+
+
 def run_script(script: str, train_path: Path, run_dir: Path, env_settings: dict[str, str], log_name: str = "pipeline.log") -> float:
     """`PRESET=demo bash SCRIPT` on the training cells with pipeline settings; returns its wall time.
 

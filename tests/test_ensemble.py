@@ -213,13 +213,14 @@ def test_kl_weight_elbo_is_one_over_the_training_cells(data_path, tmp_path):  # 
 
 
 def _paired_verdict(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> bool:
-    """FoldTrainer.keep_pruned with the paired rule's defaults, on given validation probabilities."""
+    """FoldTrainer.keep_pruned with the paired rule's defaults, on given validation probabilities (standing in for
+    the posterior means' predictions too)."""
     from types import SimpleNamespace
 
     args = finetune_sparse.build_parser().parse_args([])
-    trainer = SimpleNamespace(args=args, state=SimpleNamespace(reference_probs=reference.tolist()),
-                              labels=labels, val_idx=np.arange(len(labels)))
-    ok, verdict = finetune_sparse.FoldTrainer.keep_pruned(trainer, {}, candidate)
+    state = SimpleNamespace(reference_probs=reference.tolist(), reference_calls=reference.argmax(1).tolist())
+    trainer = SimpleNamespace(args=args, state=state, labels=labels, val_idx=np.arange(len(labels)))
+    ok, verdict = finetune_sparse.FoldTrainer.keep_pruned(trainer, {}, candidate, candidate.argmax(1))
     assert "NLL" in verdict and "changed type" in verdict
     return ok
 

@@ -151,6 +151,8 @@ def test_pruning_stats_report_structured_sparsity():
     assert stats["nonzero_params"] == stats["total_params"] - removed
     physical = tiny_model(bayes=True)  # same seed, same weights: pruning keeps the same neurons
     assert physical.prune(0.25, dim=0, mode="physical")["total_params"] == stats["nonzero_params"]
+    kept_positions = stats.pop("kept")  # what this call kept, on top of the model's lasting stats
+    assert [len(kept_positions[unit]) for unit in ("hidden1", "hidden2")] == [h1, h2]
     assert model.pruning_stats() == stats
 
 
@@ -237,3 +239,69 @@ def test_group_lasso_penalty_is_the_sum_of_slice_norms_and_shrinks_each_slice_to
     penalty.backward()
     mu = model.head.fc2.weight_mu
     torch.testing.assert_close(mu.grad, mu.detach() / mu.detach().norm(dim=1 - dim, keepdim=True))
+
+
+def encodings(model: BayesianSparseTransformer, batch: int = 40) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encode(random_tokens(batch))  # (cells, genes+1, dim)
+
+
+@pytest.mark.parametrize("bayes", [False, True], ids=["deterministic", "bayesian"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_refitting_the_next_layer_keeps_what_it_computes_closer_and_physical_still_matches_masked(bayes, dim):
+    model = tiny_model(bayes=bayes)
+    encoded = encodings(model)
+    features = model.head.gene_features(encoded)  # what prediction feeds fc1: the refit's cells
+    model.set_deterministic(True)
+    with torch.no_grad():
+        before = model.head(encoded)
+    errors = {}
+    for refit in (False, True):
+        pruned = {mode: copy.deepcopy(model) for mode in ("physical", "mask")}
+        for mode, twin in pruned.items():
+            twin.prune(0.5, dim=dim, mode=mode, refit_features=features if refit else None)
+            twin.set_deterministic(True)
+        with torch.no_grad():
+            outputs = {mode: twin.head(encoded) for mode, twin in pruned.items()}
+        torch.testing.assert_close(outputs["physical"], outputs["mask"], rtol=1e-4, atol=1e-5)
+        errors[refit] = float((outputs["physical"] - before).pow(2).mean())
+    assert errors[True] < 0.5 * errors[False]  # the refit makes up for much of what the removed neurons did
+
+
+def test_refit_is_least_squares_on_the_kept_inputs_and_an_overwhelming_ridge_only_slices():
+    model = tiny_model(bayes=True)
+    features = model.head.gene_features(encodings(model, batch=200)).double()  # (cells, genes): more cells than genes
+    fc1 = model.head.fc1
+    target = features @ fc1.weight_mu.detach().double().T + fc1.bias_mu.detach().double()
+    fitted, sliced, heavy = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    stats = fitted.prune(0.5, layers=("fc1",), dim=1, refit_features=features.float(), refit_ridge=1e-9)
+    keep = stats["kept"]["inputs"]
+    design = torch.cat([features[:, keep], torch.ones(len(features), 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(design, target).solution  # (kept + 1, hidden1)
+    torch.testing.assert_close(fitted.head.fc1.weight_mu, solution[:-1].T.float(), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(fitted.head.fc1.bias_mu, solution[-1].float(), rtol=1e-3, atol=1e-4)
+    sliced.prune(0.5, layers=("fc1",), dim=1)
+    heavy.prune(0.5, layers=("fc1",), dim=1, refit_features=features.float(), refit_ridge=1e9)
+    torch.testing.assert_close(heavy.head.fc1.weight_mu, sliced.head.fc1.weight_mu, rtol=1e-4, atol=1e-6)
+
+
+def test_sliced_noise_gives_the_physically_pruned_head_the_masked_heads_draws():
+    from bayesian_sparse_transformer import head_noise_for_widths, slice_head_noise, unit_widths
+
+    physical = tiny_model(bayes=True)
+    masked = copy.deepcopy(physical)
+    widths = unit_widths(physical)
+    noise = physical.head.draw_noise(4, torch.Generator().manual_seed(3))
+    by_widths = head_noise_for_widths(widths, 4, seed=3)
+    for name in noise:  # the same numbers as the unpruned head's own draw_noise
+        assert all(torch.equal(noise[name][k], by_widths[name][k]) for k in ("weight", "bias"))
+    positions = {unit: torch.arange(width) for unit, width in widths.items()}
+    for amount, dim in ((0.25, 0), (0.5, 1)):
+        stats = physical.prune(amount, dim=dim, mode="physical")
+        masked.prune(amount, dim=dim, mode="mask")
+        for unit, keep in stats["kept"].items():
+            positions[unit] = positions[unit][keep]
+    encoded = encodings(physical)
+    with torch.no_grad():
+        torch.testing.assert_close(physical.head(encoded, slice_head_noise(noise, positions)), masked.head(encoded, noise),
+                                   rtol=1e-4, atol=1e-5)
