@@ -393,7 +393,8 @@ class BayesianSparseTransformer(nn.Module):
         return sum(slice_norms(getattr(self.head, name), dim).sum() for name in layers)
 
     def prune(self, amount: float, *, layers: tuple[str, ...] = PRUNABLE_LAYERS, dim: int = 0, mode: str = "physical",
-              score: str = "l2", refit_features: Tensor | None = None, refit_ridge: float = 0.01) -> dict:
+              score: str = "l2", refit_features: Tensor | None = None, refit_weights: Tensor | None = None,
+              refit_ridge: float = 0.01) -> dict:
         """Remove the lowest-scoring slices of fc1/fc2 until `amount` of each layer's original slices are gone.
 
         dim=0 prunes rows (output neurons), dim=1 columns (inputs). `score` ranks the slices (PRUNE_SCORES): "l2"
@@ -407,8 +408,9 @@ class BayesianSparseTransformer(nn.Module):
         With `refit_features` (cells, fc1_in: the head's gene features of training cells, as `gene_features` gives
         them now) the layer that reads the
         removed units is refitted so that its pre-activations on those cells change as little as possible: a
-        least-squares fit on the kept units, shrunk toward the old weights by `refit_ridge` (relative to the
-        units' mean second moment). The next layer then no longer waits for fine-tuning to make up for what was
+        least-squares fit on the kept units, each cell weighted by `refit_weights` (cells,; e.g. class-balancing
+        weights, so rare types count as they did in training), shrunk toward the old weights by `refit_ridge`
+        (relative to the units' mean second moment). The next layer then no longer waits for fine-tuning to make up for what was
         lost.
         """
         if not 0.0 <= amount < 1.0:
@@ -431,7 +433,7 @@ class BayesianSparseTransformer(nn.Module):
             keep = _choose_kept(slice_scores(layer, dim, score), active, self._base_width(unit), amount)
             if keep is None:
                 continue
-            refit = None if refit_features is None else self._refit_consumer(unit, keep, refit_features, refit_ridge)
+            refit = None if refit_features is None else self._refit_consumer(unit, keep, refit_features, refit_weights, refit_ridge)
             (self._remove_physically if mode == "physical" else self._remove_by_mask)(unit, keep)
             if refit is not None:
                 self._set_consumer(unit, keep, *refit, physical=mode == "physical")
@@ -448,7 +450,8 @@ class BayesianSparseTransformer(nn.Module):
         return hidden if unit == "hidden1" else torch.relu(_mean_linear(self.head.fc2, hidden))
 
     @torch.no_grad()
-    def _refit_consumer(self, unit: str, keep: Tensor, features: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    def _refit_consumer(self, unit: str, keep: Tensor, features: Tensor, cell_weights: Tensor | None,
+                        ridge: float) -> tuple[Tensor, Tensor]:
         """The consumer's new (weight over the kept units, bias): ridge regression toward the old weights."""
         consumer = getattr(self.head, _UNIT_LAYERS[unit][1])
         weight, bias = _mean_parameters(consumer)  # (out, width), (out,)
@@ -456,11 +459,12 @@ class BayesianSparseTransformer(nn.Module):
         weight, bias = weight.double(), bias.double()
         target = acts @ weight.T + bias  # (cells, out): what the consumer computes now
         design = torch.cat([acts[:, keep], torch.ones(len(acts), 1, dtype=acts.dtype, device=acts.device)], 1)
-        gram = design.T @ design
+        weighted = design if cell_weights is None else design * cell_weights.double().to(design.device)[:, None]
+        gram = weighted.T @ design
         shrink = ridge * gram.diagonal().mean()
         prior = torch.cat([weight[:, keep], bias[:, None]], 1).T  # (kept + 1, out)
         eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-        solution = torch.linalg.solve(gram + shrink * eye, design.T @ target + shrink * prior)
+        solution = torch.linalg.solve(gram + shrink * eye, weighted.T @ target + shrink * prior)
         return solution[:-1].T.float(), solution[-1].float()
 
     @torch.no_grad()

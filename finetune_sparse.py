@@ -163,7 +163,8 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
                             "(the posterior's signal-to-noise; Bayesian head only)")
     prune.add_argument("--prune_refit", action=argparse.BooleanOptionalAction, default=True,
                        help="after each pruning step, refit the layer that reads the removed neurons (least squares on the "
-                            "training cells' activations, shrunk toward its old weights) so it computes what it did before")
+                            "training cells' activations, weighted like the loss (--class_weight), shrunk toward its old "
+                            "weights) so it computes what it did before")
     prune.add_argument("--prune_refit_ridge", type=float, default=0.01,
                        help="refit: shrinkage toward the old weights, relative to the activations' mean second moment")
     prune.add_argument("--prune_refit_cells", type=int, default=4096,
@@ -847,15 +848,17 @@ class FoldTrainer:
         loader = DataLoader(Subset(self.dataset, rows), batch_size=max(self.args.batch_size, 16), collate_fn=collate_batch)
         return collect_features(self.model, loader, layer, device=self.device, amp=self.args.amp)
 
-    def refit_features(self) -> torch.Tensor | None:
-        """Gene features of a fixed subset of training cells for --prune_refit (the same cells at every level)."""
+    def refit_cells(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """Gene features and class weights (the loss's) of a fixed subset of training cells for --prune_refit (the
+        same cells at every level)."""
         if not self.args.prune_refit:
-            return None
+            return None, None
         rows = np.sort(np.asarray(self.train_set.indices))
         if len(rows) > self.args.prune_refit_cells:
             rng = np.random.default_rng(self.args.seed + self.fold)
             rows = np.sort(rng.choice(rows, self.args.prune_refit_cells, replace=False))
-        return torch.from_numpy(self.features(rows, "gene_features")).to(self.device)
+        features = torch.from_numpy(self.features(rows, "gene_features")).to(self.device)
+        return features, self.class_weights[torch.as_tensor(self.labels[rows], device=self.class_weights.device)]
 
     def common_noise(self) -> dict | None:
         """The unpruned model's validation draws, restricted to the units the current model kept (None when the
@@ -937,8 +940,9 @@ class FoldTrainer:
             level = levels[self.state.level_index]
             steps = args.prune_ft_epochs * self.steps_per_epoch()
             if not self.state.level_applied:
+                features, weights = self.refit_cells()
                 stats = self.model.prune(level, layers=self.prune_layers, dim=args.prune_dim, mode=args.prune_mode,
-                                         score=args.prune_score, refit_features=self.refit_features(),
+                                         score=args.prune_score, refit_features=features, refit_weights=weights,
                                          refit_ridge=args.prune_refit_ridge)
                 if args.prune_mode == "physical":  # mask mode keeps every unit in place
                     for unit, keep in stats["kept"].items():

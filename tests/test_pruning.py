@@ -268,16 +268,19 @@ def test_refitting_the_next_layer_keeps_what_it_computes_closer_and_physical_sti
     assert errors[True] < 0.5 * errors[False]  # the refit makes up for much of what the removed neurons did
 
 
-def test_refit_is_least_squares_on_the_kept_inputs_and_an_overwhelming_ridge_only_slices():
+def test_refit_is_weighted_least_squares_on_the_kept_inputs_and_an_overwhelming_ridge_only_slices():
     model = tiny_model(bayes=True)
     features = model.head.gene_features(encodings(model, batch=200)).double()  # (cells, genes): more cells than genes
     fc1 = model.head.fc1
     target = features @ fc1.weight_mu.detach().double().T + fc1.bias_mu.detach().double()
     fitted, sliced, heavy = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
-    stats = fitted.prune(0.5, layers=("fc1",), dim=1, refit_features=features.float(), refit_ridge=1e-9)
+    cell_weights = torch.rand(len(features), generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.2
+    stats = fitted.prune(0.5, layers=("fc1",), dim=1, refit_features=features.float(), refit_weights=cell_weights,
+                         refit_ridge=1e-9)
     keep = stats["kept"]["inputs"]
     design = torch.cat([features[:, keep], torch.ones(len(features), 1, dtype=torch.float64)], 1)
-    solution = torch.linalg.lstsq(design, target).solution  # (kept + 1, hidden1)
+    root = cell_weights.sqrt()[:, None]  # weighted least squares = ordinary least squares on sqrt(w)-scaled rows
+    solution = torch.linalg.lstsq(root * design, root * target).solution  # (kept + 1, hidden1)
     torch.testing.assert_close(fitted.head.fc1.weight_mu, solution[:-1].T.float(), rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(fitted.head.fc1.bias_mu, solution[-1].float(), rtol=1e-3, atol=1e-4)
     sliced.prune(0.5, layers=("fc1",), dim=1)
