@@ -406,12 +406,11 @@ class BayesianSparseTransformer(nn.Module):
         "hidden2"), the positions it kept among the unit's slices before the call (see `slice_head_noise`).
 
         With `refit_features` (cells, fc1_in: the head's gene features of training cells, as `gene_features` gives
-        them now) the layer that reads the
-        removed units is refitted so that its pre-activations on those cells change as little as possible: a
-        least-squares fit on the kept units, each cell weighted by `refit_weights` (cells,; e.g. class-balancing
-        weights, so rare types count as they did in training), shrunk toward the old weights by `refit_ridge`
-        (relative to the units' mean second moment). The next layer then no longer waits for fine-tuning to make up for what was
-        lost.
+        them now) the layer that reads the removed units is refitted so that its pre-activations on those cells
+        change as little as possible: a least-squares fit on the kept units, each cell weighted by `refit_weights`
+        (cells,; e.g. class-balancing weights, so rare types count as they did in training), shrunk toward the old
+        weights by `refit_ridge` (relative to the units' mean second moment). The next layer then no longer waits
+        for fine-tuning to make up for what was lost.
         """
         if not 0.0 <= amount < 1.0:
             raise ValueError(f"amount must be in [0, 1), got {amount}")
@@ -691,10 +690,10 @@ def predict_samples(
     """
     device = torch.device(device)
     model.eval()
-    if model.is_bayesian and noise is None:
-        noise = model.head.draw_noise(num_samples, torch.Generator().manual_seed(seed))
-    elif not model.is_bayesian:
+    if not model.is_bayesian:
         noise = None
+    elif noise is None:
+        noise = model.head.draw_noise(num_samples, torch.Generator().manual_seed(seed))
     outputs, distances = [], []
     for tokens, _ in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
         tokens = tokens.to(device)

@@ -860,15 +860,26 @@ class FoldTrainer:
         features = torch.from_numpy(self.features(rows, "gene_features")).to(self.device)
         return features, self.class_weights[torch.as_tensor(self.labels[rows], device=self.class_weights.device)]
 
-    def common_noise(self) -> dict | None:
-        """The unpruned model's validation draws, restricted to the units the current model kept (None when the
-        head is deterministic): the paired rule compares the two models with common random numbers."""
-        if not self.model.is_bayesian or self.state.reference_widths is None:
-            return None
-        noise = head_noise_for_widths(self.state.reference_widths, self.args.mc_samples_eval, self.args.seed)
+    def evaluate_paired(self) -> tuple[dict, np.ndarray, np.ndarray]:
+        """What the paired rule compares, from one encoding of the validation cells: the metrics and probability
+        samples (S, cells, classes) drawn with the unpruned model's noise restricted to the kept units (common
+        random numbers), and the types the posterior means predict (cells,).
+
+        A Bayesian head gets one extra all-zero draw, which is exactly its posterior means; a deterministic head's
+        one sample already is.
+        """
+        if not self.model.is_bayesian:
+            metrics, prob_samples = self.evaluate()
+            return metrics, prob_samples, prob_samples[0].argmax(1)
+        samples = self.args.mc_samples_eval
+        noise = head_noise_for_widths(self.state.reference_widths, samples, self.args.seed)
         positions = {unit: torch.as_tensor(kept) for unit, kept in self.state.reference_positions.items()}
-        sliced = slice_head_noise(noise, positions)
-        return {name: {k: v.to(self.device) for k, v in draws.items()} for name, draws in sliced.items()}
+        noise = {name: {k: torch.cat([v, torch.zeros_like(v[:1])]).to(self.device) for k, v in draws.items()}
+                 for name, draws in slice_head_noise(noise, positions).items()}
+        _, prob_samples = self.evaluate(samples=samples + 1, noise=noise)
+        prob_samples, means = prob_samples[:-1], prob_samples[-1]
+        metrics = classification_metrics(prob_samples.mean(0), self.labels[self.val_idx], self.classes)
+        return metrics, prob_samples, means.argmax(1)
 
     def barrier(self) -> None:
         if self.ctx.world > 1:
@@ -925,10 +936,10 @@ class FoldTrainer:
             widths = unit_widths(self.model)
             self.state.reference_widths = widths
             self.state.reference_positions = {unit: list(range(width)) for unit, width in widths.items()}
-            metrics, prob_samples = self.evaluate(noise=self.common_noise())
+            metrics, prob_samples, calls = self.evaluate_paired()
             self.state.reference_f1 = metrics["macro_f1"]
             self.state.reference_probs = prob_samples.mean(0).tolist()
-            self.state.reference_calls = self.evaluate(samples=1)[1][0].argmax(1).tolist()
+            self.state.reference_calls = calls.tolist()
             if args.prune_distill > 0:
                 self.state.teacher_probs = self.teacher_probabilities()
             self.state.best_score = max(self.state.best_score, SELECTION_METRICS[args.select_metric](metrics))
@@ -960,8 +971,7 @@ class FoldTrainer:
                 self.record(row, started)
                 self.save("last")
                 self.barrier()
-            metrics, prob_samples = self.evaluate(noise=self.common_noise())
-            calls = self.evaluate(samples=1)[1][0].argmax(1) if args.prune_rule == "paired" else None
+            metrics, prob_samples, calls = self.evaluate_paired()
             ok, verdict = self.keep_pruned(metrics, prob_samples.mean(0), calls)
             row = {"phase": "prune", "epoch": 0, "prune_level": level, "val_loss": metrics["nll"], "val_acc": metrics["accuracy"],
                    "val_macro_f1": metrics["macro_f1"], "val_ece": metrics["ece"], "accepted": ok}
@@ -977,7 +987,7 @@ class FoldTrainer:
             self.save("last")
             self.barrier()
 
-    def keep_pruned(self, metrics: dict, probs: np.ndarray, calls: np.ndarray | None) -> tuple[bool, str]:
+    def keep_pruned(self, metrics: dict, probs: np.ndarray, calls: np.ndarray) -> tuple[bool, str]:
         """Whether the pruned, fine-tuned model may replace the unpruned one, and the numbers behind the verdict.
 
         probs: its mean probabilities on the validation cells (drawn with the unpruned model's noise); calls: the
@@ -987,10 +997,10 @@ class FoldTrainer:
         if args.prune_rule == "f1":
             ok = metrics["macro_f1"] >= self.state.reference_f1 - args.prune_f1_tol
             return ok, f"val macro-F1 {metrics['macro_f1']:.3f} vs {self.state.reference_f1:.3f} (tolerance {args.prune_f1_tol})"
-        paired = paired_comparison(np.asarray(self.state.reference_probs), probs, self.labels[self.val_idx], seed=args.seed)
         # Agreement of the posterior means' calls: a deterministic comparison, free of the Monte Carlo noise that
         # changes a few percent of borderline calls between two draws of the same model.
-        paired["changed"] = float(np.mean(np.asarray(calls) != np.asarray(self.state.reference_calls)))
+        paired = paired_comparison(np.asarray(self.state.reference_probs), probs, self.labels[self.val_idx], seed=args.seed,
+                                   calls=(np.asarray(self.state.reference_calls), np.asarray(calls)))
         ok = paired["nll_diff_upper"] <= args.prune_nll_tol and paired["changed"] <= args.prune_max_changed
         return ok, (f"val NLL {paired['nll_diff']:+.4f} per cell (95% upper bound {paired['nll_diff_upper']:+.4f}, "
                     f"tolerance {args.prune_nll_tol}), {paired['changed']:.1%} of cells changed type "

@@ -609,10 +609,11 @@ def fit_temperature(prob_samples: np.ndarray, labels: np.ndarray) -> float:
 
 
 def paired_comparison(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, *, n_boot: int = 2000,
-                      seed: int = 0) -> dict[str, float]:
+                      seed: int = 0, calls: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
     """Two models' mean probabilities (cells, classes) on the same labelled cells, compared cell by cell.
 
-    changed: share of cells whose predicted type differs; nll_diff: mean of candidate − reference per-cell NLL,
+    changed: share of cells whose predicted type differs (the argmax of the probabilities, or the two models'
+    `calls` when given, e.g. those of their posterior means); nll_diff: mean of candidate − reference per-cell NLL,
     with nll_diff_upper, the 95 % upper bound of a paired bootstrap. Pairing removes the cell-to-cell spread that
     makes one macro-F1 of a small validation set too noisy to decide on.
     """
@@ -621,7 +622,8 @@ def paired_comparison(reference: np.ndarray, candidate: np.ndarray, labels: np.n
     diff = nll[1] - nll[0]  # (cells,)
     resampled = np.random.default_rng(seed).integers(0, len(diff), size=(n_boot, len(diff)))
     return {
-        "changed": float(np.mean(np.argmax(reference, 1) != np.argmax(candidate, 1))),
+        "changed": float(np.mean(np.not_equal(*calls) if calls is not None
+                                 else np.argmax(reference, 1) != np.argmax(candidate, 1))),
         "nll_diff": float(diff.mean()),
         "nll_diff_upper": float(np.quantile(diff[resampled].mean(axis=1), 0.95)),
     }

@@ -273,13 +273,13 @@ def write_report(report: Report, config: dict, rows: list[dict], scale: list[dic
 
     report.table(f"Per variant, {n} splits: pruned (round 2) − unpruned (round 1) on the test cells",
                  ["variant", "split levels", "same level", "fc1+fc2 removed", "Δ macro-F1", "F1 ≥", "Δ NLL", "NLL ≤",
-                  "Δ ECE", "test calls changed", "checkpoint after/before", "MC head speed-up"],
+                  "Δ ECE", "test calls changed", "checkpoints after/before", "MC head speed-up"],
                  [[v, " ".join(f"{x:g}" for x in s["split_levels"]), f"{s['same_level']}/{n} at {s['common_level']:g}",
                    s["removed"], diff(s, "macro_f1"), f"{s['f1_wins']}/{n}", diff(s, "nll"), f"{s['nll_wins']}/{n}",
                    diff(s, "ece"), s["changed"], s["checkpoint_ratio"], s["head_speedup"]] for v, s in summary.items()])
     report.table("Per split and variant (levels: one per fold model)",
                  ["seed", "variant", "levels", "removed", "macro-F1 before → after", "NLL before → after",
-                  "ECE before → after", "checkpoint MB before → after", "MC head ms before → after"],
+                  "ECE before → after", "fold checkpoints MB (all folds) before → after", "MC head ms before → after"],
                  [[r["seed"], r["variant"], " ".join(f"{x:g}" for x in r["levels"]), r["removed"],
                    f"{r['before']['macro_f1']:.3f} → {r['after']['macro_f1']:.3f}",
                    f"{r['before']['nll']:.3f} → {r['after']['nll']:.3f}", f"{r['before']['ece']:.3f} → {r['after']['ece']:.3f}",

@@ -308,3 +308,19 @@ def test_sliced_noise_gives_the_physically_pruned_head_the_masked_heads_draws():
     with torch.no_grad():
         torch.testing.assert_close(physical.head(encoded, slice_head_noise(noise, positions)), masked.head(encoded, noise),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_an_all_zero_draw_is_the_posterior_means():
+    """The paired rule reads the posterior means' calls from an extra all-zero noise sample (one encoding)."""
+    model = tiny_model(bayes=True)
+    encoded = encodings(model)
+    noise = model.head.draw_noise(3, torch.Generator().manual_seed(0))
+    zero = {name: {k: torch.cat([v, torch.zeros_like(v[:1])]) for k, v in draws.items()} for name, draws in noise.items()}
+    with torch.no_grad():
+        sampled = model.head(encoded, zero)  # (4, cells, classes)
+        model.set_deterministic(True)
+        means = model.head(encoded)
+    torch.testing.assert_close(sampled[-1], means)
+    model.set_deterministic(False)
+    with torch.no_grad():
+        torch.testing.assert_close(sampled[:-1], model.head(encoded, noise))  # the other draws are untouched
