@@ -36,23 +36,26 @@ from tqdm.auto import tqdm
 from bayesian_sparse_transformer import (
     CHECKPOINT_FORMAT,
     NOVELTY_LAYER,
+    NOVELTY_NEIGHBOURS,
+    NOVELTY_PARTS,
     PRUNABLE_LAYERS,
     PRUNE_MODES,
     PRUNE_SCORES,
     BayesianSparseTransformer,
     HeadConfig,
     ModelConfig,
+    calibrate_novelty,
     checkpoint_from_payload,
     checkpoint_paths,
     collect_features,
+    fit_input_neighbours,
     fit_novelty,
     head_noise_for_widths,
     load_checkpoint,
     load_ensemble,
     load_gene_vectors,
     load_pretrained_encoder,
-    novelty_distance,
-    novelty_threshold,
+    novelty_parts,
     predict_proba_samples,
     read_checkpoint_file,
     save_checkpoint,
@@ -196,6 +199,11 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
                        help="after training, fit class statistics of each fold model's features to its training cells and "
                             "set the novelty threshold so this share of its validation cells (known types) lies above it; "
                             "predict_updated.py flags cells beyond it as possible unseen types")
+    train.add_argument("--novelty_parts", type=novelty_parts_option, default=list(NOVELTY_PARTS), metavar="VIEW[,VIEW…]",
+                       help="views combined into the novelty score, each calibrated on the validation cells: mahalanobis "
+                            "(distance to the nearest training type in the head's gene features), input_knn (distance to "
+                            "the nearest training cells in principal components of the expression), entropy (the model's "
+                            f"doubt between known types); default {','.join(NOVELTY_PARTS)}")
     train.add_argument("--patience", type=int, default=10, help="stop after this many validations without a better SELECT_METRIC")
     train.add_argument("--select_metric", default="nll", choices=tuple(SELECTION_METRICS),
                        help="validation metric for early stopping and the best checkpoint: nll (smooth, every cell counts) "
@@ -212,6 +220,14 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in CKPT_DIR from its last checkpoint")
     p.set_defaults(**defaults)
     return p
+
+
+def novelty_parts_option(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(NOVELTY_PARTS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(NOVELTY_PARTS)}, got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def kl_weight_option(text: str) -> float | str:
@@ -831,16 +847,23 @@ class FoldTrainer:
             metrics=metrics or {}, training_state=training_state, novelty=novelty,
         )
 
-    def fit_novelty(self) -> dict:
-        """Novelty statistics of the final model: its training cells' class means and shrunk covariance, and the
-        threshold that `--novelty_fpr` of its validation cells (known types it never trained on) exceed."""
+    def fit_novelty(self, val_probs: np.ndarray) -> dict:
+        """Novelty statistics of the final model (see `calibrate_novelty`): its training cells' class means and
+        shrunk covariance, a neighbour index of (up to NOVELTY_NEIGHBOURS of) them in expression space, and each
+        view's scores on the validation cells (known types it never trained on) with the threshold that
+        `--novelty_fpr` of them exceed. val_probs (validation cells, classes): the final model's probabilities."""
         args = self.args
         train_idx = np.asarray(self.train_set.indices)
         stats = fit_novelty(self.features(train_idx), self.labels[train_idx])
-        distances = novelty_distance(self.features(self.val_idx), stats)
-        stats.update(threshold=novelty_threshold(distances, args.novelty_fpr), fpr=float(args.novelty_fpr))
-        log.info("fold %d: novelty threshold %.3f (%.0f%% of %d validation cells above it)", self.fold,
-                 stats["threshold"], 100 * args.novelty_fpr, len(self.val_idx))
+        if "input_knn" in args.novelty_parts:
+            rng = np.random.default_rng(args.seed + self.fold)
+            rows = np.sort(rng.choice(train_idx, min(len(train_idx), NOVELTY_NEIGHBOURS), replace=False))
+            stats |= fit_input_neighbours(self.dataset.__getitems__(rows).tokens[:, :-1].numpy())
+        parts = novelty_parts(self.features(self.val_idx), self.dataset.__getitems__(self.val_idx).tokens, val_probs,
+                              stats | {"parts": args.novelty_parts})
+        stats = calibrate_novelty(stats, {name: parts[name] for name in args.novelty_parts}, args.novelty_fpr)
+        log.info("fold %d: novelty threshold %.3f (%.0f%% of %d validation cells above it; views %s)", self.fold,
+                 stats["threshold"], 100 * args.novelty_fpr, len(self.val_idx), "+".join(args.novelty_parts))
         return stats
 
     def features(self, rows: np.ndarray, layer: str = NOVELTY_LAYER) -> np.ndarray:
@@ -1038,7 +1061,7 @@ class FoldTrainer:
         metrics, prob_samples = self.evaluate()
         # The best checkpoint is written once more, final: calibrated, with the novelty statistics of exactly this
         # model's features (after any physical pruning); --epoch 0 without pruning makes the --model_path model the best.
-        novelty = self.fit_novelty() if self.ctx.main else None
+        novelty = self.fit_novelty(prob_samples.mean(0)) if self.ctx.main else None
         self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount, self.state.kl_step),
                   novelty=novelty)
         self.report(metrics)

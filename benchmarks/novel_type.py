@@ -29,16 +29,20 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader
 
 import predict_updated
+from bayesian_sparse_transformer import calibrate_novelty, ensemble_novelty, load_ensemble, predict_samples
 from benchmarks.common import Report, mean_std, parse_config
 from benchmarks.pipeline import preset_config
 from benchmarks.training import load_pbmc, run_finetune, write_h5ad
+from utils import BinnedDataset, align_genes, collate_batch, load_dataset
 
 NAME = "novel_type"
-SCORES = ("novelty", "entropy", "mutual_info", "one_minus_confidence", "pca_knn")
-SCORE_LABELS = {"novelty": "novelty", "entropy": "entropy", "mutual_info": "mutual information",
-                "one_minus_confidence": "1 − confidence", "pca_knn": "PCA-kNN baseline"}
+SCORES = ("novelty", "view_mahalanobis", "view_input_knn", "entropy", "mutual_info", "one_minus_confidence", "pca_knn")
+SCORE_LABELS = {"novelty": "novelty", "view_mahalanobis": "view: Mahalanobis", "view_input_knn": "view: input kNN",
+                "entropy": "entropy", "mutual_info": "mutual information", "one_minus_confidence": "1 − confidence",
+                "pca_knn": "PCA-kNN baseline"}
 # The demo preset's Stage A (pipeline_common.sh) on 2 cross-fitted folds instead of 5, so that 7 types x 2
 # splits fit in ~20 minutes on 2 shared CPU cores.
 REAL = preset_config(("DIM", "DEPTH", "HEADS", "DIM_HEAD", "H_DIM", "BATCH_SIZE", "GRAD_ACC", "LEARNING_RATE", "EPOCHS_A",
@@ -91,6 +95,21 @@ def predict(model_dir: Path, eval_path: Path, out_dir: Path) -> pd.DataFrame:
     return pd.read_csv(out_dir / "predictions.csv")
 
 
+def view_scores(model_dir: Path, eval_path: Path, view: str) -> np.ndarray:
+    """One view of the novelty score alone, calibrated and averaged over the fold models as the combined one is."""
+    members = load_ensemble(model_dir)
+    data = align_genes(load_dataset(eval_path, label_key="cell_type"), members[0].genes)
+    loader = DataLoader(BinnedDataset(data.matrix, members[0].bin_num, bin_width=members[0].bin_width), batch_size=64,
+                        collate_fn=collate_batch)
+    scores, thresholds = [], []
+    for member in members:  # the view's own validation scores, recalibrated as if it were the only one
+        alone = calibrate_novelty(member.novelty, {view: member.novelty["calibration"][view].numpy()},
+                                  member.novelty["fpr"])
+        scores.append(predict_samples(member.model, loader, 1, novelty=alone)[1])
+        thresholds.append(alone["threshold"])
+    return ensemble_novelty(scores, thresholds)
+
+
 def run_case(config: dict, data, x: np.ndarray, left_out: str, seed: int, work: Path) -> dict:
     """One left-out type on one split: train without it, predict, score."""
     work.mkdir(parents=True, exist_ok=True)
@@ -102,7 +121,11 @@ def run_case(config: dict, data, x: np.ndarray, left_out: str, seed: int, work: 
     unseen = is_left_out[eval_rows]
     trained = train(config, write_h5ad(data, train_rows, work / "train.h5ad"), work, seed)
     table = predict(work / "stageA", write_h5ad(data, eval_rows, work / "eval.h5ad"), work / "predictions")
-    scores = {"novelty": table["pred_novelty"].to_numpy(), "entropy": table["pred_entropy"].to_numpy(),
+    eval_path = work / "eval.h5ad"
+    scores = {"novelty": table["pred_novelty"].to_numpy(),
+              "view_mahalanobis": view_scores(work / "stageA", eval_path, "mahalanobis"),
+              "view_input_knn": view_scores(work / "stageA", eval_path, "input_knn"),
+              "entropy": table["pred_entropy"].to_numpy(),
               "mutual_info": table["pred_mutual_info"].to_numpy(),
               "one_minus_confidence": 1 - table["pred_confidence"].to_numpy(),
               "pca_knn": pca_knn_distance(config, x[train_rows], x[eval_rows])}
