@@ -125,6 +125,8 @@ def test_novel_type_smoke_scores_each_left_out_type(tmp_path):
         assert 0 <= row["flagged_unseen"] <= 1 and 0 <= row["flagged_known"] <= 1
     for score in scores:
         assert results["summary"]["auroc"][score]["n"] == 2
+        assert 0 <= results["summary"]["accuracy_at_80"][score]["mean"] <= 1
+        assert "misclassification_auroc" in results["per_case"][0]
 
 
 def test_memory_smoke_measures_every_variant(tmp_path):
