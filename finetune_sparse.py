@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import anndata
@@ -224,60 +224,171 @@ def kl_weight_option(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'elbo', got {text!r}") from None
 
 
-def validate_args(args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of one training run, as the command line defines them (build_parser holds the defaults and
+    the help); built and checked once by `make_config`, then read-only. Recorded as `args` in the run's
+    config.json and in every checkpoint."""
+
+    # data
+    data_path: str | None
+    label_key: str | None
+    layer: str | None
+    use_raw: bool
+    normalize: bool
+    gene_symbols: str | None
+    min_cells_per_class: int
+    gene_num: int | None
+    bin_num: int | None  # None until resolved: 5, or the --model_path checkpoint's (adopt_checkpoint_binning)
+    bin_width: float | None
+    # model
+    model_path: str | None
+    dim: int
+    depth: int
+    heads: int
+    dim_head: int
+    nb_features: int | None
+    feature_redraw_interval: int
+    local_attn_heads: int
+    pos_embed: bool
+    gene2vec_path: str | None
+    h_dim: int
+    dropout: float
+    gradient_checkpointing: bool
+    trainable_layers: int | None
+    # Bayesian head
+    bayes_head: bool
+    kl_weight: float | str  # a number or "elbo"
+    kl_anneal_steps: int
+    bayes_mc_samples: int
+    mc_samples_eval: int
+    pre_warm_epochs: int
+    prior_sigma: float
+    init_log_sigma: float
+    local_reparam: bool
+    # structured pruning
+    prune_target: float
+    prune_step: float
+    prune_ft_epochs: int
+    prune_rule: str
+    prune_nll_tol: float
+    prune_max_changed: float
+    prune_f1_tol: float
+    prune_dim: int
+    prune_layers: str  # comma-separated, normalised by make_config
+    prune_mode: str
+    prune_score: str
+    prune_refit: bool
+    prune_refit_ridge: float
+    prune_refit_cells: int
+    prune_distill: float
+    # training
+    epoch: int
+    batch_size: int
+    grad_acc: int
+    learning_rate: float
+    head_lr_mult: float
+    weight_decay: float
+    warmup_ratio: float
+    grad_clip: float
+    l1_lambda: float
+    group_lasso: float
+    sample_with_replacement: bool
+    cv_splits: int
+    temperature_scaling: bool
+    novelty_fpr: float
+    patience: int
+    select_metric: str
+    class_weight: str
+    valid_every: int
+    seed: int
+    # run
+    device: str
+    amp: bool
+    num_workers: int
+    overwrite: bool
+    ckpt_dir: str
+    model_name: str
+    resume: bool
+
+    @property
+    def layers_to_prune(self) -> tuple[str, ...]:
+        return tuple(self.prune_layers.split(","))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's configuration from the parsed command line: checked, then frozen."""
+    config = TrainConfig(**vars(args))
+    validate_config(config)
+    layers = [name.strip() for name in config.prune_layers.split(",") if name.strip()]
+    return replace(config, prune_layers=",".join(layers))
+
+
+def default_config(**options) -> TrainConfig:
+    """The command line's defaults with `options` by name (the Python API's way to a config)."""
+    args = build_parser().parse_args([])
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"unknown training options {unknown}; see finetune_sparse.py --help")
+    return make_config(argparse.Namespace(**(vars(args) | options)))
+
+
+def validate_config(config: TrainConfig) -> None:
     """Reject out-of-range options before any data is read or any model is built."""
     checks = [
-        (0 <= args.prune_target < 1, "--prune_target must be in [0, 1)"),
-        (args.prune_step > 0, "--prune_step must be positive"),
-        (args.prune_f1_tol >= 0, "--prune_f1_tol must be at least 0"),
-        (args.prune_nll_tol >= 0, "--prune_nll_tol must be at least 0"),
-        (0 <= args.prune_max_changed <= 1, "--prune_max_changed must be in [0, 1]"),
-        (args.prune_ft_epochs >= 0, "--prune_ft_epochs must be at least 0"),
-        (args.bin_num is None or args.bin_num >= 1, "--bin_num must be at least 1"),
-        (args.bin_width is None or args.bin_width > 0, "--bin_width must be positive"),
-        (args.batch_size >= 1, "--batch_size must be at least 1"),
-        (args.grad_acc >= 1, "--grad_acc must be at least 1"),
-        (args.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1"),
-        (args.mc_samples_eval >= 1, "--mc_samples_eval must be at least 1"),
-        (args.epoch >= 0, "--epoch must be at least 0"),
-        (args.epoch >= 1 or bool(args.model_path),
+        (0 <= config.prune_target < 1, "--prune_target must be in [0, 1)"),
+        (config.prune_step > 0, "--prune_step must be positive"),
+        (config.prune_f1_tol >= 0, "--prune_f1_tol must be at least 0"),
+        (config.prune_nll_tol >= 0, "--prune_nll_tol must be at least 0"),
+        (0 <= config.prune_max_changed <= 1, "--prune_max_changed must be in [0, 1]"),
+        (config.prune_ft_epochs >= 0, "--prune_ft_epochs must be at least 0"),
+        (config.bin_num is None or config.bin_num >= 1, "--bin_num must be at least 1"),
+        (config.bin_width is None or config.bin_width > 0, "--bin_width must be positive"),
+        (config.batch_size >= 1, "--batch_size must be at least 1"),
+        (config.grad_acc >= 1, "--grad_acc must be at least 1"),
+        (config.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1"),
+        (config.mc_samples_eval >= 1, "--mc_samples_eval must be at least 1"),
+        (config.epoch >= 0, "--epoch must be at least 0"),
+        (config.epoch >= 1 or bool(config.model_path),
          "--epoch 0 trains nothing: a model from scratch needs --epoch 1 or more (--epoch 0 only evaluates or prunes a --model_path checkpoint)"),
-        (args.cv_splits >= 1, "--cv_splits must be at least 1"),
-        (not (args.local_reparam and args.bayes_mc_samples > 1),
+        (config.cv_splits >= 1, "--cv_splits must be at least 1"),
+        (not (config.local_reparam and config.bayes_mc_samples > 1),
          "--local_reparam samples pre-activations of one network per step and cannot average --bayes_mc_samples "
          "networks; use one of the two"),
-        (args.patience >= 1, "--patience must be at least 1"),
-        (0 < args.novelty_fpr < 1, "--novelty_fpr must be in (0, 1), e.g. 0.05 for 5 % of known cells flagged"),
-        (args.valid_every >= 1, "--valid_every must be at least 1"),
-        (args.learning_rate > 0, "--learning_rate must be positive"),
-        (args.head_lr_mult > 0, "--head_lr_mult must be positive"),
-        (args.weight_decay >= 0, "--weight_decay must be at least 0"),
-        (0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (args.kl_weight == "elbo" or args.kl_weight >= 0, "--kl_weight must be at least 0 (or 'elbo')"),
-        (args.kl_anneal_steps >= 0, "--kl_anneal_steps must be at least 0"),
-        (args.pre_warm_epochs >= 0, "--pre_warm_epochs must be at least 0"),
-        (args.prior_sigma > 0, "--prior_sigma must be positive"),
-        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.l1_lambda >= 0, "--l1_lambda must be at least 0"),
-        (args.group_lasso >= 0, "--group_lasso must be at least 0"),
-        (0 <= args.prune_distill <= 1, "--prune_distill must be in [0, 1]"),
-        (args.prune_refit_ridge > 0, "--prune_refit_ridge must be positive"),
-        (args.prune_refit_cells >= 1, "--prune_refit_cells must be at least 1"),
-        (min(args.dim, args.depth, args.heads, args.dim_head, args.h_dim) >= 1, "--dim, --depth, --heads, --dim_head and --h_dim must be at least 1"),
-        (0 <= args.local_attn_heads <= args.heads, "--local_attn_heads must be between 0 and --heads"),
-        (args.min_cells_per_class >= 0, "--min_cells_per_class must be at least 0"),
-        (args.num_workers >= 0, "--num_workers must be at least 0"),
-        (args.gene_num is None or args.gene_num >= 1, "--gene_num must be at least 1"),
-        (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other: pick one"),
+        (config.patience >= 1, "--patience must be at least 1"),
+        (0 < config.novelty_fpr < 1, "--novelty_fpr must be in (0, 1), e.g. 0.05 for 5 % of known cells flagged"),
+        (config.valid_every >= 1, "--valid_every must be at least 1"),
+        (config.learning_rate > 0, "--learning_rate must be positive"),
+        (config.head_lr_mult > 0, "--head_lr_mult must be positive"),
+        (config.weight_decay >= 0, "--weight_decay must be at least 0"),
+        (0 <= config.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (config.kl_weight == "elbo" or config.kl_weight >= 0, "--kl_weight must be at least 0 (or 'elbo')"),
+        (config.kl_anneal_steps >= 0, "--kl_anneal_steps must be at least 0"),
+        (config.pre_warm_epochs >= 0, "--pre_warm_epochs must be at least 0"),
+        (config.prior_sigma > 0, "--prior_sigma must be positive"),
+        (0 <= config.dropout < 1, "--dropout must be in [0, 1)"),
+        (config.l1_lambda >= 0, "--l1_lambda must be at least 0"),
+        (config.group_lasso >= 0, "--group_lasso must be at least 0"),
+        (0 <= config.prune_distill <= 1, "--prune_distill must be in [0, 1]"),
+        (config.prune_refit_ridge > 0, "--prune_refit_ridge must be positive"),
+        (config.prune_refit_cells >= 1, "--prune_refit_cells must be at least 1"),
+        (min(config.dim, config.depth, config.heads, config.dim_head, config.h_dim) >= 1, "--dim, --depth, --heads, --dim_head and --h_dim must be at least 1"),
+        (0 <= config.local_attn_heads <= config.heads, "--local_attn_heads must be between 0 and --heads"),
+        (config.min_cells_per_class >= 0, "--min_cells_per_class must be at least 0"),
+        (config.num_workers >= 0, "--num_workers must be at least 0"),
+        (config.gene_num is None or config.gene_num >= 1, "--gene_num must be at least 1"),
+        (not (config.resume and config.overwrite), "--resume and --overwrite exclude each other: pick one"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    layers = [name.strip() for name in args.prune_layers.split(",") if name.strip()]
+    layers = [name.strip() for name in config.prune_layers.split(",") if name.strip()]
     unknown = sorted(set(layers) - set(PRUNABLE_LAYERS))
     if unknown or not layers:
-        raise UserError(f"--prune_layers: unknown layer(s) {unknown or args.prune_layers!r}; choose from {','.join(PRUNABLE_LAYERS)}")
-    args.prune_layers = ",".join(layers)
+        raise UserError(f"--prune_layers: unknown layer(s) {unknown or config.prune_layers!r}; choose from {','.join(PRUNABLE_LAYERS)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -341,42 +452,42 @@ class RunFiles:
         return [path for path in self.outputs(folds) if path.exists()]
 
 
-def check_outputs(args: argparse.Namespace, files: RunFiles) -> list[Path]:
+def check_outputs(config: TrainConfig, files: RunFiles) -> list[Path]:
     """Refuse to clobber an earlier run; on --resume insist on the same settings. Writes nothing."""
     for folder in (files.directory, *files.directory.parents):
         if folder.exists():
             if not folder.is_dir():
                 raise UserError(f"--ckpt_dir {files.directory} cannot be created: {folder} is a file; choose another --ckpt_dir")
             break
-    existing = files.existing(args.cv_splits)
-    settings = {k: v for k, v in vars(args).items() if k not in RESUME_FREE_ARGS}
-    if args.resume:
+    existing = files.existing(config.cv_splits)
+    settings = {k: v for k, v in config.as_dict().items() if k not in RESUME_FREE_ARGS}
+    if config.resume:
         if not files.config.exists():
             raise UserError(f"nothing to resume: {files.config} does not exist; run without --resume")
         saved = {k: v for k, v in read_json(files.config)["args"].items() if k not in RESUME_FREE_ARGS}
         changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
         if changed:
             raise UserError(f"--resume needs the settings of the interrupted run; these differ: {', '.join(changed)}")
-    elif existing and not args.overwrite:
+    elif existing and not config.overwrite:
         raise UserError(f"{existing[0]} exists from an earlier run; pass --overwrite, --resume or another --model_name/--ckpt_dir")
     return existing
 
 
-def create_outputs(args: argparse.Namespace, files: RunFiles, ctx: Dist, existing: list[Path]) -> None:
+def create_outputs(config: TrainConfig, files: RunFiles, ctx: Dist, existing: list[Path]) -> None:
     """Only once every input has been checked: create the run directory and record the configuration."""
     if ctx.main:
         files.directory.mkdir(parents=True, exist_ok=True)
-        if args.overwrite:
+        if config.overwrite:
             for path in existing:
                 path.unlink()
         # A kill during an atomic write leaves its temporary file (.tmp-<target>-<random>) behind; remove this
         # run's, which hold nothing it still needs, and leave other runs' alone.
-        ours = {path.name for path in files.outputs(args.cv_splits)}
+        ours = {path.name for path in files.outputs(config.cv_splits)}
         for leftover in files.directory.glob(".tmp-*"):
             if leftover.name[len(".tmp-"):].rsplit("-", 1)[0] in ours:
                 leftover.unlink(missing_ok=True)
-        if not args.resume:
-            write_json(files.config, {"args": vars(args), "versions": package_versions()})
+        if not config.resume:
+            write_json(files.config, {"args": config.as_dict(), "versions": package_versions()})
     if ctx.world > 1:
         dist.barrier()
 
@@ -442,23 +553,23 @@ class Source:
         return int(self.checkpoint.metrics.get("kl_step", 0)) if self.continues_model else 0
 
 
-def read_sources(args: argparse.Namespace) -> list[Source]:
+def read_sources(config: TrainConfig) -> list[Source]:
     """Load --model_path once: our checkpoints carry genes/classes that the data must be aligned to.
 
     A run directory of K fold models gives one source per fold: fold k continues member k, on the same folds
     (same --seed and --cv_splits), so every member is still validated on cells it never trained on.
     """
-    if not args.model_path:
+    if not config.model_path:
         return [Source()]
-    paths = checkpoint_paths(args.model_path)
+    paths = checkpoint_paths(config.model_path)
     if len(paths) > 1:
-        if len(paths) != args.cv_splits:
-            raise UserError(f"--model_path {args.model_path} holds {len(paths)} fold models; pass --cv_splits {len(paths)} "
+        if len(paths) != config.cv_splits:
+            raise UserError(f"--model_path {config.model_path} holds {len(paths)} fold models; pass --cv_splits {len(paths)} "
                             "so that each fold continues its own model")
-        members = load_ensemble(args.model_path)
+        members = load_ensemble(config.model_path)
         for member in members:
-            if (member.args.get("seed"), member.args.get("cv_splits")) != (args.seed, args.cv_splits):
-                raise UserError(f"the fold models in {args.model_path} were trained with --seed {member.args.get('seed')} "
+            if (member.args.get("seed"), member.args.get("cv_splits")) != (config.seed, config.cv_splits):
+                raise UserError(f"the fold models in {config.model_path} were trained with --seed {member.args.get('seed')} "
                                 f"--cv_splits {member.args.get('cv_splits')}; continue them with the same values so each "
                                 "fold keeps its validation cells")
         return [Source(member) for member in members]
@@ -468,74 +579,76 @@ def read_sources(args: argparse.Namespace) -> list[Source]:
     return [Source(encoder_payload=payload)]  # a scBERT encoder: loaded into each fold's fresh model by build_model
 
 
-def adopt_checkpoint_binning(args: argparse.Namespace, source: Source) -> None:
-    """Our checkpoints fix the binning along with the architecture; --bin_num/--bin_width may only repeat it."""
-    defaults = {"bin_num": DEFAULT_BIN_NUM, "bin_width": DEFAULT_BIN_WIDTH}
-    for name, default in defaults.items():
-        given = getattr(args, name)
+def adopt_checkpoint_binning(config: TrainConfig, source: Source) -> TrainConfig:
+    """The config with its binning resolved: our checkpoints fix the binning along with the architecture, so
+    --bin_num/--bin_width may only repeat it; without one, the defaults fill what was not given."""
+    binning = {}
+    for name, default in {"bin_num": DEFAULT_BIN_NUM, "bin_width": DEFAULT_BIN_WIDTH}.items():
+        given = getattr(config, name)
         if source.checkpoint is None:
-            setattr(args, name, default if given is None else given)
+            binning[name] = default if given is None else given
             continue
         saved = getattr(source.checkpoint, name)
         if given is not None and given != saved:
             raise UserError(f"--{name} {given} differs from the checkpoint's {saved}; "
                             f"drop --{name} to keep the binning the model was trained with")
-        setattr(args, name, saved)
+        binning[name] = saved
+    return replace(config, **binning)
 
 
-def check_fixed_options(args: argparse.Namespace, source: Source) -> None:
+def check_fixed_options(config: TrainConfig, source: Source) -> None:
     """A continued checkpoint fixes its architecture (and a Bayesian one its variational family): options given
     on the command line that contradict it would be silently ignored, so they are refused."""
     if not source.continues_model:
         return
-    config = source.checkpoint.model.config
-    fixed = {"dim": config.encoder.dim, "depth": config.encoder.depth, "heads": config.encoder.heads,
-             "dim_head": config.encoder.dim_head, "local_attn_heads": config.encoder.local_attn_heads,
-             "h_dim": config.head.base_hidden2, "dropout": config.head.dropout}
-    if config.head.bayes:
-        fixed |= {"prior_sigma": config.head.prior_sigma, "init_log_sigma": config.head.init_log_sigma,
-                  "local_reparam": config.head.local_reparam}
+    saved = source.checkpoint.model.config
+    fixed = {"dim": saved.encoder.dim, "depth": saved.encoder.depth, "heads": saved.encoder.heads,
+             "dim_head": saved.encoder.dim_head, "local_attn_heads": saved.encoder.local_attn_heads,
+             "h_dim": saved.head.base_hidden2, "dropout": saved.head.dropout}
+    if saved.head.bayes:
+        fixed |= {"prior_sigma": saved.head.prior_sigma, "init_log_sigma": saved.head.init_log_sigma,
+                  "local_reparam": saved.head.local_reparam}
     defaults = build_parser()
     given = sorted(name for name, value in fixed.items()
-                   if getattr(args, name) != defaults.get_default(name) and getattr(args, name) != value)
+                   if getattr(config, name) != defaults.get_default(name) and getattr(config, name) != value)
     if given:
         settings = ", ".join(f"--{name} {fixed[name]}" for name in given)
-        raise UserError(f"{args.model_path} fixes {settings}; drop {', '.join('--' + n for n in given)} (they cannot "
+        raise UserError(f"{config.model_path} fixes {settings}; drop {', '.join('--' + n for n in given)} (they cannot "
                         "change when training continues a checkpoint)")
 
 
-def build_model(args: argparse.Namespace, source: Source, genes: list[str], n_classes: int) -> BayesianSparseTransformer:
+def build_model(config: TrainConfig, source: Source, genes: list[str], n_classes: int) -> BayesianSparseTransformer:
     """A fresh model, or a copy of the source checkpoint's model; Bayesian head ported when --bayes_head."""
     if source.continues_model:
         # Training starts uncalibrated: a temperature fitted to the source's validation cells is refitted at the end.
-        config = replace(source.checkpoint.model.config, head=replace(source.checkpoint.model.config.head, temperature=1.0))
-        config.encoder = replace(config.encoder, gradient_checkpointing=args.gradient_checkpointing)  # this run's choice
-        model = BayesianSparseTransformer(config)
+        model_config = replace(source.checkpoint.model.config, head=replace(source.checkpoint.model.config.head, temperature=1.0))
+        model_config.encoder = replace(model_config.encoder, gradient_checkpointing=config.gradient_checkpointing)  # this run's choice
+        model = BayesianSparseTransformer(model_config)
         model.load_state_dict(source.checkpoint.model.state_dict())
     elif source.checkpoint is not None:  # our encoder, a fresh head for the data's cell types
-        encoder = replace(source.checkpoint.model.config.encoder, gradient_checkpointing=args.gradient_checkpointing)
-        head = HeadConfig(seq_len=encoder.max_seq_len, dim=encoder.dim, num_classes=n_classes, hidden2=args.h_dim,
-                          dropout=args.dropout)
+        encoder = replace(source.checkpoint.model.config.encoder, gradient_checkpointing=config.gradient_checkpointing)
+        head = HeadConfig(seq_len=encoder.max_seq_len, dim=encoder.dim, num_classes=n_classes, hidden2=config.h_dim,
+                          dropout=config.dropout)
         model = BayesianSparseTransformer(ModelConfig(encoder, head))
         model.encoder.load_state_dict(source.checkpoint.model.encoder.state_dict())
-        log.info("reusing the encoder of %s with a new head for %d cell types", args.model_path, n_classes)
+        log.info("reusing the encoder of %s with a new head for %d cell types", config.model_path, n_classes)
     else:
         seq_len = len(genes) + 1
-        gene_embedding = "none" if not args.pos_embed else ("gene2vec" if args.gene2vec_path else "learned")
+        gene_embedding = "none" if not config.pos_embed else ("gene2vec" if config.gene2vec_path else "learned")
         encoder = PerformerConfig(
-            num_tokens=args.bin_num + 2, max_seq_len=seq_len, dim=args.dim, depth=args.depth, heads=args.heads,
-            dim_head=args.dim_head, nb_features=args.nb_features, feature_redraw_interval=args.feature_redraw_interval,
-            local_attn_heads=args.local_attn_heads, ff_dropout=args.dropout, gene_embedding=gene_embedding,
-            redraw_seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+            num_tokens=config.bin_num + 2, max_seq_len=seq_len, dim=config.dim, depth=config.depth, heads=config.heads,
+            dim_head=config.dim_head, nb_features=config.nb_features, feature_redraw_interval=config.feature_redraw_interval,
+            local_attn_heads=config.local_attn_heads, ff_dropout=config.dropout, gene_embedding=gene_embedding,
+            redraw_seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
         )
-        head = HeadConfig(seq_len=seq_len, dim=args.dim, num_classes=n_classes, hidden2=args.h_dim, dropout=args.dropout)
+        head = HeadConfig(seq_len=seq_len, dim=config.dim, num_classes=n_classes, hidden2=config.h_dim, dropout=config.dropout)
         model = BayesianSparseTransformer(ModelConfig(encoder, head), gene_vectors=source.gene_vectors)
-        if args.model_path:
-            for note in load_pretrained_encoder(model, args.model_path, source.encoder_payload):
+        if config.model_path:
+            for note in load_pretrained_encoder(model, config.model_path, source.encoder_payload):
                 log.info(note)
-    if args.bayes_head and not model.is_bayesian:
-        model.to_bayesian(prior_sigma=args.prior_sigma, init_log_sigma=args.init_log_sigma, local_reparam=args.local_reparam)
-        log.info("ported fc1/fc2 to Bayesian layers (means = trained weights, sigma = exp(%.1f))", args.init_log_sigma)
+    if config.bayes_head and not model.is_bayesian:
+        model.to_bayesian(prior_sigma=config.prior_sigma, init_log_sigma=config.init_log_sigma, local_reparam=config.local_reparam)
+        log.info("ported fc1/fc2 to Bayesian layers (means = trained weights, sigma = exp(%.1f))", config.init_log_sigma)
     return model
 
 
@@ -574,22 +687,22 @@ def shuffle_seed(seed: int, fold: int, pruning: bool, level: int, epoch: int) ->
     return int(np.random.SeedSequence([seed, fold, int(pruning), level, epoch]).generate_state(1)[0])
 
 
-def make_optimizer(model: BayesianSparseTransformer, args: argparse.Namespace, total_steps: int):
+def make_optimizer(model: BayesianSparseTransformer, config: TrainConfig, total_steps: int):
     """AdamW (Adam when weight decay is 0) with a head learning-rate multiplier; warm-up then cosine decay.
 
     Weight decay applies to weight matrices and means only: decaying log-sigmas would widen the posterior, and
     biases and norms are conventionally left alone.
     """
     groups = []
-    for module, lr in ((model.head, args.learning_rate * args.head_lr_mult), (model.encoder, args.learning_rate)):
+    for module, lr in ((model.head, config.learning_rate * config.head_lr_mult), (model.encoder, config.learning_rate)):
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         decayed = [p for name, p in named if p.dim() >= 2 and "log_sigma" not in name]
         kept = [p for name, p in named if not (p.dim() >= 2 and "log_sigma" not in name)]
         groups += [{"params": params, "lr": lr, "weight_decay": wd}
-                   for params, wd in ((decayed, args.weight_decay), (kept, 0.0)) if params]
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+                   for params, wd in ((decayed, config.weight_decay), (kept, 0.0)) if params]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     total_steps = max(total_steps, 1)
-    warmup = int(args.warmup_ratio * total_steps)
+    warmup = int(config.warmup_ratio * total_steps)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1))
     if warmup == 0:
         return optimizer, cosine
@@ -625,20 +738,20 @@ class FoldState:
 class FoldTrainer:
     """Trains, validates, prunes and checkpoints one fold."""
 
-    def __init__(self, args, ctx: Dist, device: torch.device, files: RunFiles, data, labels, classes, fold: int,
+    def __init__(self, config: TrainConfig, ctx: Dist, device: torch.device, files: RunFiles, data, labels, classes, fold: int,
                  train_idx: np.ndarray, val_idx: np.ndarray, source: Source):
-        self.args, self.ctx, self.device, self.files, self.fold = args, ctx, device, files, fold
+        self.config, self.ctx, self.device, self.files, self.fold = config, ctx, device, files, fold
         self.data, self.classes, self.source = data, classes, source
         self.labels = labels
         self.val_idx = np.sort(val_idx)  # validation outputs in data order, however many processes share the work
         # Each cell's label slot carries its row number: a batch finds its labels (and, when pruning with
         # distillation, its teacher probabilities) by row.
-        self.dataset = BinnedDataset(data.matrix, args.bin_num, np.arange(len(labels)), bin_width=args.bin_width)
+        self.dataset = BinnedDataset(data.matrix, config.bin_num, np.arange(len(labels)), bin_width=config.bin_width)
         self.label_tensor = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.train_set = Subset(self.dataset, train_idx)
-        self.class_weights = class_weights(labels[train_idx], len(classes), args.class_weight).to(device)
-        self.bayes = args.bayes_head or (source.continues_model and source.checkpoint.model.is_bayesian)
-        self.prune_layers = tuple(args.prune_layers.split(","))
+        self.class_weights = class_weights(labels[train_idx], len(classes), config.class_weight).to(device)
+        self.bayes = config.bayes_head or (source.continues_model and source.checkpoint.model.is_bayesian)
+        self.prune_layers = config.layers_to_prune
         self.state = FoldState(prune_amount=source.prune_amount, kl_step=source.kl_step)
         self.model: BayesianSparseTransformer | None = None
 
@@ -646,12 +759,12 @@ class FoldTrainer:
 
     def steps_per_epoch(self) -> int:
         per_rank = math.ceil(len(self.train_set) / self.ctx.world)
-        return math.ceil(math.ceil(per_rank / self.args.batch_size) / self.args.grad_acc)
+        return math.ceil(math.ceil(per_rank / self.config.batch_size) / self.config.grad_acc)
 
     def train_loader(self, epoch: int) -> DataLoader:
         # Shuffling is seeded by where training stands, so a resumed run sees the same batches as an uninterrupted one.
-        seed = shuffle_seed(self.args.seed, self.fold, self.state.phase == "prune", self.state.level_index, epoch)
-        if self.args.sample_with_replacement:
+        seed = shuffle_seed(self.config.seed, self.fold, self.state.phase == "prune", self.state.level_index, epoch)
+        if self.config.sample_with_replacement:
             # scBERT's loader: random cells with replacement; each rank draws its share from its own stream.
             generator = torch.Generator().manual_seed(seed * 1009 + self.ctx.rank)
             share = math.ceil(len(self.train_set) / self.ctx.world)
@@ -660,16 +773,16 @@ class FoldTrainer:
             sampler = DistributedSampler(self.train_set, self.ctx.world, self.ctx.rank, shuffle=True, seed=seed)
         else:
             sampler = RandomSampler(self.train_set, generator=torch.Generator().manual_seed(seed))
-        return DataLoader(self.train_set, batch_size=self.args.batch_size, sampler=sampler,
-                          collate_fn=collate_batch, num_workers=self.args.num_workers)
+        return DataLoader(self.train_set, batch_size=self.config.batch_size, sampler=sampler,
+                          collate_fn=collate_batch, num_workers=self.config.num_workers)
 
     def attach(self, model: BayesianSparseTransformer, total_steps: int) -> None:
         """Train `model` from here: freeze what --trainable_layers keeps fixed, new optimizer and schedule, DDP."""
-        pretrained = bool(self.args.model_path) and self.source.pretrained_encoder
-        freeze_encoder_layers(model, self.args.trainable_layers, pretrained=pretrained)
+        pretrained = bool(self.config.model_path) and self.source.pretrained_encoder
+        freeze_encoder_layers(model, self.config.trainable_layers, pretrained=pretrained)
         self.state.total_steps = total_steps  # --resume rebuilds the same schedule from it
         self.model = model.to(self.device)
-        self.optimizer, self.scheduler = make_optimizer(self.model, self.args, total_steps)
+        self.optimizer, self.scheduler = make_optimizer(self.model, self.config, total_steps)
         self.ddp = None
         if self.ctx.world > 1:
             # Pre-warm epochs leave the sigmas without gradients: DDP must not wait for them.
@@ -677,17 +790,17 @@ class FoldTrainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.model.is_bayesian,
             )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.args.amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.config.amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported())
 
     def kl_scale(self) -> float:
         """The KL weight at the current step: linear annealing that continues across rounds (the step is saved)."""
-        final = 1.0 / len(self.train_set) if self.args.kl_weight == "elbo" else self.args.kl_weight
-        if not self.args.kl_anneal_steps:
+        final = 1.0 / len(self.train_set) if self.config.kl_weight == "elbo" else self.config.kl_weight
+        if not self.config.kl_anneal_steps:
             return final
-        return final * min(1.0, self.state.kl_step / self.args.kl_anneal_steps)
+        return final * min(1.0, self.state.kl_step / self.config.kl_anneal_steps)
 
     def train_epoch(self, epoch: int, deterministic: bool) -> dict:
-        args, model = self.args, self.model
+        config, model = self.config, self.model
         model.train()
         model.set_deterministic(deterministic)
         forward = self.ddp or model
@@ -699,31 +812,31 @@ class FoldTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         for i, (tokens, rows) in enumerate(bar):
             tokens, labels = tokens.to(self.device), self.label_tensor[rows].to(self.device)
-            last_of_step = (i + 1) % args.grad_acc == 0 or i + 1 == n_batches
+            last_of_step = (i + 1) % config.grad_acc == 0 or i + 1 == n_batches
             # The last step of an epoch may gather fewer micro-batches: average over those it has.
-            group_size = min(args.grad_acc, n_batches - (i // args.grad_acc) * args.grad_acc)
+            group_size = min(config.grad_acc, n_batches - (i // config.grad_acc) * config.grad_acc)
             sync = self.ddp.no_sync() if self.ddp is not None and not last_of_step else contextlib.nullcontext()
-            with sync, autocast(self.device, args.amp):
-                if model.is_bayesian and not deterministic and args.bayes_mc_samples > 1:
-                    logits = forward(tokens, noise=model.head.draw_noise(args.bayes_mc_samples))  # (S, batch, classes)
+            with sync, autocast(self.device, config.amp):
+                if model.is_bayesian and not deterministic and config.bayes_mc_samples > 1:
+                    logits = forward(tokens, noise=model.head.draw_noise(config.bayes_mc_samples))  # (S, batch, classes)
                 else:
                     logits = forward(tokens).unsqueeze(0)
                 ce, loss = self.data_loss(logits, labels, rows)
                 logits = logits.mean(0)
-                if model.is_bayesian and not deterministic and args.kl_weight != 0:
+                if model.is_bayesian and not deterministic and config.kl_weight != 0:
                     kl = model.kl_divergence()
                     kl_value = float(kl.detach())
                     # Each micro-batch carries the full KL; dividing by the group size makes it once per step.
                     loss = loss + self.kl_scale() * kl
-                if args.l1_lambda > 0:
-                    loss = loss + args.l1_lambda * sum(getattr(model.head, n).mean_weight().abs().sum() for n in PRUNABLE_LAYERS)
-                if args.group_lasso > 0:
-                    loss = loss + args.group_lasso * model.group_norm(self.prune_layers, dim=args.prune_dim)
+                if config.l1_lambda > 0:
+                    loss = loss + config.l1_lambda * sum(getattr(model.head, n).mean_weight().abs().sum() for n in PRUNABLE_LAYERS)
+                if config.group_lasso > 0:
+                    loss = loss + config.group_lasso * model.group_norm(self.prune_layers, dim=config.prune_dim)
                 self.scaler.scale(loss / group_size).backward()
             if last_of_step:
-                if args.grad_clip > 0:
+                if config.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -749,7 +862,7 @@ class FoldTrainer:
         num_samples, _, num_classes = logits.shape
         log_probs = F.log_softmax(logits.float(), dim=-1).reshape(-1, num_classes)
         ce = F.nll_loss(log_probs, labels.repeat(num_samples), weight=self.class_weights)
-        alpha = self.args.prune_distill
+        alpha = self.config.prune_distill
         if self.state.teacher_probs is None or alpha == 0:
             return ce, ce
         teacher = self.state.teacher_probs[rows].to(log_probs.device).repeat(num_samples, 1)
@@ -774,11 +887,11 @@ class FoldTrainer:
     def predict_rows(self, rows: np.ndarray, samples: int | None = None, noise: dict | None = None) -> np.ndarray:
         """Probability samples (S, len(rows), classes) of the current model, as validation draws them (S = 1: the
         posterior means; `noise`: these S head draws)."""
-        args = self.args
-        loader = DataLoader(Subset(self.dataset, rows), batch_size=max(args.batch_size, 16), collate_fn=collate_batch)
-        samples = samples or (args.mc_samples_eval if self.model.is_bayesian else 1)
+        config = self.config
+        loader = DataLoader(Subset(self.dataset, rows), batch_size=max(config.batch_size, 16), collate_fn=collate_batch)
+        samples = samples or (config.mc_samples_eval if self.model.is_bayesian else 1)
         self.model.set_deterministic(samples == 1)  # one sample means the posterior means, as in prediction
-        return predict_proba_samples(self.model, loader, samples, seed=args.seed, noise=noise, device=self.device, amp=args.amp)
+        return predict_proba_samples(self.model, loader, samples, seed=config.seed, noise=noise, device=self.device, amp=config.amp)
 
     def teacher_probabilities(self) -> torch.Tensor:
         """(cells, classes): the current model's mean probabilities on the training cells (zeros elsewhere)."""
@@ -796,9 +909,9 @@ class FoldTrainer:
         log.info("fold %d: temperature %.3f fitted to %d validation cells", self.fold, temperature, len(self.val_idx))
 
     def set_temperature(self, temperature: float) -> None:
-        config = self.model.config
-        config.head = replace(config.head, temperature=temperature)
-        self.model.head.config = config.head
+        model_config = self.model.config
+        model_config.head = replace(model_config.head, temperature=temperature)
+        self.model.head.config = model_config.head
 
     def record(self, row: dict, started: float) -> None:
         stats = self.model.pruning_stats()
@@ -827,36 +940,36 @@ class FoldTrainer:
             }
         save_checkpoint(
             self.files.fold(self.fold, f"{kind}.pth"), self.model, genes=self.data.genes, classes=self.classes,
-            bin_num=self.args.bin_num, bin_width=self.args.bin_width, stage="B" if self.model.is_bayesian else "A", args=vars(self.args),
+            bin_num=self.config.bin_num, bin_width=self.config.bin_width, stage="B" if self.model.is_bayesian else "A", args=self.config.as_dict(),
             metrics=metrics or {}, training_state=training_state, novelty=novelty,
         )
 
     def fit_novelty(self) -> dict:
         """Novelty statistics of the final model: its training cells' class means and shrunk covariance, and the
         threshold that `--novelty_fpr` of its validation cells (known types it never trained on) exceed."""
-        args = self.args
+        config = self.config
         train_idx = np.asarray(self.train_set.indices)
         stats = fit_novelty(self.features(train_idx), self.labels[train_idx])
         distances = novelty_distance(self.features(self.val_idx), stats)
-        stats.update(threshold=novelty_threshold(distances, args.novelty_fpr), fpr=float(args.novelty_fpr))
+        stats.update(threshold=novelty_threshold(distances, config.novelty_fpr), fpr=float(config.novelty_fpr))
         log.info("fold %d: novelty threshold %.3f (%.0f%% of %d validation cells above it)", self.fold,
-                 stats["threshold"], 100 * args.novelty_fpr, len(self.val_idx))
+                 stats["threshold"], 100 * config.novelty_fpr, len(self.val_idx))
         return stats
 
     def features(self, rows: np.ndarray, layer: str = NOVELTY_LAYER) -> np.ndarray:
         """The head's features (len(rows), width) of the current model: `layer` as in `collect_features`."""
-        loader = DataLoader(Subset(self.dataset, rows), batch_size=max(self.args.batch_size, 16), collate_fn=collate_batch)
-        return collect_features(self.model, loader, layer, device=self.device, amp=self.args.amp)
+        loader = DataLoader(Subset(self.dataset, rows), batch_size=max(self.config.batch_size, 16), collate_fn=collate_batch)
+        return collect_features(self.model, loader, layer, device=self.device, amp=self.config.amp)
 
     def refit_cells(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         """Gene features and class weights (the loss's) of a fixed subset of training cells for --prune_refit (the
         same cells at every level)."""
-        if not self.args.prune_refit:
+        if not self.config.prune_refit:
             return None, None
         rows = np.sort(np.asarray(self.train_set.indices))
-        if len(rows) > self.args.prune_refit_cells:
-            rng = np.random.default_rng(self.args.seed + self.fold)
-            rows = np.sort(rng.choice(rows, self.args.prune_refit_cells, replace=False))
+        if len(rows) > self.config.prune_refit_cells:
+            rng = np.random.default_rng(self.config.seed + self.fold)
+            rows = np.sort(rng.choice(rows, self.config.prune_refit_cells, replace=False))
         features = torch.from_numpy(self.features(rows, "gene_features")).to(self.device)
         return features, self.class_weights[torch.as_tensor(self.labels[rows], device=self.class_weights.device)]
 
@@ -871,8 +984,8 @@ class FoldTrainer:
         if not self.model.is_bayesian:
             metrics, prob_samples = self.evaluate()
             return metrics, prob_samples, prob_samples[0].argmax(1)
-        samples = self.args.mc_samples_eval
-        noise = head_noise_for_widths(self.state.reference_widths, samples, self.args.seed)
+        samples = self.config.mc_samples_eval
+        noise = head_noise_for_widths(self.state.reference_widths, samples, self.config.seed)
         positions = {unit: torch.as_tensor(kept) for unit, kept in self.state.reference_positions.items()}
         noise = {name: {k: torch.cat([v, torch.zeros_like(v[:1])]).to(self.device) for k, v in draws.items()}
                  for name, draws in slice_head_noise(noise, positions).items()}
@@ -891,46 +1004,46 @@ class FoldTrainer:
         """Validate, save the best model; True when early stopping says stop."""
         metrics, _ = self.evaluate()
         row.update(val_loss=metrics["nll"], val_acc=metrics["accuracy"], val_macro_f1=metrics["macro_f1"], val_ece=metrics["ece"])
-        score = SELECTION_METRICS[self.args.select_metric](metrics)
+        score = SELECTION_METRICS[self.config.select_metric](metrics)
         if score > self.state.best_score:
             self.state.best_score = score
             self.state.bad_rounds = 0
             self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount, self.state.kl_step))
         else:
             self.state.bad_rounds += 1
-        return self.state.bad_rounds >= self.args.patience
+        return self.state.bad_rounds >= self.config.patience
 
     def prune_levels(self, start: float) -> list[float]:
         levels, level = [], start
-        while level + 1e-9 < self.args.prune_target:
-            level = min(round(level + self.args.prune_step, 6), self.args.prune_target)
+        while level + 1e-9 < self.config.prune_target:
+            level = min(round(level + self.config.prune_step, 6), self.config.prune_target)
             levels.append(level)
         return levels
 
     def run_training(self, started: float) -> None:
-        args = self.args
-        while self.state.phase == "train" and self.state.epoch < args.epoch:
+        config = self.config
+        while self.state.phase == "train" and self.state.epoch < config.epoch:
             epoch = self.state.epoch
-            deterministic = self.bayes and epoch < args.pre_warm_epochs
+            deterministic = self.bayes and epoch < config.pre_warm_epochs
             row = {"phase": "prewarm" if deterministic else "train", "epoch": epoch + 1, "prune_level": self.state.prune_amount}
             row.update(self.train_epoch(epoch, deterministic))
             stop = False
-            if (epoch + 1) % args.valid_every == 0 or epoch + 1 == args.epoch:
+            if (epoch + 1) % config.valid_every == 0 or epoch + 1 == config.epoch:
                 stop = self.validate_and_keep_best(row)
                 log.info("fold %d epoch %d: train loss %.4f acc %.3f | val acc %.3f macro-F1 %.3f ECE %.3f",
                          self.fold, epoch + 1, row["train_loss"], row["train_acc"], row["val_acc"], row["val_macro_f1"], row["val_ece"])
             self.state.epoch += 1
             if stop:
-                log.info("fold %d: early stop, no better %s for %d validations", self.fold, args.select_metric, args.patience)
-                self.state.epoch = args.epoch
+                log.info("fold %d: early stop, no better %s for %d validations", self.fold, config.select_metric, config.patience)
+                self.state.epoch = config.epoch
             self.record(row, started)
             self.save("last")
             self.barrier()
 
     def run_pruning(self, started: float) -> None:
-        args = self.args
+        config = self.config
         start = self.source.prune_amount
-        levels = self.prune_levels(start)  # the same list on every call: it depends only on the source and args
+        levels = self.prune_levels(start)  # the same list on every call: it depends only on the source and the config
         if self.state.reference_f1 is None:
             self.load_best()
             widths = unit_widths(self.model)
@@ -940,31 +1053,31 @@ class FoldTrainer:
             self.state.reference_f1 = metrics["macro_f1"]
             self.state.reference_probs = prob_samples.mean(0).tolist()
             self.state.reference_calls = calls.tolist()
-            if args.prune_distill > 0:
+            if config.prune_distill > 0:
                 self.state.teacher_probs = self.teacher_probabilities()
-            self.state.best_score = max(self.state.best_score, SELECTION_METRICS[args.select_metric](metrics))
+            self.state.best_score = max(self.state.best_score, SELECTION_METRICS[config.select_metric](metrics))
             if not self.files.fold(self.fold, "best.pth").exists() and self.ctx.main:
                 self.save("best", metrics=_summary_metrics(metrics, self.model, start, self.state.kl_step))
             log.info("fold %d: pruning from %.0f%% to %.0f%% (reference: validation NLL %.3f, macro-F1 %.3f; %s rule)",
-                     self.fold, 100 * start, 100 * args.prune_target, metrics["nll"], metrics["macro_f1"], args.prune_rule)
+                     self.fold, 100 * start, 100 * config.prune_target, metrics["nll"], metrics["macro_f1"], config.prune_rule)
         while self.state.level_index < len(levels):
             level = levels[self.state.level_index]
-            steps = args.prune_ft_epochs * self.steps_per_epoch()
+            steps = config.prune_ft_epochs * self.steps_per_epoch()
             if not self.state.level_applied:
                 features, weights = self.refit_cells()
-                stats = self.model.prune(level, layers=self.prune_layers, dim=args.prune_dim, mode=args.prune_mode,
-                                         score=args.prune_score, refit_features=features, refit_weights=weights,
-                                         refit_ridge=args.prune_refit_ridge)
-                if args.prune_mode == "physical":  # mask mode keeps every unit in place
+                stats = self.model.prune(level, layers=self.prune_layers, dim=config.prune_dim, mode=config.prune_mode,
+                                         score=config.prune_score, refit_features=features, refit_weights=weights,
+                                         refit_ridge=config.prune_refit_ridge)
+                if config.prune_mode == "physical":  # mask mode keeps every unit in place
                     for unit, keep in stats["kept"].items():
                         positions = self.state.reference_positions[unit]
                         self.state.reference_positions[unit] = [positions[i] for i in keep.tolist()]
                 self.attach(self.model, steps)
                 self.state.level_applied, self.state.epoch = True, 0
                 log.info("fold %d: pruned to %.0f%% of %s slices (dim %d, %s): fc1+fc2 sparsity %.1f%%, %d parameters",
-                         self.fold, 100 * level, args.prune_layers, args.prune_dim, args.prune_mode,
+                         self.fold, 100 * level, config.prune_layers, config.prune_dim, config.prune_mode,
                          100 * stats["fc12_sparsity"], stats["total_params"])
-            while self.state.epoch < args.prune_ft_epochs:
+            while self.state.epoch < config.prune_ft_epochs:
                 row = {"phase": "prune_ft", "epoch": self.state.epoch + 1, "prune_level": level}
                 row.update(self.train_epoch(self.state.epoch, deterministic=False))
                 self.state.epoch += 1
@@ -993,18 +1106,18 @@ class FoldTrainer:
         probs: its mean probabilities on the validation cells (drawn with the unpruned model's noise); calls: the
         types its posterior means predict there (the paired rule's agreement).
         """
-        args = self.args
-        if args.prune_rule == "f1":
-            ok = metrics["macro_f1"] >= self.state.reference_f1 - args.prune_f1_tol
-            return ok, f"val macro-F1 {metrics['macro_f1']:.3f} vs {self.state.reference_f1:.3f} (tolerance {args.prune_f1_tol})"
+        config = self.config
+        if config.prune_rule == "f1":
+            ok = metrics["macro_f1"] >= self.state.reference_f1 - config.prune_f1_tol
+            return ok, f"val macro-F1 {metrics['macro_f1']:.3f} vs {self.state.reference_f1:.3f} (tolerance {config.prune_f1_tol})"
         # Agreement of the posterior means' calls: a deterministic comparison, free of the Monte Carlo noise that
         # changes a few percent of borderline calls between two draws of the same model.
-        paired = paired_comparison(np.asarray(self.state.reference_probs), probs, self.labels[self.val_idx], seed=args.seed,
+        paired = paired_comparison(np.asarray(self.state.reference_probs), probs, self.labels[self.val_idx], seed=config.seed,
                                    calls=(np.asarray(self.state.reference_calls), np.asarray(calls)))
-        ok = paired["nll_diff_upper"] <= args.prune_nll_tol and paired["changed"] <= args.prune_max_changed
+        ok = paired["nll_diff_upper"] <= config.prune_nll_tol and paired["changed"] <= config.prune_max_changed
         return ok, (f"val NLL {paired['nll_diff']:+.4f} per cell (95% upper bound {paired['nll_diff_upper']:+.4f}, "
-                    f"tolerance {args.prune_nll_tol}), {paired['changed']:.1%} of cells changed type "
-                    f"(tolerance {args.prune_max_changed:.0%})")
+                    f"tolerance {config.prune_nll_tol}), {paired['changed']:.1%} of cells changed type "
+                    f"(tolerance {config.prune_max_changed:.0%})")
 
     def load_best(self) -> None:
         self.barrier()
@@ -1013,15 +1126,15 @@ class FoldTrainer:
             self.attach(load_checkpoint(best).model, 1)
 
     def run(self) -> dict:
-        args = self.args
+        config = self.config
         started = time.time()
         last = self.files.fold(self.fold, "last.pth")
-        if args.resume and last.exists():
+        if config.resume and last.exists():
             self.restore(last)
         else:
-            set_seed(args.seed + self.fold)
-            model = build_model(args, self.source, self.data.genes, len(self.classes))
-            self.attach(model, args.epoch * self.steps_per_epoch())
+            set_seed(config.seed + self.fold)
+            model = build_model(config, self.source, self.data.genes, len(self.classes))
+            self.attach(model, config.epoch * self.steps_per_epoch())
             if self.ctx.main:
                 with atomic_write(self.files.fold(self.fold, "val_cells.txt")) as handle:
                     handle.write("".join(f"{self.data.cell_ids[i]}\n" for i in self.val_idx))
@@ -1029,11 +1142,11 @@ class FoldTrainer:
             return self.state.result["final"]
         self.run_training(started)
         if self.state.phase == "train":
-            self.state.phase = "prune" if self.bayes and args.prune_target > 0 else "final"
+            self.state.phase = "prune" if self.bayes and config.prune_target > 0 else "final"
         if self.state.phase == "prune":
             self.run_pruning(started)
         self.load_best()
-        if args.temperature_scaling:
+        if config.temperature_scaling:
             self.calibrate()
         metrics, prob_samples = self.evaluate()
         # The best checkpoint is written once more, final: calibrated, with the novelty statistics of exactly this
@@ -1141,47 +1254,46 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, adata: anndata.AnnData | None = None) -> dict:
+def run(config: TrainConfig, adata: anndata.AnnData | None = None) -> dict:
     """One training run (every fold) on `adata`, or on --data_path; returns the summary (per fold and mean ± std)."""
-    validate_args(args)
-    ctx, device = init_distributed(args.device)
-    files = RunFiles(Path(args.ckpt_dir), args.model_name)
+    ctx, device = init_distributed(config.device)
+    files = RunFiles(Path(config.ckpt_dir), config.model_name)
     # Every input is read and checked before the first output is written: a bad input leaves nothing behind.
-    sources = read_sources(args)
+    sources = read_sources(config)
     source = sources[0]  # every member of an ensemble has the same genes, classes and binning
-    adopt_checkpoint_binning(args, source)
-    existing = check_outputs(args, files)
-    options = dict(label_key=args.label_key, layer=args.layer, use_raw=args.use_raw, normalize=args.normalize,
-                   min_cells_per_class=args.min_cells_per_class, gene_symbols=args.gene_symbols)
-    data = dataset_from_anndata(adata, **options) if adata is not None else load_dataset(args.data_path, **options)
+    config = adopt_checkpoint_binning(config, source)
+    existing = check_outputs(config, files)
+    options = dict(label_key=config.label_key, layer=config.layer, use_raw=config.use_raw, normalize=config.normalize,
+                   min_cells_per_class=config.min_cells_per_class, gene_symbols=config.gene_symbols)
+    data = dataset_from_anndata(adata, **options) if adata is not None else load_dataset(config.data_path, **options)
     if source.genes is not None:
         data = align_genes(data, source.genes)
-    elif args.gene_num is not None and args.gene_num != len(data.genes):
-        raise UserError(f"--gene_num {args.gene_num} does not match the data's {len(data.genes)} genes; "
+    elif config.gene_num is not None and config.gene_num != len(data.genes):
+        raise UserError(f"--gene_num {config.gene_num} does not match the data's {len(data.genes)} genes; "
                         "drop --gene_num or subset the data")
     if source.checkpoint is not None:
         unseen = sorted(set(data.labels) - set(source.checkpoint.classes))
-        if unseen and args.bayes_head:
+        if unseen and config.bayes_head:
             raise UserError(f"{len(unseen)} cell types of the data are not among the checkpoint's classes "
                             f"({', '.join(map(repr, unseen[:3]))}); Stage B continues a Stage A model on the same "
                             "types: train Stage A on this data first (--model_path without --bayes_head)")
         for member in sources:
             member.new_head = bool(unseen)
-    check_fixed_options(args, source)
+    check_fixed_options(config, source)
     labels, classes = encode_labels(data.labels, source.classes)
-    splits = stratified_splits(labels, args.cv_splits, test_size=0.2, seed=args.seed, class_names=classes)
-    if source.checkpoint is None and args.pos_embed and args.gene2vec_path:
-        source.gene_vectors = load_gene_vectors(args.gene2vec_path, data.genes, args.dim)
-    if args.model_path and source.checkpoint is None:
-        build_model(args, source, data.genes, len(classes))  # a foreign encoder must fit before anything is written
-    create_outputs(args, files, ctx, existing)
+    splits = stratified_splits(labels, config.cv_splits, test_size=0.2, seed=config.seed, class_names=classes)
+    if source.checkpoint is None and config.pos_embed and config.gene2vec_path:
+        source.gene_vectors = load_gene_vectors(config.gene2vec_path, data.genes, config.dim)
+    if config.model_path and source.checkpoint is None:
+        build_model(config, source, data.genes, len(classes))  # a foreign encoder must fit before anything is written
+    create_outputs(config, files, ctx, existing)
     setup_logging(files, ctx)
     log.info("data: %d cells, %d genes, %d classes; %d fold(s); device %s x %d", len(labels), len(data.genes),
              len(classes), len(splits), device, ctx.world)
     results = []
     for fold, (train_idx, val_idx) in enumerate(splits):
         fold_source = sources[fold] if len(sources) > 1 else source
-        trainer = FoldTrainer(args, ctx, device, files, data, labels, classes, fold, train_idx, val_idx, fold_source)
+        trainer = FoldTrainer(config, ctx, device, files, data, labels, classes, fold, train_idx, val_idx, fold_source)
         results.append(trainer.run())
     summary = {"folds": results}
     for key in ("accuracy", "macro_f1", "ece", "nll", "head_sparsity", "total_params"):
@@ -1204,18 +1316,16 @@ def fit(adata: anndata.AnnData, ckpt_dir: str | os.PathLike, **options) -> dict:
         fit(adata, "runs/a", label_key="cell_type", cv_splits=5, bin_width=0.25, bin_num=28, epoch=12)
         fit(adata, "runs/b", label_key="cell_type", cv_splits=5, model_path="runs/a", bayes_head=True, epoch=4)
     """
-    args = build_parser().parse_args(["--ckpt_dir", str(ckpt_dir)])
-    unknown = sorted(set(options) - set(vars(args)) | set(options) & {"data_path", "ckpt_dir"})
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - names | set(options) & {"data_path", "ckpt_dir"})
     if unknown:
         raise TypeError(f"fit() got unknown or file-only options {unknown}; see finetune_sparse.py --help for the others")
-    for name, value in options.items():
-        setattr(args, name, value)
-    return run(args, adata)
+    return run(default_config(ckpt_dir=str(ckpt_dir), **options), adata)
 
 
 def main(argv: list[str] | None = None, description: str = __doc__, **defaults) -> int:
     args = build_parser(description, **defaults).parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(make_config(args)))
 
 
 if __name__ == "__main__":

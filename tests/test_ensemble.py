@@ -217,9 +217,9 @@ def _paired_verdict(reference: np.ndarray, candidate: np.ndarray, labels: np.nda
     the posterior means' predictions too)."""
     from types import SimpleNamespace
 
-    args = finetune_sparse.build_parser().parse_args([])
+    config = finetune_sparse.default_config()
     state = SimpleNamespace(reference_probs=reference.tolist(), reference_calls=reference.argmax(1).tolist())
-    trainer = SimpleNamespace(args=args, state=state, labels=labels, val_idx=np.arange(len(labels)))
+    trainer = SimpleNamespace(config=config, state=state, labels=labels, val_idx=np.arange(len(labels)))
     ok, verdict = finetune_sparse.FoldTrainer.keep_pruned(trainer, {}, candidate, candidate.argmax(1))
     assert "NLL" in verdict and "changed type" in verdict
     return ok
@@ -248,7 +248,7 @@ def test_distillation_loss_mixes_cross_entropy_with_the_kl_divergence_from_the_u
     labels, rows = torch.tensor([0, 1, 2, 1, 0]), torch.arange(5) + 3  # batch rows 3..7 of a 10-cell dataset
 
     def loss(alpha: float, teacher: torch.Tensor | None, samples: torch.Tensor = logits) -> torch.Tensor:
-        trainer = SimpleNamespace(args=SimpleNamespace(prune_distill=alpha), class_weights=None,
+        trainer = SimpleNamespace(config=SimpleNamespace(prune_distill=alpha), class_weights=None,
                                   state=SimpleNamespace(teacher_probs=teacher))
         return finetune_sparse.FoldTrainer.data_loss(trainer, samples, labels, rows)[1]
 
