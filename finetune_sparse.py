@@ -62,6 +62,7 @@ from bayesian_sparse_transformer import (
 from performer_pytorch import PerformerConfig
 from utils import (
     BinnedDataset,
+    DataOptions,
     UserError,
     add_data_options,
     add_run_options,
@@ -81,6 +82,7 @@ from utils import (
     run_cli,
     set_seed,
     stratified_splits,
+    with_options,
     write_json,
 )
 
@@ -225,18 +227,12 @@ def kl_weight_option(text: str) -> float | str:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DataOptions):
     """Every option of one training run, as the command line defines them (build_parser holds the defaults and
     the help); built and checked once by `make_config`, then read-only. Recorded as `args` in the run's
     config.json and in every checkpoint."""
 
-    # data
-    data_path: str | None
-    label_key: str | None
-    layer: str | None
-    use_raw: bool
-    normalize: bool
-    gene_symbols: str | None
+    # data (after DataOptions' fields)
     min_cells_per_class: int
     gene_num: int | None
     bin_num: int | None  # None until resolved: 5, or the --model_path checkpoint's (adopt_checkpoint_binning)
@@ -329,11 +325,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
 
 def default_config(**options) -> TrainConfig:
     """The command line's defaults with `options` by name (the Python API's way to a config)."""
-    args = build_parser().parse_args([])
-    unknown = sorted(set(options) - set(vars(args)))
-    if unknown:
-        raise TypeError(f"unknown training options {unknown}; see finetune_sparse.py --help")
-    return make_config(argparse.Namespace(**(vars(args) | options)))
+    return make_config(with_options(build_parser().parse_args([]), options, "finetune_sparse.py"))
 
 
 def validate_config(config: TrainConfig) -> None:

@@ -28,6 +28,7 @@ from bayesian_sparse_transformer import Checkpoint, ensemble_novelty, load_ensem
 from utils import (
     BUNDLED_LABEL_KEY,
     BinnedDataset,
+    DataOptions,
     ExpressionData,
     UserError,
     accuracy_at_coverage,
@@ -49,6 +50,7 @@ from utils import (
     run_cli,
     set_seed,
     uncertainty_summary,
+    with_options,
     write_json,
 )
 
@@ -94,17 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @dataclass(frozen=True)
-class PredictConfig:
+class PredictConfig(DataOptions):
     """Every option of one prediction run, as the command line defines them (build_parser holds the defaults and
     the help); built and checked once by `make_config`, then read-only. Recorded as `args` in run.json."""
 
-    # data
-    data_path: str | None
-    label_key: str | None
-    layer: str | None
-    use_raw: bool
-    normalize: bool
-    gene_symbols: str | None
+    # data (after DataOptions' fields)
     cells: str | None
     allow_missing_genes: bool
     # model and prediction
@@ -136,11 +132,8 @@ def make_config(args: argparse.Namespace) -> PredictConfig:
 
 def default_config(model_path: str | os.PathLike, **options) -> PredictConfig:
     """The command line's defaults for the model at `model_path`, with `options` by name: the Python API's config."""
-    args = build_parser().parse_args(["--model_path", str(model_path)])
-    unknown = sorted(set(options) - set(vars(args)))
-    if unknown:
-        raise TypeError(f"unknown prediction options {unknown}; see predict_updated.py --help")
-    return make_config(argparse.Namespace(**(vars(args) | options)))
+    defaults = build_parser().parse_args(["--model_path", str(model_path)])
+    return make_config(with_options(defaults, options, "predict_updated.py"))
 
 
 def validate_config(config: PredictConfig) -> None:

@@ -886,6 +886,27 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """The data options of `add_data_options`, the first fields of each CLI's configuration."""
+
+    data_path: str | None
+    label_key: str | None
+    layer: str | None
+    use_raw: bool
+    normalize: bool
+    gene_symbols: str | None
+
+
+def with_options(defaults: Any, options: dict[str, Any], program: str) -> Any:
+    """A CLI's parsed defaults (an argparse namespace) with keyword options replacing some: the Python API's way
+    to a configuration. Names the CLI does not know raise TypeError."""
+    unknown = sorted(set(options) - set(vars(defaults)))
+    if unknown:
+        raise TypeError(f"unknown options {unknown}; see {program} --help")
+    return type(defaults)(**(vars(defaults) | options))
+
+
 def add_data_options(parser: Any, *, label_key: str | None, label_help: str) -> Any:
     """The data options every CLI shares (read by `load_dataset`); returns the group for CLI-specific ones."""
     data = parser.add_argument_group("data")
