@@ -377,10 +377,10 @@ sys.path.insert(0, {root!r})
 import finetune_sparse
 
 if os.environ["RANK"] == "1":
-    def fail(self, epoch, deterministic):
+    def fail(*args, **kwargs):
         raise RuntimeError("injected failure on rank 1")
 
-    finetune_sparse.FoldTrainer.train_epoch = fail  # rank 0 goes on into its first all-reduce and waits there
+    finetune_sparse.train_epoch = fail  # rank 0 goes on into its first all-reduce and waits there
 sys.exit(finetune_sparse.main(sys.argv[1:]))
 """
 
