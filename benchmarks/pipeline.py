@@ -63,11 +63,10 @@ def run_script(script: str, train_path: Path, run_dir: Path, env_settings: dict[
 
 def predict_stage(mc_samples: int, model_dir: Path, test_path: Path, out_dir: Path) -> tuple[np.ndarray, list[str], dict]:
     """predict_updated.py on the test cells: (mean probabilities, classes, its run summary)."""
-    argv = ["--model_path", str(model_dir), "--data_path", str(test_path), "--bayes_mc_samples", str(mc_samples),
-            "--output_dir", str(out_dir), "--device", "cpu", "--overwrite"]
+    config = predict_updated.default_config(model_dir, data_path=str(test_path), bayes_mc_samples=mc_samples,
+                                            output_dir=str(out_dir), device="cpu", overwrite=True)
     with contextlib.redirect_stdout(io.StringIO()):
-        if predict_updated.main(argv) != 0:
-            raise RuntimeError(f"predict_updated.py failed on {model_dir}")
+        predict_updated.run(config)
     probs = pd.read_csv(out_dir / "probabilities.csv", index_col=0)
     summary = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))["summary"]
     return probs.to_numpy(), list(probs.columns), summary
