@@ -600,24 +600,27 @@ def adopt_checkpoint_binning(config: TrainConfig, source: Source) -> TrainConfig
 
 
 def check_fixed_options(config: TrainConfig, source: Source) -> None:
-    """A continued checkpoint fixes its architecture (and a Bayesian one its variational family): options given
-    on the command line that contradict it would be silently ignored, so they are refused."""
-    if not source.continues_model:
+    """Our checkpoint fixes its encoder's architecture, and when training continues its whole model also the head
+    (and a Bayesian head's variational family): options given on the command line that contradict it would be
+    silently ignored, so they are refused."""
+    if source.checkpoint is None:
         return
     saved = source.checkpoint.model.config
     fixed = {"dim": saved.encoder.dim, "depth": saved.encoder.depth, "heads": saved.encoder.heads,
              "dim_head": saved.encoder.dim_head, "local_attn_heads": saved.encoder.local_attn_heads,
-             "h_dim": saved.head.base_hidden2, "dropout": saved.head.dropout}
-    if saved.head.bayes:
+             "nb_features": saved.encoder.nb_features, "feature_redraw_interval": saved.encoder.feature_redraw_interval}
+    if source.continues_model:
+        fixed |= {"h_dim": saved.head.base_hidden2, "dropout": saved.head.dropout}
+    if source.continues_model and saved.head.bayes:
         fixed |= {"prior_sigma": saved.head.prior_sigma, "init_log_sigma": saved.head.init_log_sigma,
                   "local_reparam": saved.head.local_reparam}
     defaults = build_parser()
     given = sorted(name for name, value in fixed.items()
                    if getattr(config, name) != defaults.get_default(name) and getattr(config, name) != value)
     if given:
-        settings = ", ".join(f"--{name} {fixed[name]}" for name in given)
+        settings = ", ".join(f"--{name} {'(default)' if fixed[name] is None else fixed[name]}" for name in given)
         raise UserError(f"{config.model_path} fixes {settings}; drop {', '.join('--' + n for n in given)} (they cannot "
-                        "change when training continues a checkpoint)")
+                        "change when training continues a checkpoint or reuses its encoder)")
 
 
 def build_model(config: TrainConfig, source: Source, genes: list[str], n_classes: int) -> BayesianSparseTransformer:
