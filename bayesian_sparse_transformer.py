@@ -882,7 +882,7 @@ def load_gene_vectors(path: str | Path, genes: list[str], dim: int) -> Tensor:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"gene2vec file not found: {path}; pass an existing --gene2vec_path or drop the option")
+        raise UserError(f"gene2vec file not found: {path}; give an existing file or none", {"gene2vec_path": None})
     if path.suffix == ".npy":
         try:
             vectors = np.load(path, allow_pickle=False)
@@ -903,7 +903,8 @@ def load_gene_vectors(path: str | Path, genes: list[str], dim: int) -> Tensor:
             if len(fields) <= 2:  # word2vec header "count dim" or a blank line
                 continue
             if len(fields) != dim + 1:
-                raise UserError(f"{path}:{line_number} has {len(fields) - 1} values, expected {dim} (the model --dim)")
+                raise UserError(f"{path}:{line_number} has {len(fields) - 1} values, expected {dim} (the model's width)",
+                                {"dim": None})
             try:
                 by_symbol[fields[0]] = np.asarray(fields[1:], dtype=np.float32)
             except ValueError as err:
@@ -990,12 +991,13 @@ def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
     """torch.load with weights_only=True (never runs code from the file); every failure is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}; check --model_path")
+        raise UserError(f"checkpoint not found: {path}; check the path", {"model_path": None})
     with open(path, "rb") as handle:
         magic = handle.read(4)
     # torch.save writes a zip archive (PK..); old-style and plain pickles start with the protocol byte 0x80.
     if not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (another file type, or empty); check --model_path")
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (another file type, or empty); check the path",
+                        {"model_path": None})
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -1011,7 +1013,7 @@ def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
 
 
 def checkpoint_paths(path: str | Path) -> list[Path]:
-    """The model files behind --model_path: one checkpoint file, or every fold's `*_best.pth` in a run directory.
+    """The model files behind a model path: one checkpoint file, or every fold's `*_best.pth` in a run directory.
 
     A run directory with several folds is a cross-fitted ensemble: each fold model trained on all cells but its
     own validation fold, and prediction averages them.
@@ -1021,8 +1023,8 @@ def checkpoint_paths(path: str | Path) -> list[Path]:
         return [path]
     found = sorted(path.glob("*_best.pth"), key=lambda p: _natural_key(p.name))
     if not found:
-        raise UserError(f"{path} is a directory without *_best.pth checkpoints; pass a run directory of "
-                        "finetune_sparse.py (its --ckpt_dir) or one checkpoint file")
+        raise UserError(f"{path} is a directory without *_best.pth checkpoints; give the output directory of a "
+                        "finetune_sparse.py run or one checkpoint file", {"model_path": None})
     return found
 
 
@@ -1125,15 +1127,17 @@ def load_pretrained_encoder(model: BayesianSparseTransformer, path: str | Path, 
         if key in own and own[key].shape != value.shape:
             raise UserError(
                 f"{path} was built for another architecture: {key} has shape {tuple(value.shape)} there and "
-                f"{tuple(own[key].shape)} here; match --dim/--depth/--heads/--dim_head/--nb_features/--bin_num and "
-                "the gene count to the checkpoint"
+                f"{tuple(own[key].shape)} here; match the width, depth, heads, head width, random features, bins "
+                "and gene count to the checkpoint",
+                {name: None for name in ("dim", "depth", "heads", "dim_head", "nb_features", "bin_num")},
             )
     unexpected = sorted(set(encoder_sd) - set(own))
     missing = sorted(k for k in set(own) - set(encoder_sd) if not k.endswith(("calls_since_redraw", "num_redraws")))
     if unexpected or missing:
         raise UserError(
             f"{path} does not match this encoder (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "match --depth/--local_attn_heads/--no_pos_embed to the checkpoint"
+            "match the depth, the local attention heads and the gene embedding to the checkpoint",
+            {"depth": None, "local_attn_heads": None, "pos_embed": False},
         )
     model.encoder.load_state_dict(encoder_sd, strict=False)
     notes = [f"loaded {len(encoder_sd)} encoder tensors from {path}"]

@@ -6,6 +6,10 @@ pre-warm epochs, annealed KL, Monte Carlo validation, then progressive structure
 Round 2: a Stage B checkpoint as --model_path continues pruning from its current widths.
 
 Runs under `torchrun --nproc_per_node N` with DistributedDataParallel; `--resume` continues a killed run.
+
+Reading order: the command line becomes one frozen TrainConfig (make_config); `run` reads and checks every input,
+then `fit_fold` takes each fold through its PHASES (train_phase -> prune_phase -> final_phase), which call
+`train_epoch` and `evaluate`; checkpoints, the metrics CSV and the log are written around them, never inside.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import anndata
@@ -65,6 +69,8 @@ from bayesian_sparse_transformer import (
 from performer_pytorch import PerformerConfig
 from utils import (
     BinnedDataset,
+    DataOptions,
+    ExpressionData,
     UserError,
     add_data_options,
     add_run_options,
@@ -84,6 +90,7 @@ from utils import (
     run_cli,
     set_seed,
     stratified_splits,
+    with_options,
     write_json,
 )
 
@@ -199,7 +206,7 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
                        help="after training, fit class statistics of each fold model's features to its training cells and "
                             "set the novelty threshold so this share of its validation cells (known types) lies above it; "
                             "predict_updated.py flags cells beyond it as possible unseen types")
-    train.add_argument("--novelty_parts", type=novelty_parts_option, default=list(NOVELTY_PARTS), metavar="VIEW[,VIEW…]",
+    train.add_argument("--novelty_parts", type=novelty_parts_option, default=NOVELTY_PARTS, metavar="VIEW[,VIEW…]",
                        help="views combined into the novelty score, each calibrated on the validation cells: mahalanobis "
                             "(distance to the nearest training type in the head's gene features), input_knn (distance to "
                             "the nearest training cells in principal components of the expression), entropy (the model's "
@@ -222,12 +229,12 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     return p
 
 
-def novelty_parts_option(text: str) -> list[str]:
+def novelty_parts_option(text: str) -> tuple[str, ...]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = sorted(set(names) - set(NOVELTY_PARTS))
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(NOVELTY_PARTS)}, got {text!r}")
-    return list(dict.fromkeys(names))
+    return tuple(dict.fromkeys(names))
 
 
 def kl_weight_option(text: str) -> float | str:
@@ -240,60 +247,162 @@ def kl_weight_option(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'elbo', got {text!r}") from None
 
 
-def validate_args(args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class TrainConfig(DataOptions):
+    """Every option of one training run, as the command line defines them (build_parser holds the defaults and
+    the help); built and checked once by `make_config`, then read-only. Recorded as `args` in the run's
+    config.json and in every checkpoint."""
+
+    # data (after DataOptions' fields)
+    min_cells_per_class: int
+    gene_num: int | None
+    bin_num: int | None  # None until resolved: 5, or the --model_path checkpoint's (adopt_checkpoint_binning)
+    bin_width: float | None
+    # model
+    model_path: str | None
+    dim: int
+    depth: int
+    heads: int
+    dim_head: int
+    nb_features: int | None
+    feature_redraw_interval: int
+    local_attn_heads: int
+    pos_embed: bool
+    gene2vec_path: str | None
+    h_dim: int
+    dropout: float
+    gradient_checkpointing: bool
+    trainable_layers: int | None
+    # Bayesian head
+    bayes_head: bool
+    kl_weight: float | str  # a number or "elbo"
+    kl_anneal_steps: int
+    bayes_mc_samples: int
+    mc_samples_eval: int
+    pre_warm_epochs: int
+    prior_sigma: float
+    init_log_sigma: float
+    local_reparam: bool
+    # structured pruning
+    prune_target: float
+    prune_step: float
+    prune_ft_epochs: int
+    prune_rule: str
+    prune_nll_tol: float
+    prune_max_changed: float
+    prune_f1_tol: float
+    prune_dim: int
+    prune_layers: str  # comma-separated, normalised by make_config
+    prune_mode: str
+    prune_score: str
+    prune_refit: bool
+    prune_refit_ridge: float
+    prune_refit_cells: int
+    prune_distill: float
+    # training
+    epoch: int
+    batch_size: int
+    grad_acc: int
+    learning_rate: float
+    head_lr_mult: float
+    weight_decay: float
+    warmup_ratio: float
+    grad_clip: float
+    l1_lambda: float
+    group_lasso: float
+    sample_with_replacement: bool
+    cv_splits: int
+    temperature_scaling: bool
+    novelty_fpr: float
+    novelty_parts: tuple[str, ...]
+    patience: int
+    select_metric: str
+    class_weight: str
+    valid_every: int
+    seed: int
+    # run
+    device: str
+    amp: bool
+    num_workers: int
+    overwrite: bool
+    ckpt_dir: str
+    model_name: str
+    resume: bool
+
+    @property
+    def layers_to_prune(self) -> tuple[str, ...]:
+        return tuple(self.prune_layers.split(","))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's configuration from the parsed command line: checked, then frozen."""
+    config = TrainConfig(**vars(args))
+    validate_config(config)
+    layers = [name.strip() for name in config.prune_layers.split(",") if name.strip()]
+    return replace(config, prune_layers=",".join(layers))
+
+
+def default_config(**options) -> TrainConfig:
+    """The command line's defaults with `options` by name (the Python API's way to a config)."""
+    return make_config(with_options(build_parser().parse_args([]), options, "finetune_sparse.py"))
+
+
+def validate_config(config: TrainConfig) -> None:
     """Reject out-of-range options before any data is read or any model is built."""
     checks = [
-        (0 <= args.prune_target < 1, "--prune_target must be in [0, 1)"),
-        (args.prune_step > 0, "--prune_step must be positive"),
-        (args.prune_f1_tol >= 0, "--prune_f1_tol must be at least 0"),
-        (args.prune_nll_tol >= 0, "--prune_nll_tol must be at least 0"),
-        (0 <= args.prune_max_changed <= 1, "--prune_max_changed must be in [0, 1]"),
-        (args.prune_ft_epochs >= 0, "--prune_ft_epochs must be at least 0"),
-        (args.bin_num is None or args.bin_num >= 1, "--bin_num must be at least 1"),
-        (args.bin_width is None or args.bin_width > 0, "--bin_width must be positive"),
-        (args.batch_size >= 1, "--batch_size must be at least 1"),
-        (args.grad_acc >= 1, "--grad_acc must be at least 1"),
-        (args.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1"),
-        (args.mc_samples_eval >= 1, "--mc_samples_eval must be at least 1"),
-        (args.epoch >= 0, "--epoch must be at least 0"),
-        (args.epoch >= 1 or bool(args.model_path),
+        (0 <= config.prune_target < 1, "--prune_target must be in [0, 1)"),
+        (config.prune_step > 0, "--prune_step must be positive"),
+        (config.prune_f1_tol >= 0, "--prune_f1_tol must be at least 0"),
+        (config.prune_nll_tol >= 0, "--prune_nll_tol must be at least 0"),
+        (0 <= config.prune_max_changed <= 1, "--prune_max_changed must be in [0, 1]"),
+        (config.prune_ft_epochs >= 0, "--prune_ft_epochs must be at least 0"),
+        (config.bin_num is None or config.bin_num >= 1, "--bin_num must be at least 1"),
+        (config.bin_width is None or config.bin_width > 0, "--bin_width must be positive"),
+        (config.batch_size >= 1, "--batch_size must be at least 1"),
+        (config.grad_acc >= 1, "--grad_acc must be at least 1"),
+        (config.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1"),
+        (config.mc_samples_eval >= 1, "--mc_samples_eval must be at least 1"),
+        (config.epoch >= 0, "--epoch must be at least 0"),
+        (config.epoch >= 1 or bool(config.model_path),
          "--epoch 0 trains nothing: a model from scratch needs --epoch 1 or more (--epoch 0 only evaluates or prunes a --model_path checkpoint)"),
-        (args.cv_splits >= 1, "--cv_splits must be at least 1"),
-        (not (args.local_reparam and args.bayes_mc_samples > 1),
+        (config.cv_splits >= 1, "--cv_splits must be at least 1"),
+        (not (config.local_reparam and config.bayes_mc_samples > 1),
          "--local_reparam samples pre-activations of one network per step and cannot average --bayes_mc_samples "
          "networks; use one of the two"),
-        (args.patience >= 1, "--patience must be at least 1"),
-        (0 < args.novelty_fpr < 1, "--novelty_fpr must be in (0, 1), e.g. 0.05 for 5 % of known cells flagged"),
-        (args.valid_every >= 1, "--valid_every must be at least 1"),
-        (args.learning_rate > 0, "--learning_rate must be positive"),
-        (args.head_lr_mult > 0, "--head_lr_mult must be positive"),
-        (args.weight_decay >= 0, "--weight_decay must be at least 0"),
-        (0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (args.kl_weight == "elbo" or args.kl_weight >= 0, "--kl_weight must be at least 0 (or 'elbo')"),
-        (args.kl_anneal_steps >= 0, "--kl_anneal_steps must be at least 0"),
-        (args.pre_warm_epochs >= 0, "--pre_warm_epochs must be at least 0"),
-        (args.prior_sigma > 0, "--prior_sigma must be positive"),
-        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.l1_lambda >= 0, "--l1_lambda must be at least 0"),
-        (args.group_lasso >= 0, "--group_lasso must be at least 0"),
-        (0 <= args.prune_distill <= 1, "--prune_distill must be in [0, 1]"),
-        (args.prune_refit_ridge > 0, "--prune_refit_ridge must be positive"),
-        (args.prune_refit_cells >= 1, "--prune_refit_cells must be at least 1"),
-        (min(args.dim, args.depth, args.heads, args.dim_head, args.h_dim) >= 1, "--dim, --depth, --heads, --dim_head and --h_dim must be at least 1"),
-        (0 <= args.local_attn_heads <= args.heads, "--local_attn_heads must be between 0 and --heads"),
-        (args.min_cells_per_class >= 0, "--min_cells_per_class must be at least 0"),
-        (args.num_workers >= 0, "--num_workers must be at least 0"),
-        (args.gene_num is None or args.gene_num >= 1, "--gene_num must be at least 1"),
-        (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other: pick one"),
+        (config.patience >= 1, "--patience must be at least 1"),
+        (0 < config.novelty_fpr < 1, "--novelty_fpr must be in (0, 1), e.g. 0.05 for 5 % of known cells flagged"),
+        (config.valid_every >= 1, "--valid_every must be at least 1"),
+        (config.learning_rate > 0, "--learning_rate must be positive"),
+        (config.head_lr_mult > 0, "--head_lr_mult must be positive"),
+        (config.weight_decay >= 0, "--weight_decay must be at least 0"),
+        (0 <= config.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (config.kl_weight == "elbo" or config.kl_weight >= 0, "--kl_weight must be at least 0 (or 'elbo')"),
+        (config.kl_anneal_steps >= 0, "--kl_anneal_steps must be at least 0"),
+        (config.pre_warm_epochs >= 0, "--pre_warm_epochs must be at least 0"),
+        (config.prior_sigma > 0, "--prior_sigma must be positive"),
+        (0 <= config.dropout < 1, "--dropout must be in [0, 1)"),
+        (config.l1_lambda >= 0, "--l1_lambda must be at least 0"),
+        (config.group_lasso >= 0, "--group_lasso must be at least 0"),
+        (0 <= config.prune_distill <= 1, "--prune_distill must be in [0, 1]"),
+        (config.prune_refit_ridge > 0, "--prune_refit_ridge must be positive"),
+        (config.prune_refit_cells >= 1, "--prune_refit_cells must be at least 1"),
+        (min(config.dim, config.depth, config.heads, config.dim_head, config.h_dim) >= 1, "--dim, --depth, --heads, --dim_head and --h_dim must be at least 1"),
+        (0 <= config.local_attn_heads <= config.heads, "--local_attn_heads must be between 0 and --heads"),
+        (config.min_cells_per_class >= 0, "--min_cells_per_class must be at least 0"),
+        (config.num_workers >= 0, "--num_workers must be at least 0"),
+        (config.gene_num is None or config.gene_num >= 1, "--gene_num must be at least 1"),
+        (not (config.resume and config.overwrite), "--resume and --overwrite exclude each other: pick one"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    layers = [name.strip() for name in args.prune_layers.split(",") if name.strip()]
+    layers = [name.strip() for name in config.prune_layers.split(",") if name.strip()]
     unknown = sorted(set(layers) - set(PRUNABLE_LAYERS))
     if unknown or not layers:
-        raise UserError(f"--prune_layers: unknown layer(s) {unknown or args.prune_layers!r}; choose from {','.join(PRUNABLE_LAYERS)}")
-    args.prune_layers = ",".join(layers)
+        raise UserError(f"--prune_layers: unknown layer(s) {unknown or config.prune_layers!r}; choose from {','.join(PRUNABLE_LAYERS)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -357,50 +466,48 @@ class RunFiles:
         return [path for path in self.outputs(folds) if path.exists()]
 
 
-def check_outputs(args: argparse.Namespace, files: RunFiles) -> list[Path]:
+def check_outputs(config: TrainConfig, files: RunFiles) -> list[Path]:
     """Refuse to clobber an earlier run; on --resume insist on the same settings. Writes nothing."""
     for folder in (files.directory, *files.directory.parents):
         if folder.exists():
             if not folder.is_dir():
                 raise UserError(f"--ckpt_dir {files.directory} cannot be created: {folder} is a file; choose another --ckpt_dir")
             break
-    existing = files.existing(args.cv_splits)
-    settings = {k: v for k, v in vars(args).items() if k not in RESUME_FREE_ARGS}
-    if args.resume:
+    existing = files.existing(config.cv_splits)
+    settings = {k: v for k, v in config.as_dict().items() if k not in RESUME_FREE_ARGS}
+    if config.resume:
         if not files.config.exists():
             raise UserError(f"nothing to resume: {files.config} does not exist; run without --resume")
         saved = {k: v for k, v in read_json(files.config)["args"].items() if k not in RESUME_FREE_ARGS}
         changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
         if changed:
             raise UserError(f"--resume needs the settings of the interrupted run; these differ: {', '.join(changed)}")
-    elif existing and not args.overwrite:
+    elif existing and not config.overwrite:
         raise UserError(f"{existing[0]} exists from an earlier run; pass --overwrite, --resume or another --model_name/--ckpt_dir")
     return existing
 
 
-def create_outputs(args: argparse.Namespace, files: RunFiles, ctx: Dist, existing: list[Path]) -> None:
+def create_outputs(config: TrainConfig, files: RunFiles, ctx: Dist, existing: list[Path]) -> None:
     """Only once every input has been checked: create the run directory and record the configuration."""
     if ctx.main:
         files.directory.mkdir(parents=True, exist_ok=True)
-        if args.overwrite:
+        if config.overwrite:
             for path in existing:
                 path.unlink()
         # A kill during an atomic write leaves its temporary file (.tmp-<target>-<random>) behind; remove this
         # run's, which hold nothing it still needs, and leave other runs' alone.
-        ours = {path.name for path in files.outputs(args.cv_splits)}
+        ours = {path.name for path in files.outputs(config.cv_splits)}
         for leftover in files.directory.glob(".tmp-*"):
             if leftover.name[len(".tmp-"):].rsplit("-", 1)[0] in ours:
                 leftover.unlink(missing_ok=True)
-        if not args.resume:
-            write_json(files.config, {"args": vars(args), "versions": package_versions()})
+        if not config.resume:
+            write_json(files.config, {"args": config.as_dict(), "versions": package_versions()})
     if ctx.world > 1:
         dist.barrier()
 
 
 def setup_logging(files: RunFiles, ctx: Dist) -> None:
-    for handler in log.handlers:
-        handler.close()  # an earlier in-process run's log file
-    log.handlers.clear()
+    """The run's log: the console, and on the main process CKPT_DIR/MODEL_NAME.log; `close_logging` ends it."""
     log.setLevel(logging.INFO if ctx.main else logging.WARNING)
     log.propagate = False
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
@@ -410,6 +517,14 @@ def setup_logging(files: RunFiles, ctx: Dist) -> None:
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
+
+
+def close_logging() -> None:
+    """Detach the run's handlers and close its log file when the run ends, so that an in-process caller (a notebook,
+    a benchmark) keeps no open file and its next run logs only to its own."""
+    for handler in log.handlers:
+        handler.close()
+    log.handlers.clear()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -458,23 +573,23 @@ class Source:
         return int(self.checkpoint.metrics.get("kl_step", 0)) if self.continues_model else 0
 
 
-def read_sources(args: argparse.Namespace) -> list[Source]:
+def read_sources(config: TrainConfig) -> list[Source]:
     """Load --model_path once: our checkpoints carry genes/classes that the data must be aligned to.
 
     A run directory of K fold models gives one source per fold: fold k continues member k, on the same folds
     (same --seed and --cv_splits), so every member is still validated on cells it never trained on.
     """
-    if not args.model_path:
+    if not config.model_path:
         return [Source()]
-    paths = checkpoint_paths(args.model_path)
+    paths = checkpoint_paths(config.model_path)
     if len(paths) > 1:
-        if len(paths) != args.cv_splits:
-            raise UserError(f"--model_path {args.model_path} holds {len(paths)} fold models; pass --cv_splits {len(paths)} "
+        if len(paths) != config.cv_splits:
+            raise UserError(f"--model_path {config.model_path} holds {len(paths)} fold models; pass --cv_splits {len(paths)} "
                             "so that each fold continues its own model")
-        members = load_ensemble(args.model_path)
+        members = load_ensemble(config.model_path)
         for member in members:
-            if (member.args.get("seed"), member.args.get("cv_splits")) != (args.seed, args.cv_splits):
-                raise UserError(f"the fold models in {args.model_path} were trained with --seed {member.args.get('seed')} "
+            if (member.args.get("seed"), member.args.get("cv_splits")) != (config.seed, config.cv_splits):
+                raise UserError(f"the fold models in {config.model_path} were trained with --seed {member.args.get('seed')} "
                                 f"--cv_splits {member.args.get('cv_splits')}; continue them with the same values so each "
                                 "fold keeps its validation cells")
         return [Source(member) for member in members]
@@ -484,74 +599,79 @@ def read_sources(args: argparse.Namespace) -> list[Source]:
     return [Source(encoder_payload=payload)]  # a scBERT encoder: loaded into each fold's fresh model by build_model
 
 
-def adopt_checkpoint_binning(args: argparse.Namespace, source: Source) -> None:
-    """Our checkpoints fix the binning along with the architecture; --bin_num/--bin_width may only repeat it."""
-    defaults = {"bin_num": DEFAULT_BIN_NUM, "bin_width": DEFAULT_BIN_WIDTH}
-    for name, default in defaults.items():
-        given = getattr(args, name)
+def adopt_checkpoint_binning(config: TrainConfig, source: Source) -> TrainConfig:
+    """The config with its binning resolved: our checkpoints fix the binning along with the architecture, so
+    --bin_num/--bin_width may only repeat it; without one, the defaults fill what was not given."""
+    binning = {}
+    for name, default in {"bin_num": DEFAULT_BIN_NUM, "bin_width": DEFAULT_BIN_WIDTH}.items():
+        given = getattr(config, name)
         if source.checkpoint is None:
-            setattr(args, name, default if given is None else given)
+            binning[name] = default if given is None else given
             continue
         saved = getattr(source.checkpoint, name)
         if given is not None and given != saved:
             raise UserError(f"--{name} {given} differs from the checkpoint's {saved}; "
                             f"drop --{name} to keep the binning the model was trained with")
-        setattr(args, name, saved)
+        binning[name] = saved
+    return replace(config, **binning)
 
 
-def check_fixed_options(args: argparse.Namespace, source: Source) -> None:
-    """A continued checkpoint fixes its architecture (and a Bayesian one its variational family): options given
-    on the command line that contradict it would be silently ignored, so they are refused."""
-    if not source.continues_model:
+def check_fixed_options(config: TrainConfig, source: Source) -> None:
+    """Our checkpoint fixes its encoder's architecture, and when training continues its whole model also the head
+    (and a Bayesian head's variational family): options given on the command line that contradict it would be
+    silently ignored, so they are refused."""
+    if source.checkpoint is None:
         return
-    config = source.checkpoint.model.config
-    fixed = {"dim": config.encoder.dim, "depth": config.encoder.depth, "heads": config.encoder.heads,
-             "dim_head": config.encoder.dim_head, "local_attn_heads": config.encoder.local_attn_heads,
-             "h_dim": config.head.base_hidden2, "dropout": config.head.dropout}
-    if config.head.bayes:
-        fixed |= {"prior_sigma": config.head.prior_sigma, "init_log_sigma": config.head.init_log_sigma,
-                  "local_reparam": config.head.local_reparam}
+    saved = source.checkpoint.model.config
+    fixed = {"dim": saved.encoder.dim, "depth": saved.encoder.depth, "heads": saved.encoder.heads,
+             "dim_head": saved.encoder.dim_head, "local_attn_heads": saved.encoder.local_attn_heads,
+             "nb_features": saved.encoder.nb_features, "feature_redraw_interval": saved.encoder.feature_redraw_interval}
+    if source.continues_model:
+        fixed |= {"h_dim": saved.head.base_hidden2, "dropout": saved.head.dropout}
+    if source.continues_model and saved.head.bayes:
+        fixed |= {"prior_sigma": saved.head.prior_sigma, "init_log_sigma": saved.head.init_log_sigma,
+                  "local_reparam": saved.head.local_reparam}
     defaults = build_parser()
     given = sorted(name for name, value in fixed.items()
-                   if getattr(args, name) != defaults.get_default(name) and getattr(args, name) != value)
+                   if getattr(config, name) != defaults.get_default(name) and getattr(config, name) != value)
     if given:
-        settings = ", ".join(f"--{name} {fixed[name]}" for name in given)
-        raise UserError(f"{args.model_path} fixes {settings}; drop {', '.join('--' + n for n in given)} (they cannot "
-                        "change when training continues a checkpoint)")
+        settings = ", ".join(f"--{name} {'(default)' if fixed[name] is None else fixed[name]}" for name in given)
+        raise UserError(f"{config.model_path} fixes {settings}; drop {', '.join('--' + n for n in given)} (they cannot "
+                        "change when training continues a checkpoint or reuses its encoder)")
 
 
-def build_model(args: argparse.Namespace, source: Source, genes: list[str], n_classes: int) -> BayesianSparseTransformer:
+def build_model(config: TrainConfig, source: Source, genes: list[str], n_classes: int) -> BayesianSparseTransformer:
     """A fresh model, or a copy of the source checkpoint's model; Bayesian head ported when --bayes_head."""
     if source.continues_model:
         # Training starts uncalibrated: a temperature fitted to the source's validation cells is refitted at the end.
-        config = replace(source.checkpoint.model.config, head=replace(source.checkpoint.model.config.head, temperature=1.0))
-        config.encoder = replace(config.encoder, gradient_checkpointing=args.gradient_checkpointing)  # this run's choice
-        model = BayesianSparseTransformer(config)
+        model_config = replace(source.checkpoint.model.config, head=replace(source.checkpoint.model.config.head, temperature=1.0))
+        model_config.encoder = replace(model_config.encoder, gradient_checkpointing=config.gradient_checkpointing)  # this run's choice
+        model = BayesianSparseTransformer(model_config)
         model.load_state_dict(source.checkpoint.model.state_dict())
     elif source.checkpoint is not None:  # our encoder, a fresh head for the data's cell types
-        encoder = replace(source.checkpoint.model.config.encoder, gradient_checkpointing=args.gradient_checkpointing)
-        head = HeadConfig(seq_len=encoder.max_seq_len, dim=encoder.dim, num_classes=n_classes, hidden2=args.h_dim,
-                          dropout=args.dropout)
+        encoder = replace(source.checkpoint.model.config.encoder, gradient_checkpointing=config.gradient_checkpointing)
+        head = HeadConfig(seq_len=encoder.max_seq_len, dim=encoder.dim, num_classes=n_classes, hidden2=config.h_dim,
+                          dropout=config.dropout)
         model = BayesianSparseTransformer(ModelConfig(encoder, head))
         model.encoder.load_state_dict(source.checkpoint.model.encoder.state_dict())
-        log.info("reusing the encoder of %s with a new head for %d cell types", args.model_path, n_classes)
+        log.info("reusing the encoder of %s with a new head for %d cell types", config.model_path, n_classes)
     else:
         seq_len = len(genes) + 1
-        gene_embedding = "none" if not args.pos_embed else ("gene2vec" if args.gene2vec_path else "learned")
+        gene_embedding = "none" if not config.pos_embed else ("gene2vec" if config.gene2vec_path else "learned")
         encoder = PerformerConfig(
-            num_tokens=args.bin_num + 2, max_seq_len=seq_len, dim=args.dim, depth=args.depth, heads=args.heads,
-            dim_head=args.dim_head, nb_features=args.nb_features, feature_redraw_interval=args.feature_redraw_interval,
-            local_attn_heads=args.local_attn_heads, ff_dropout=args.dropout, gene_embedding=gene_embedding,
-            redraw_seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+            num_tokens=config.bin_num + 2, max_seq_len=seq_len, dim=config.dim, depth=config.depth, heads=config.heads,
+            dim_head=config.dim_head, nb_features=config.nb_features, feature_redraw_interval=config.feature_redraw_interval,
+            local_attn_heads=config.local_attn_heads, ff_dropout=config.dropout, gene_embedding=gene_embedding,
+            redraw_seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
         )
-        head = HeadConfig(seq_len=seq_len, dim=args.dim, num_classes=n_classes, hidden2=args.h_dim, dropout=args.dropout)
+        head = HeadConfig(seq_len=seq_len, dim=config.dim, num_classes=n_classes, hidden2=config.h_dim, dropout=config.dropout)
         model = BayesianSparseTransformer(ModelConfig(encoder, head), gene_vectors=source.gene_vectors)
-        if args.model_path:
-            for note in load_pretrained_encoder(model, args.model_path, source.encoder_payload):
+        if config.model_path:
+            for note in load_pretrained_encoder(model, config.model_path, source.encoder_payload):
                 log.info(note)
-    if args.bayes_head and not model.is_bayesian:
-        model.to_bayesian(prior_sigma=args.prior_sigma, init_log_sigma=args.init_log_sigma, local_reparam=args.local_reparam)
-        log.info("ported fc1/fc2 to Bayesian layers (means = trained weights, sigma = exp(%.1f))", args.init_log_sigma)
+    if config.bayes_head and not model.is_bayesian:
+        model.to_bayesian(prior_sigma=config.prior_sigma, init_log_sigma=config.init_log_sigma, local_reparam=config.local_reparam)
+        log.info("ported fc1/fc2 to Bayesian layers (means = trained weights, sigma = exp(%.1f))", config.init_log_sigma)
     return model
 
 
@@ -590,22 +710,22 @@ def shuffle_seed(seed: int, fold: int, pruning: bool, level: int, epoch: int) ->
     return int(np.random.SeedSequence([seed, fold, int(pruning), level, epoch]).generate_state(1)[0])
 
 
-def make_optimizer(model: BayesianSparseTransformer, args: argparse.Namespace, total_steps: int):
+def make_optimizer(model: BayesianSparseTransformer, config: TrainConfig, total_steps: int):
     """AdamW (Adam when weight decay is 0) with a head learning-rate multiplier; warm-up then cosine decay.
 
     Weight decay applies to weight matrices and means only: decaying log-sigmas would widen the posterior, and
     biases and norms are conventionally left alone.
     """
     groups = []
-    for module, lr in ((model.head, args.learning_rate * args.head_lr_mult), (model.encoder, args.learning_rate)):
+    for module, lr in ((model.head, config.learning_rate * config.head_lr_mult), (model.encoder, config.learning_rate)):
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         decayed = [p for name, p in named if p.dim() >= 2 and "log_sigma" not in name]
         kept = [p for name, p in named if not (p.dim() >= 2 and "log_sigma" not in name)]
         groups += [{"params": params, "lr": lr, "weight_decay": wd}
-                   for params, wd in ((decayed, args.weight_decay), (kept, 0.0)) if params]
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+                   for params, wd in ((decayed, config.weight_decay), (kept, 0.0)) if params]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     total_steps = max(total_steps, 1)
-    warmup = int(args.warmup_ratio * total_steps)
+    warmup = int(config.warmup_ratio * total_steps)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1))
     if warmup == 0:
         return optimizer, cosine
@@ -613,11 +733,15 @@ def make_optimizer(model: BayesianSparseTransformer, args: argparse.Namespace, t
     return optimizer, torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
+# A fold's phases in order; its `last` checkpoint records the one it is in, and --resume starts there.
+PHASES = ("train", "prune", "final", "done")
+
+
 @dataclass
 class FoldState:
     """Where a fold stands; saved in the `last` checkpoint so --resume continues exactly here."""
 
-    phase: str = "train"  # train -> prune (Stage B with --prune_target) or final -> done
+    phase: str = "train"  # one of PHASES
     epoch: int = 0  # next epoch within the phase (within the current prune level)
     level_index: int = 0  # next pruning level
     level_applied: bool = False  # the current level's prune is done, its fine-tuning may be under way
@@ -638,477 +762,623 @@ class FoldState:
     result: dict = field(default_factory=dict)
 
 
-class FoldTrainer:
-    """Trains, validates, prunes and checkpoints one fold."""
+@dataclass(frozen=True)
+class RunSetup:
+    """What every fold of a run shares: the settings, this process's place in the job, the output files and the
+    labelled data."""
 
-    def __init__(self, args, ctx: Dist, device: torch.device, files: RunFiles, data, labels, classes, fold: int,
-                 train_idx: np.ndarray, val_idx: np.ndarray, source: Source):
-        self.args, self.ctx, self.device, self.files, self.fold = args, ctx, device, files, fold
-        self.data, self.classes, self.source = data, classes, source
-        self.labels = labels
-        self.val_idx = np.sort(val_idx)  # validation outputs in data order, however many processes share the work
-        # Each cell's label slot carries its row number: a batch finds its labels (and, when pruning with
-        # distillation, its teacher probabilities) by row.
-        self.dataset = BinnedDataset(data.matrix, args.bin_num, np.arange(len(labels)), bin_width=args.bin_width)
-        self.label_tensor = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        self.train_set = Subset(self.dataset, train_idx)
-        self.class_weights = class_weights(labels[train_idx], len(classes), args.class_weight).to(device)
-        self.bayes = args.bayes_head or (source.continues_model and source.checkpoint.model.is_bayesian)
-        self.prune_layers = tuple(args.prune_layers.split(","))
-        self.state = FoldState(prune_amount=source.prune_amount, kl_step=source.kl_step)
-        self.model: BayesianSparseTransformer | None = None
+    config: TrainConfig
+    ctx: Dist
+    device: torch.device
+    files: RunFiles
+    data: ExpressionData
+    labels: np.ndarray  # (cells,) class indices
+    classes: list[str]
 
-    # ---- pieces -----------------------------------------------------------------------------------------------
 
-    def steps_per_epoch(self) -> int:
-        per_rank = math.ceil(len(self.train_set) / self.ctx.world)
-        return math.ceil(math.ceil(per_rank / self.args.batch_size) / self.args.grad_acc)
+@dataclass(frozen=True)
+class Fold:
+    """One fold: its training and validation cells and the model it starts from."""
 
-    def train_loader(self, epoch: int) -> DataLoader:
-        # Shuffling is seeded by where training stands, so a resumed run sees the same batches as an uninterrupted one.
-        seed = shuffle_seed(self.args.seed, self.fold, self.state.phase == "prune", self.state.level_index, epoch)
-        if self.args.sample_with_replacement:
-            # scBERT's loader: random cells with replacement; each rank draws its share from its own stream.
-            generator = torch.Generator().manual_seed(seed * 1009 + self.ctx.rank)
-            share = math.ceil(len(self.train_set) / self.ctx.world)
-            sampler = RandomSampler(self.train_set, replacement=True, num_samples=share, generator=generator)
-        elif self.ctx.world > 1:
-            sampler = DistributedSampler(self.train_set, self.ctx.world, self.ctx.rank, shuffle=True, seed=seed)
-        else:
-            sampler = RandomSampler(self.train_set, generator=torch.Generator().manual_seed(seed))
-        return DataLoader(self.train_set, batch_size=self.args.batch_size, sampler=sampler,
-                          collate_fn=collate_batch, num_workers=self.args.num_workers)
+    run: RunSetup
+    index: int
+    train_set: Subset  # of a dataset whose label slot carries each cell's row: batches find labels by row
+    val_idx: np.ndarray  # sorted: validation outputs in data order, however many processes share the work
+    source: Source
+    class_weights: torch.Tensor  # (classes,) of the loss, on the device
+    bayes: bool  # a Bayesian head (--bayes_head, or a continued Bayesian checkpoint)
 
-    def attach(self, model: BayesianSparseTransformer, total_steps: int) -> None:
-        """Train `model` from here: freeze what --trainable_layers keeps fixed, new optimizer and schedule, DDP."""
-        pretrained = bool(self.args.model_path) and self.source.pretrained_encoder
-        freeze_encoder_layers(model, self.args.trainable_layers, pretrained=pretrained)
-        self.state.total_steps = total_steps  # --resume rebuilds the same schedule from it
-        self.model = model.to(self.device)
-        self.optimizer, self.scheduler = make_optimizer(self.model, self.args, total_steps)
-        self.ddp = None
-        if self.ctx.world > 1:
-            # Pre-warm epochs leave the sigmas without gradients: DDP must not wait for them.
-            self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.model.is_bayesian,
-            )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.args.amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported())
 
-    def kl_scale(self) -> float:
-        """The KL weight at the current step: linear annealing that continues across rounds (the step is saved)."""
-        final = 1.0 / len(self.train_set) if self.args.kl_weight == "elbo" else self.args.kl_weight
-        if not self.args.kl_anneal_steps:
-            return final
-        return final * min(1.0, self.state.kl_step / self.args.kl_anneal_steps)
+def make_fold(run: RunSetup, index: int, train_idx: np.ndarray, val_idx: np.ndarray, source: Source) -> Fold:
+    config = run.config
+    dataset = BinnedDataset(run.data.matrix, config.bin_num, np.arange(len(run.labels)), bin_width=config.bin_width)
+    weights = class_weights(run.labels[train_idx], len(run.classes), config.class_weight).to(run.device)
+    bayes = config.bayes_head or (source.continues_model and source.checkpoint.model.is_bayesian)
+    return Fold(run, index, Subset(dataset, train_idx), np.sort(val_idx), source, weights, bayes)
 
-    def train_epoch(self, epoch: int, deterministic: bool) -> dict:
-        args, model = self.args, self.model
-        model.train()
-        model.set_deterministic(deterministic)
-        forward = self.ddp or model
-        loader = self.train_loader(epoch)
-        total_loss = correct = seen = 0.0
-        kl_value = 0.0
-        n_batches = len(loader)
-        bar = tqdm(loader, desc=f"fold {self.fold} epoch {epoch + 1}", disable=not (self.ctx.main and sys.stderr.isatty()), leave=False)
-        self.optimizer.zero_grad(set_to_none=True)
-        for i, (tokens, rows) in enumerate(bar):
-            tokens, labels = tokens.to(self.device), self.label_tensor[rows].to(self.device)
-            last_of_step = (i + 1) % args.grad_acc == 0 or i + 1 == n_batches
-            # The last step of an epoch may gather fewer micro-batches: average over those it has.
-            group_size = min(args.grad_acc, n_batches - (i // args.grad_acc) * args.grad_acc)
-            sync = self.ddp.no_sync() if self.ddp is not None and not last_of_step else contextlib.nullcontext()
-            with sync, autocast(self.device, args.amp):
-                if model.is_bayesian and not deterministic and args.bayes_mc_samples > 1:
-                    logits = forward(tokens, noise=model.head.draw_noise(args.bayes_mc_samples))  # (S, batch, classes)
-                else:
-                    logits = forward(tokens).unsqueeze(0)
-                ce, loss = self.data_loss(logits, labels, rows)
-                logits = logits.mean(0)
-                if model.is_bayesian and not deterministic and args.kl_weight != 0:
-                    kl = model.kl_divergence()
-                    kl_value = float(kl.detach())
-                    # Each micro-batch carries the full KL; dividing by the group size makes it once per step.
-                    loss = loss + self.kl_scale() * kl
-                if args.l1_lambda > 0:
-                    loss = loss + args.l1_lambda * sum(getattr(model.head, n).mean_weight().abs().sum() for n in PRUNABLE_LAYERS)
-                if args.group_lasso > 0:
-                    loss = loss + args.group_lasso * model.group_norm(self.prune_layers, dim=args.prune_dim)
-                self.scaler.scale(loss / group_size).backward()
-            if last_of_step:
-                if args.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                if model.is_bayesian and not deterministic:
-                    self.state.kl_step += 1
-            total_loss += float(ce.detach()) * len(labels)
-            correct += float((logits.argmax(-1) == labels).sum())
-            seen += len(labels)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
-        stats = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=self.device)
-        if self.ctx.world > 1:
-            dist.all_reduce(stats)
-        return {"train_loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2]), "kl": kl_value}
 
-    def data_loss(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cross-entropy, loss) of logits (samples, batch, classes), averaged over samples.
+@dataclass
+class Training:
+    """The model being trained and what updates it (optimizer, learning-rate schedule, gradient scaler), with its
+    DistributedDataParallel wrapper under torchrun."""
 
-        The loss is the class-weighted cross-entropy, mixed while a pruned model is fine-tuned with --prune_distill
-        with the KL divergence from the unpruned model's probabilities (a pruned head learns to predict what the
-        full one did, not to refit the labels).
-        """
-        num_samples, _, num_classes = logits.shape
-        log_probs = F.log_softmax(logits.float(), dim=-1).reshape(-1, num_classes)
-        ce = F.nll_loss(log_probs, labels.repeat(num_samples), weight=self.class_weights)
-        alpha = self.args.prune_distill
-        if self.state.teacher_probs is None or alpha == 0:
-            return ce, ce
-        teacher = self.state.teacher_probs[rows].to(log_probs.device).repeat(num_samples, 1)
-        distill = F.kl_div(log_probs, teacher, reduction="batchmean")
-        return ce, (1 - alpha) * ce + alpha * distill
+    model: BayesianSparseTransformer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ddp: DistributedDataParallel | None
 
-    def evaluate(self, samples: int | None = None, noise: dict | None = None) -> tuple[dict, np.ndarray]:
-        """MC validation over the whole validation set exactly once (ranks take disjoint shards, no padding).
 
-        Returns the metrics of the mean probabilities and the probability samples (S, validation cells, classes).
-        """
-        shard = self.val_idx[self.ctx.rank :: self.ctx.world]
-        prob_samples = self.predict_rows(shard, samples, noise)
-        if self.ctx.world > 1:
-            gathered = [None] * self.ctx.world
-            dist.all_gather_object(gathered, (shard, prob_samples))
-            order = np.concatenate([g[0] for g in gathered])
-            prob_samples = np.concatenate([g[1] for g in gathered], axis=1)[:, np.argsort(order)]
-        metrics = classification_metrics(prob_samples.mean(0), self.labels[self.val_idx], self.classes)
-        return metrics, prob_samples
+def attach(fold: Fold, state: FoldState, model: BayesianSparseTransformer, total_steps: int) -> Training:
+    """Train `model` from here: freeze what --trainable_layers keeps fixed, a new optimizer and a schedule over
+    `total_steps` (kept in the state, so --resume rebuilds the same schedule), DDP."""
+    config, device = fold.run.config, fold.run.device
+    pretrained = bool(config.model_path) and fold.source.pretrained_encoder
+    freeze_encoder_layers(model, config.trainable_layers, pretrained=pretrained)
+    state.total_steps = total_steps
+    model = model.to(device)
+    optimizer, scheduler = make_optimizer(model, config, total_steps)
+    ddp = None
+    if fold.run.ctx.world > 1:
+        # Pre-warm epochs leave the sigmas without gradients: DDP must not wait for them.
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=model.is_bayesian)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    return Training(model, optimizer, scheduler, scaler, ddp)
 
-    def predict_rows(self, rows: np.ndarray, samples: int | None = None, noise: dict | None = None) -> np.ndarray:
-        """Probability samples (S, len(rows), classes) of the current model, as validation draws them (S = 1: the
-        posterior means; `noise`: these S head draws)."""
-        args = self.args
-        loader = DataLoader(Subset(self.dataset, rows), batch_size=max(args.batch_size, 16), collate_fn=collate_batch)
-        samples = samples or (args.mc_samples_eval if self.model.is_bayesian else 1)
-        self.model.set_deterministic(samples == 1)  # one sample means the posterior means, as in prediction
-        return predict_proba_samples(self.model, loader, samples, seed=args.seed, noise=noise, device=self.device, amp=args.amp)
 
-    def teacher_probabilities(self) -> torch.Tensor:
-        """(cells, classes): the current model's mean probabilities on the training cells (zeros elsewhere)."""
-        rows = np.sort(np.asarray(self.train_set.indices))
-        teacher = torch.zeros(len(self.labels), len(self.classes))
-        teacher[torch.from_numpy(rows)] = torch.from_numpy(self.predict_rows(rows).mean(0)).float()
-        return teacher
+def kl_scale(config: TrainConfig, step: int, train_cells: int) -> float:
+    """The KL weight at optimizer step `step`: linear annealing that continues across rounds (the step is saved)."""
+    final = 1.0 / train_cells if config.kl_weight == "elbo" else config.kl_weight
+    if not config.kl_anneal_steps:
+        return final
+    return final * min(1.0, step / config.kl_anneal_steps)
 
-    def calibrate(self) -> None:
-        """Fit the temperature of the kept model to the validation cells (from T = 1, so a resume refits the same)."""
-        self.set_temperature(1.0)
-        _, prob_samples = self.evaluate()
-        temperature = fit_temperature(prob_samples, self.labels[self.val_idx])
-        self.set_temperature(temperature)
-        log.info("fold %d: temperature %.3f fitted to %d validation cells", self.fold, temperature, len(self.val_idx))
 
-    def set_temperature(self, temperature: float) -> None:
-        config = self.model.config
-        config.head = replace(config.head, temperature=temperature)
-        self.model.head.config = config.head
+def prune_levels(start: float, target: float, step: float) -> list[float]:
+    """The pruning levels from `start` (a continued model's) up to `target` in steps of `step`."""
+    levels, level = [], start
+    while level + 1e-9 < target:
+        level = min(round(level + step, 6), target)
+        levels.append(level)
+    return levels
 
-    def record(self, row: dict, started: float) -> None:
-        stats = self.model.pruning_stats()
-        row.update(
-            fold=self.fold, lr=self.optimizer.param_groups[0]["lr"], kl_scale=self.kl_scale(),
-            total_params=stats["total_params"], nonzero_params=stats["nonzero_params"],
-            head_sparsity=stats["fc12_sparsity"],
-            peak_mem_mb=torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else float("nan"),
-            seconds=time.time() - started,
-        )
-        self.state.history.append(row)
-        if self.ctx.main:
-            write_metrics_csv(self.files.fold(self.fold, "metrics.csv"), self.state.history)
 
-    def save(self, kind: str, metrics: dict | None = None, novelty: dict | None = None) -> None:
-        if not self.ctx.main:
-            return
-        training_state = None
-        if kind == "last":
-            training_state = {
-                "fold_state": vars(self.state),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": _rng_state(),
-            }
-        save_checkpoint(
-            self.files.fold(self.fold, f"{kind}.pth"), self.model, genes=self.data.genes, classes=self.classes,
-            bin_num=self.args.bin_num, bin_width=self.args.bin_width, stage="B" if self.model.is_bayesian else "A", args=vars(self.args),
-            metrics=metrics or {}, training_state=training_state, novelty=novelty,
-        )
+def steps_per_epoch(fold: Fold) -> int:
+    config, world = fold.run.config, fold.run.ctx.world
+    per_rank = math.ceil(len(fold.train_set) / world)
+    return math.ceil(math.ceil(per_rank / config.batch_size) / config.grad_acc)
 
-    def fit_novelty(self, val_probs: np.ndarray) -> dict:
-        """Novelty statistics of the final model (see `calibrate_novelty`): its training cells' class means and
-        shrunk covariance, a neighbour index of (up to NOVELTY_NEIGHBOURS of) them in expression space, and each
-        view's scores on the validation cells (known types it never trained on) with the threshold that
-        `--novelty_fpr` of them exceed. val_probs (validation cells, classes): the final model's probabilities."""
-        args = self.args
-        train_idx = np.asarray(self.train_set.indices)
-        stats = fit_novelty(self.features(train_idx), self.labels[train_idx])
-        if "input_knn" in args.novelty_parts:
-            rng = np.random.default_rng(args.seed + self.fold)
-            rows = np.sort(rng.choice(train_idx, min(len(train_idx), NOVELTY_NEIGHBOURS), replace=False))
-            stats |= fit_input_neighbours(self.dataset.__getitems__(rows).tokens[:, :-1].numpy())
-        parts = novelty_parts(self.features(self.val_idx), self.dataset.__getitems__(self.val_idx).tokens, val_probs,
-                              stats | {"parts": args.novelty_parts})
-        stats = calibrate_novelty(stats, {name: parts[name] for name in args.novelty_parts}, args.novelty_fpr)
-        log.info("fold %d: novelty threshold %.3f (%.0f%% of %d validation cells above it; views %s)", self.fold,
-                 stats["threshold"], 100 * args.novelty_fpr, len(self.val_idx), "+".join(args.novelty_parts))
-        return stats
 
-    def features(self, rows: np.ndarray, layer: str = NOVELTY_LAYER) -> np.ndarray:
-        """The head's features (len(rows), width) of the current model: `layer` as in `collect_features`."""
-        loader = DataLoader(Subset(self.dataset, rows), batch_size=max(self.args.batch_size, 16), collate_fn=collate_batch)
-        return collect_features(self.model, loader, layer, device=self.device, amp=self.args.amp)
+def train_loader(fold: Fold, state: FoldState, epoch: int) -> DataLoader:
+    config, ctx = fold.run.config, fold.run.ctx
+    # Shuffling is seeded by where training stands, so a resumed run sees the same batches as an uninterrupted one.
+    seed = shuffle_seed(config.seed, fold.index, state.phase == "prune", state.level_index, epoch)
+    if config.sample_with_replacement:
+        # scBERT's loader: random cells with replacement; each rank draws its share from its own stream.
+        generator = torch.Generator().manual_seed(seed * 1009 + ctx.rank)
+        share = math.ceil(len(fold.train_set) / ctx.world)
+        sampler = RandomSampler(fold.train_set, replacement=True, num_samples=share, generator=generator)
+    elif ctx.world > 1:
+        sampler = DistributedSampler(fold.train_set, ctx.world, ctx.rank, shuffle=True, seed=seed)
+    else:
+        sampler = RandomSampler(fold.train_set, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(fold.train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_batch,
+                      num_workers=config.num_workers)
 
-    def refit_cells(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-        """Gene features and class weights (the loss's) of a fixed subset of training cells for --prune_refit (the
-        same cells at every level)."""
-        if not self.args.prune_refit:
-            return None, None
-        rows = np.sort(np.asarray(self.train_set.indices))
-        if len(rows) > self.args.prune_refit_cells:
-            rng = np.random.default_rng(self.args.seed + self.fold)
-            rows = np.sort(rng.choice(rows, self.args.prune_refit_cells, replace=False))
-        features = torch.from_numpy(self.features(rows, "gene_features")).to(self.device)
-        return features, self.class_weights[torch.as_tensor(self.labels[rows], device=self.class_weights.device)]
 
-    def evaluate_paired(self) -> tuple[dict, np.ndarray, np.ndarray]:
-        """What the paired rule compares, from one encoding of the validation cells: the metrics and probability
-        samples (S, cells, classes) drawn with the unpruned model's noise restricted to the kept units (common
-        random numbers), and the types the posterior means predict (cells,).
+def train_epoch(fold: Fold, training: Training, state: FoldState, epoch: int, deterministic: bool) -> dict:
+    """One pass over the training cells with an optimizer step every --grad_acc micro-batches; returns the mean
+    cross-entropy and accuracy over all processes and the last KL divergence."""
+    config, device, model = fold.run.config, fold.run.device, training.model
+    model.train()
+    model.set_deterministic(deterministic)
+    loader = train_loader(fold, state, epoch)
+    labels_by_row = torch.as_tensor(np.asarray(fold.run.labels, dtype=np.int64))
+    total_loss = correct = seen = kl_value = 0.0
+    n_batches = len(loader)
+    bar = tqdm(loader, desc=f"fold {fold.index} epoch {epoch + 1}", disable=not (fold.run.ctx.main and sys.stderr.isatty()), leave=False)
+    training.optimizer.zero_grad(set_to_none=True)
+    for i, (tokens, rows) in enumerate(bar):
+        tokens, labels = tokens.to(device), labels_by_row[rows].to(device)
+        last_of_step = (i + 1) % config.grad_acc == 0 or i + 1 == n_batches
+        # The last step of an epoch may gather fewer micro-batches: average over those it has.
+        group_size = min(config.grad_acc, n_batches - (i // config.grad_acc) * config.grad_acc)
+        sync = training.ddp.no_sync() if training.ddp is not None and not last_of_step else contextlib.nullcontext()
+        with sync, autocast(device, config.amp):
+            ce, loss, logits, kl = batch_loss(fold, training, state, tokens, labels, rows, deterministic)
+            training.scaler.scale(loss / group_size).backward()
+        kl_value = kl if kl is not None else kl_value
+        if last_of_step:
+            optimizer_step(training, config.grad_clip)
+            if model.is_bayesian and not deterministic:
+                state.kl_step += 1
+        total_loss += float(ce.detach()) * len(labels)
+        correct += float((logits.argmax(-1) == labels).sum())
+        seen += len(labels)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    stats = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
+    if fold.run.ctx.world > 1:
+        dist.all_reduce(stats)
+    return {"train_loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2]), "kl": kl_value}
 
-        A Bayesian head gets one extra all-zero draw, which is exactly its posterior means; a deterministic head's
-        one sample already is.
-        """
-        if not self.model.is_bayesian:
-            metrics, prob_samples = self.evaluate()
-            return metrics, prob_samples, prob_samples[0].argmax(1)
-        samples = self.args.mc_samples_eval
-        noise = head_noise_for_widths(self.state.reference_widths, samples, self.args.seed)
-        positions = {unit: torch.as_tensor(kept) for unit, kept in self.state.reference_positions.items()}
-        noise = {name: {k: torch.cat([v, torch.zeros_like(v[:1])]).to(self.device) for k, v in draws.items()}
-                 for name, draws in slice_head_noise(noise, positions).items()}
-        _, prob_samples = self.evaluate(samples=samples + 1, noise=noise)
-        prob_samples, means = prob_samples[:-1], prob_samples[-1]
-        metrics = classification_metrics(prob_samples.mean(0), self.labels[self.val_idx], self.classes)
-        return metrics, prob_samples, means.argmax(1)
 
-    def barrier(self) -> None:
-        if self.ctx.world > 1:
-            dist.barrier()
+def batch_loss(fold: Fold, training: Training, state: FoldState, tokens: torch.Tensor, labels: torch.Tensor,
+               rows: torch.Tensor, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:
+    """One micro-batch: (cross-entropy, loss, logits (batch, classes) averaged over head samples, KL divergence or
+    None). The loss adds the annealed KL term of a sampled Bayesian head and the --l1_lambda/--group_lasso penalties."""
+    config, model = fold.run.config, training.model
+    forward = training.ddp or model
+    if model.is_bayesian and not deterministic and config.bayes_mc_samples > 1:
+        logits = forward(tokens, noise=model.head.draw_noise(config.bayes_mc_samples))  # (S, batch, classes)
+    else:
+        logits = forward(tokens).unsqueeze(0)
+    ce, loss = data_loss(logits, labels, fold.class_weights, state.teacher_probs, rows, config.prune_distill)
+    kl_value = None
+    if model.is_bayesian and not deterministic and config.kl_weight != 0:
+        kl = model.kl_divergence()
+        kl_value = float(kl.detach())
+        # Each micro-batch carries the full KL; dividing by the group size makes it once per step.
+        loss = loss + kl_scale(config, state.kl_step, len(fold.train_set)) * kl
+    if config.l1_lambda > 0:
+        loss = loss + config.l1_lambda * sum(getattr(model.head, n).mean_weight().abs().sum() for n in PRUNABLE_LAYERS)
+    if config.group_lasso > 0:
+        loss = loss + config.group_lasso * model.group_norm(config.layers_to_prune, dim=config.prune_dim)
+    return ce, loss, logits.mean(0), kl_value
 
-    # ---- phases -------------------------------------------------------------------------------------------
 
-    def validate_and_keep_best(self, row: dict) -> bool:
-        """Validate, save the best model; True when early stopping says stop."""
-        metrics, _ = self.evaluate()
-        row.update(val_loss=metrics["nll"], val_acc=metrics["accuracy"], val_macro_f1=metrics["macro_f1"], val_ece=metrics["ece"])
-        score = SELECTION_METRICS[self.args.select_metric](metrics)
-        if score > self.state.best_score:
-            self.state.best_score = score
-            self.state.bad_rounds = 0
-            self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount, self.state.kl_step))
-        else:
-            self.state.bad_rounds += 1
-        return self.state.bad_rounds >= self.args.patience
+def data_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, teacher: torch.Tensor | None,
+              rows: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, loss) of logits (samples, batch, classes), averaged over samples.
 
-    def prune_levels(self, start: float) -> list[float]:
-        levels, level = [], start
-        while level + 1e-9 < self.args.prune_target:
-            level = min(round(level + self.args.prune_step, 6), self.args.prune_target)
-            levels.append(level)
-        return levels
+    The loss is the class-weighted cross-entropy, mixed while a pruned model is fine-tuned with --prune_distill
+    (a `teacher`, (cells, classes) indexed by `rows`) with the KL divergence from the unpruned model's
+    probabilities: a pruned head learns to predict what the full one did, not to refit the labels.
+    """
+    num_samples, _, num_classes = logits.shape
+    log_probs = F.log_softmax(logits.float(), dim=-1).reshape(-1, num_classes)
+    ce = F.nll_loss(log_probs, labels.repeat(num_samples), weight=weight)
+    if teacher is None or alpha == 0:
+        return ce, ce
+    teacher = teacher[rows].to(log_probs.device).repeat(num_samples, 1)
+    distill = F.kl_div(log_probs, teacher, reduction="batchmean")
+    return ce, (1 - alpha) * ce + alpha * distill
 
-    def run_training(self, started: float) -> None:
-        args = self.args
-        while self.state.phase == "train" and self.state.epoch < args.epoch:
-            epoch = self.state.epoch
-            deterministic = self.bayes and epoch < args.pre_warm_epochs
-            row = {"phase": "prewarm" if deterministic else "train", "epoch": epoch + 1, "prune_level": self.state.prune_amount}
-            row.update(self.train_epoch(epoch, deterministic))
-            stop = False
-            if (epoch + 1) % args.valid_every == 0 or epoch + 1 == args.epoch:
-                stop = self.validate_and_keep_best(row)
-                log.info("fold %d epoch %d: train loss %.4f acc %.3f | val acc %.3f macro-F1 %.3f ECE %.3f",
-                         self.fold, epoch + 1, row["train_loss"], row["train_acc"], row["val_acc"], row["val_macro_f1"], row["val_ece"])
-            self.state.epoch += 1
-            if stop:
-                log.info("fold %d: early stop, no better %s for %d validations", self.fold, args.select_metric, args.patience)
-                self.state.epoch = args.epoch
-            self.record(row, started)
-            self.save("last")
-            self.barrier()
 
-    def run_pruning(self, started: float) -> None:
-        args = self.args
-        start = self.source.prune_amount
-        levels = self.prune_levels(start)  # the same list on every call: it depends only on the source and args
-        if self.state.reference_f1 is None:
-            self.load_best()
-            widths = unit_widths(self.model)
-            self.state.reference_widths = widths
-            self.state.reference_positions = {unit: list(range(width)) for unit, width in widths.items()}
-            metrics, prob_samples, calls = self.evaluate_paired()
-            self.state.reference_f1 = metrics["macro_f1"]
-            self.state.reference_probs = prob_samples.mean(0).tolist()
-            self.state.reference_calls = calls.tolist()
-            if args.prune_distill > 0:
-                self.state.teacher_probs = self.teacher_probabilities()
-            self.state.best_score = max(self.state.best_score, SELECTION_METRICS[args.select_metric](metrics))
-            if not self.files.fold(self.fold, "best.pth").exists() and self.ctx.main:
-                self.save("best", metrics=_summary_metrics(metrics, self.model, start, self.state.kl_step))
-            log.info("fold %d: pruning from %.0f%% to %.0f%% (reference: validation NLL %.3f, macro-F1 %.3f; %s rule)",
-                     self.fold, 100 * start, 100 * args.prune_target, metrics["nll"], metrics["macro_f1"], args.prune_rule)
-        while self.state.level_index < len(levels):
-            level = levels[self.state.level_index]
-            steps = args.prune_ft_epochs * self.steps_per_epoch()
-            if not self.state.level_applied:
-                features, weights = self.refit_cells()
-                stats = self.model.prune(level, layers=self.prune_layers, dim=args.prune_dim, mode=args.prune_mode,
-                                         score=args.prune_score, refit_features=features, refit_weights=weights,
-                                         refit_ridge=args.prune_refit_ridge)
-                if args.prune_mode == "physical":  # mask mode keeps every unit in place
-                    for unit, keep in stats["kept"].items():
-                        positions = self.state.reference_positions[unit]
-                        self.state.reference_positions[unit] = [positions[i] for i in keep.tolist()]
-                self.attach(self.model, steps)
-                self.state.level_applied, self.state.epoch = True, 0
-                log.info("fold %d: pruned to %.0f%% of %s slices (dim %d, %s): fc1+fc2 sparsity %.1f%%, %d parameters",
-                         self.fold, 100 * level, args.prune_layers, args.prune_dim, args.prune_mode,
-                         100 * stats["fc12_sparsity"], stats["total_params"])
-            while self.state.epoch < args.prune_ft_epochs:
-                row = {"phase": "prune_ft", "epoch": self.state.epoch + 1, "prune_level": level}
-                row.update(self.train_epoch(self.state.epoch, deterministic=False))
-                self.state.epoch += 1
-                self.record(row, started)
-                self.save("last")
-                self.barrier()
-            metrics, prob_samples, calls = self.evaluate_paired()
-            ok, verdict = self.keep_pruned(metrics, prob_samples.mean(0), calls)
-            row = {"phase": "prune", "epoch": 0, "prune_level": level, "val_loss": metrics["nll"], "val_acc": metrics["accuracy"],
-                   "val_macro_f1": metrics["macro_f1"], "val_ece": metrics["ece"], "accepted": ok}
-            log.info("fold %d: prune level %.0f%%: %s: %s", self.fold, 100 * level, verdict, "kept" if ok else "stop")
-            self.state.level_index += 1
-            self.state.level_applied = False
-            self.record(row, started)
-            if ok:
-                self.state.prune_amount = level
-                self.save("best", metrics=_summary_metrics(metrics, self.model, level, self.state.kl_step))
-            else:
-                self.state.level_index = len(levels)
-            self.save("last")
-            self.barrier()
+def optimizer_step(training: Training, grad_clip: float) -> None:
+    if grad_clip > 0:
+        training.scaler.unscale_(training.optimizer)
+        torch.nn.utils.clip_grad_norm_(training.model.parameters(), grad_clip)
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scheduler.step()
 
-    def keep_pruned(self, metrics: dict, probs: np.ndarray, calls: np.ndarray) -> tuple[bool, str]:
-        """Whether the pruned, fine-tuned model may replace the unpruned one, and the numbers behind the verdict.
 
-        probs: its mean probabilities on the validation cells (drawn with the unpruned model's noise); calls: the
-        types its posterior means predict there (the paired rule's agreement).
-        """
-        args = self.args
-        if args.prune_rule == "f1":
-            ok = metrics["macro_f1"] >= self.state.reference_f1 - args.prune_f1_tol
-            return ok, f"val macro-F1 {metrics['macro_f1']:.3f} vs {self.state.reference_f1:.3f} (tolerance {args.prune_f1_tol})"
-        # Agreement of the posterior means' calls: a deterministic comparison, free of the Monte Carlo noise that
-        # changes a few percent of borderline calls between two draws of the same model.
-        paired = paired_comparison(np.asarray(self.state.reference_probs), probs, self.labels[self.val_idx], seed=args.seed,
-                                   calls=(np.asarray(self.state.reference_calls), np.asarray(calls)))
-        ok = paired["nll_diff_upper"] <= args.prune_nll_tol and paired["changed"] <= args.prune_max_changed
-        return ok, (f"val NLL {paired['nll_diff']:+.4f} per cell (95% upper bound {paired['nll_diff_upper']:+.4f}, "
-                    f"tolerance {args.prune_nll_tol}), {paired['changed']:.1%} of cells changed type "
-                    f"(tolerance {args.prune_max_changed:.0%})")
+# --------------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------------
 
-    def load_best(self) -> None:
-        self.barrier()
-        best = self.files.fold(self.fold, "best.pth")
-        if best.exists():
-            self.attach(load_checkpoint(best).model, 1)
 
-    def run(self) -> dict:
-        args = self.args
-        started = time.time()
-        last = self.files.fold(self.fold, "last.pth")
-        if args.resume and last.exists():
-            self.restore(last)
-        else:
-            set_seed(args.seed + self.fold)
-            model = build_model(args, self.source, self.data.genes, len(self.classes))
-            self.attach(model, args.epoch * self.steps_per_epoch())
-            if self.ctx.main:
-                with atomic_write(self.files.fold(self.fold, "val_cells.txt")) as handle:
-                    handle.write("".join(f"{self.data.cell_ids[i]}\n" for i in self.val_idx))
-        if self.state.phase == "done":
-            return self.state.result["final"]
-        self.run_training(started)
-        if self.state.phase == "train":
-            self.state.phase = "prune" if self.bayes and args.prune_target > 0 else "final"
-        if self.state.phase == "prune":
-            self.run_pruning(started)
-        self.load_best()
-        if args.temperature_scaling:
-            self.calibrate()
-        metrics, prob_samples = self.evaluate()
-        # The best checkpoint is written once more, final: calibrated, with the novelty statistics of exactly this
-        # model's features (after any physical pruning); --epoch 0 without pruning makes the --model_path model the best.
-        novelty = self.fit_novelty(prob_samples.mean(0)) if self.ctx.main else None
-        self.save("best", metrics=_summary_metrics(metrics, self.model, self.state.prune_amount, self.state.kl_step),
-                  novelty=novelty)
-        self.report(metrics)
-        if self.ctx.main:
-            self.write_val_predictions(prob_samples.mean(0))
-        self.state.phase = "done"
-        self.state.result["final"] = _summary_metrics(metrics, self.model, self.state.prune_amount, self.state.kl_step)
-        self.save("last")
-        self.barrier()
-        return self.state.result["final"]
+def evaluate(fold: Fold, model: BayesianSparseTransformer, samples: int | None = None,
+             noise: dict | None = None) -> tuple[dict, np.ndarray]:
+    """MC validation over the whole validation set exactly once (ranks take disjoint shards, no padding).
 
-    def restore(self, path: Path) -> None:
-        checkpoint = load_checkpoint(path)
-        training = checkpoint.training_state
-        self.state = FoldState(**training["fold_state"])
-        log.info("fold %d: resumed from %s (phase %s, epoch %d)", self.fold, path, self.state.phase, self.state.epoch)
-        if self.state.phase == "done":
-            return  # a finished fold: its result is in the state
-        self.attach(checkpoint.model, self.state.total_steps)
-        self.optimizer.load_state_dict(training["optimizer"])
-        self.scheduler.load_state_dict(training["scheduler"])
-        self.scaler.load_state_dict(training["scaler"])
-        _set_rng_state(training["rng"])
+    Returns the metrics of the mean probabilities and the probability samples (S, validation cells, classes).
+    """
+    ctx = fold.run.ctx
+    shard = fold.val_idx[ctx.rank :: ctx.world]
+    prob_samples = predict_rows(fold, model, shard, samples, noise)
+    if ctx.world > 1:
+        gathered = [None] * ctx.world
+        dist.all_gather_object(gathered, (shard, prob_samples))
+        order = np.concatenate([g[0] for g in gathered])
+        prob_samples = np.concatenate([g[1] for g in gathered], axis=1)[:, np.argsort(order)]
+    metrics = classification_metrics(prob_samples.mean(0), fold.run.labels[fold.val_idx], fold.run.classes)
+    return metrics, prob_samples
 
-    def write_val_predictions(self, probs: np.ndarray) -> None:
-        """Mean MC probabilities of the kept model for every validation cell, with true and predicted labels."""
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["cell_id", "true_label", "pred_label", *self.classes])
-        for index, row in zip(self.val_idx, probs):
-            writer.writerow([self.data.cell_ids[index], self.classes[self.labels[index]], self.classes[row.argmax()],
-                             *(f"{p:.6g}" for p in row)])
-        with atomic_write(self.files.fold(self.fold, "val_predictions.csv")) as handle:
-            handle.write(buffer.getvalue())
 
-    def report(self, metrics: dict) -> None:
-        log.info("fold %d best model: accuracy %.4f, macro-F1 %.4f, ECE %.4f, NLL %.4f", self.fold,
-                 metrics["accuracy"], metrics["macro_f1"], metrics["ece"], metrics["nll"])
-        matrix = np.array(metrics["confusion_matrix"])
-        width = max(len(c) for c in self.classes)
-        lines = ["confusion matrix (rows: true, columns: predicted, in class order):"]
-        lines += [f"  {name:>{width}} " + " ".join(f"{v:4d}" for v in row) for name, row in zip(self.classes, matrix)]
-        log.info("\n".join(lines))
-        y_true = np.repeat(np.arange(len(self.classes)), matrix.sum(1))
-        y_pred = np.concatenate([np.repeat(np.arange(len(self.classes)), row) for row in matrix])
-        log.info("classification report:\n%s", classification_report(
-            y_true, y_pred, labels=np.arange(len(self.classes)), target_names=self.classes, zero_division=0, digits=4))
+def predict_rows(fold: Fold, model: BayesianSparseTransformer, rows: np.ndarray, samples: int | None = None,
+                 noise: dict | None = None) -> np.ndarray:
+    """Probability samples (S, len(rows), classes) of `model`, as validation draws them (S = 1: the posterior
+    means; `noise`: these S head draws)."""
+    config = fold.run.config
+    loader = DataLoader(Subset(fold.train_set.dataset, rows), batch_size=max(config.batch_size, 16), collate_fn=collate_batch)
+    samples = samples or (config.mc_samples_eval if model.is_bayesian else 1)
+    model.set_deterministic(samples == 1)  # one sample means the posterior means, as in prediction
+    return predict_proba_samples(model, loader, samples, seed=config.seed, noise=noise, device=fold.run.device, amp=config.amp)
+
+
+def evaluate_paired(fold: Fold, model: BayesianSparseTransformer, state: FoldState) -> tuple[dict, np.ndarray, np.ndarray]:
+    """What the paired rule compares, from one encoding of the validation cells: the metrics and probability
+    samples (S, cells, classes) drawn with the unpruned model's noise restricted to the kept units (common
+    random numbers), and the types the posterior means predict (cells,).
+
+    A Bayesian head gets one extra all-zero draw, which is exactly its posterior means; a deterministic head's
+    one sample already is.
+    """
+    if not model.is_bayesian:
+        metrics, prob_samples = evaluate(fold, model)
+        return metrics, prob_samples, prob_samples[0].argmax(1)
+    config, device = fold.run.config, fold.run.device
+    samples = config.mc_samples_eval
+    noise = head_noise_for_widths(state.reference_widths, samples, config.seed)
+    positions = {unit: torch.as_tensor(kept) for unit, kept in state.reference_positions.items()}
+    noise = {name: {k: torch.cat([v, torch.zeros_like(v[:1])]).to(device) for k, v in draws.items()}
+             for name, draws in slice_head_noise(noise, positions).items()}
+    _, prob_samples = evaluate(fold, model, samples=samples + 1, noise=noise)
+    prob_samples, means = prob_samples[:-1], prob_samples[-1]
+    metrics = classification_metrics(prob_samples.mean(0), fold.run.labels[fold.val_idx], fold.run.classes)
+    return metrics, prob_samples, means.argmax(1)
+
+
+def validate_and_keep_best(fold: Fold, model: BayesianSparseTransformer, state: FoldState, row: dict) -> bool:
+    """Validate, save the best model; True when early stopping says stop."""
+    config = fold.run.config
+    metrics, _ = evaluate(fold, model)
+    row.update(val_loss=metrics["nll"], val_acc=metrics["accuracy"], val_macro_f1=metrics["macro_f1"], val_ece=metrics["ece"])
+    score = SELECTION_METRICS[config.select_metric](metrics)
+    if score > state.best_score:
+        state.best_score = score
+        state.bad_rounds = 0
+        save_best(fold, model, _summary_metrics(metrics, model, state.prune_amount, state.kl_step))
+    else:
+        state.bad_rounds += 1
+    return state.bad_rounds >= config.patience
+
+
+def teacher_probabilities(fold: Fold, model: BayesianSparseTransformer) -> torch.Tensor:
+    """(cells, classes): the model's mean probabilities on the training cells (zeros elsewhere)."""
+    rows = np.sort(np.asarray(fold.train_set.indices))
+    teacher = torch.zeros(len(fold.run.labels), len(fold.run.classes))
+    teacher[torch.from_numpy(rows)] = torch.from_numpy(predict_rows(fold, model, rows).mean(0)).float()
+    return teacher
+
+
+def calibrate(fold: Fold, model: BayesianSparseTransformer) -> None:
+    """Fit the temperature of the kept model to the validation cells (from T = 1, so a resume refits the same)."""
+    set_temperature(model, 1.0)
+    _, prob_samples = evaluate(fold, model)
+    temperature = fit_temperature(prob_samples, fold.run.labels[fold.val_idx])
+    set_temperature(model, temperature)
+    log.info("fold %d: temperature %.3f fitted to %d validation cells", fold.index, temperature, len(fold.val_idx))
+
+
+def set_temperature(model: BayesianSparseTransformer, temperature: float) -> None:
+    model_config = model.config
+    model_config.head = replace(model_config.head, temperature=temperature)
+    model.head.config = model_config.head
+
+
+def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.ndarray) -> dict:
+    """Novelty statistics of the final model (see `calibrate_novelty`): its training cells' class means and shrunk
+    covariance, a neighbour index of (up to NOVELTY_NEIGHBOURS of) them in expression space, and each view's scores
+    on the validation cells (known types it never trained on) with the threshold that `--novelty_fpr` of them
+    exceed. val_probs (validation cells, classes): the final model's probabilities."""
+    config, dataset = fold.run.config, fold.train_set.dataset
+    train_idx = np.asarray(fold.train_set.indices)
+    stats = fit_novelty(fold_features(fold, model, train_idx), fold.run.labels[train_idx])
+    if "input_knn" in config.novelty_parts:
+        rng = np.random.default_rng(config.seed + fold.index)
+        rows = np.sort(rng.choice(train_idx, min(len(train_idx), NOVELTY_NEIGHBOURS), replace=False))
+        stats |= fit_input_neighbours(dataset.__getitems__(rows).tokens[:, :-1].numpy())
+    parts = novelty_parts(fold_features(fold, model, fold.val_idx), dataset.__getitems__(fold.val_idx).tokens,
+                          val_probs, stats | {"parts": config.novelty_parts})
+    stats = calibrate_novelty(stats, {name: parts[name] for name in config.novelty_parts}, config.novelty_fpr)
+    log.info("fold %d: novelty threshold %.3f (%.0f%% of %d validation cells above it; views %s)", fold.index,
+             stats["threshold"], 100 * config.novelty_fpr, len(fold.val_idx), "+".join(config.novelty_parts))
+    return stats
+
+
+def fold_features(fold: Fold, model: BayesianSparseTransformer, rows: np.ndarray, layer: str = NOVELTY_LAYER) -> np.ndarray:
+    """The head's features (len(rows), width) of `model`: `layer` as in `collect_features`."""
+    config = fold.run.config
+    loader = DataLoader(Subset(fold.train_set.dataset, rows), batch_size=max(config.batch_size, 16), collate_fn=collate_batch)
+    return collect_features(model, loader, layer, device=fold.run.device, amp=config.amp)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pruning
+# --------------------------------------------------------------------------------------------------------------
+
+
+def set_reference(fold: Fold, state: FoldState, model: BayesianSparseTransformer) -> None:
+    """The unpruned model's validation predictions, the bar for every pruning level (and with --prune_distill its
+    training cells' probabilities, the fine-tuning targets); saved as the best model if none was yet."""
+    config = fold.run.config
+    widths = unit_widths(model)
+    state.reference_widths = widths
+    state.reference_positions = {unit: list(range(width)) for unit, width in widths.items()}
+    metrics, prob_samples, calls = evaluate_paired(fold, model, state)
+    state.reference_f1 = metrics["macro_f1"]
+    state.reference_probs = prob_samples.mean(0).tolist()
+    state.reference_calls = calls.tolist()
+    if config.prune_distill > 0:
+        state.teacher_probs = teacher_probabilities(fold, model)
+    state.best_score = max(state.best_score, SELECTION_METRICS[config.select_metric](metrics))
+    start = fold.source.prune_amount
+    if not fold.run.files.fold(fold.index, "best.pth").exists() and fold.run.ctx.main:
+        save_best(fold, model, _summary_metrics(metrics, model, start, state.kl_step))
+    log.info("fold %d: pruning from %.0f%% to %.0f%% (reference: validation NLL %.3f, macro-F1 %.3f; %s rule)",
+             fold.index, 100 * start, 100 * config.prune_target, metrics["nll"], metrics["macro_f1"], config.prune_rule)
+
+
+def prune_to(fold: Fold, state: FoldState, model: BayesianSparseTransformer, level: float) -> Training:
+    """Prune `model` to `level` (refitting the layer that reads the removed units) and start its fine-tuning."""
+    config = fold.run.config
+    features, weights = refit_cells(fold, model)
+    stats = model.prune(level, layers=config.layers_to_prune, dim=config.prune_dim, mode=config.prune_mode,
+                        score=config.prune_score, refit_features=features, refit_weights=weights,
+                        refit_ridge=config.prune_refit_ridge)
+    if config.prune_mode == "physical":  # mask mode keeps every unit in place
+        for unit, keep in stats["kept"].items():
+            positions = state.reference_positions[unit]
+            state.reference_positions[unit] = [positions[i] for i in keep.tolist()]
+    training = attach(fold, state, model, config.prune_ft_epochs * steps_per_epoch(fold))
+    state.level_applied, state.epoch = True, 0
+    log.info("fold %d: pruned to %.0f%% of %s slices (dim %d, %s): fc1+fc2 sparsity %.1f%%, %d parameters",
+             fold.index, 100 * level, config.prune_layers, config.prune_dim, config.prune_mode,
+             100 * stats["fc12_sparsity"], stats["total_params"])
+    return training
+
+
+def refit_cells(fold: Fold, model: BayesianSparseTransformer) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """Gene features and class weights (the loss's) of a fixed subset of training cells for --prune_refit (the
+    same cells at every level)."""
+    config = fold.run.config
+    if not config.prune_refit:
+        return None, None
+    rows = np.sort(np.asarray(fold.train_set.indices))
+    if len(rows) > config.prune_refit_cells:
+        rng = np.random.default_rng(config.seed + fold.index)
+        rows = np.sort(rng.choice(rows, config.prune_refit_cells, replace=False))
+    features = torch.from_numpy(fold_features(fold, model, rows, "gene_features")).to(fold.run.device)
+    return features, fold.class_weights[torch.as_tensor(fold.run.labels[rows], device=fold.class_weights.device)]
+
+
+def keep_pruned(config: TrainConfig, state: FoldState, labels: np.ndarray, metrics: dict, probs: np.ndarray,
+                calls: np.ndarray) -> tuple[bool, str]:
+    """Whether the pruned, fine-tuned model may replace the unpruned one, and the numbers behind the verdict.
+
+    labels: the validation cells' true types; probs: the pruned model's mean probabilities there (drawn with the
+    unpruned model's noise); calls: the types its posterior means predict there (the paired rule's agreement).
+    """
+    if config.prune_rule == "f1":
+        ok = metrics["macro_f1"] >= state.reference_f1 - config.prune_f1_tol
+        return ok, f"val macro-F1 {metrics['macro_f1']:.3f} vs {state.reference_f1:.3f} (tolerance {config.prune_f1_tol})"
+    # Agreement of the posterior means' calls: a deterministic comparison, free of the Monte Carlo noise that
+    # changes a few percent of borderline calls between two draws of the same model.
+    paired = paired_comparison(np.asarray(state.reference_probs), probs, labels, seed=config.seed,
+                               calls=(np.asarray(state.reference_calls), np.asarray(calls)))
+    ok = paired["nll_diff_upper"] <= config.prune_nll_tol and paired["changed"] <= config.prune_max_changed
+    return ok, (f"val NLL {paired['nll_diff']:+.4f} per cell (95% upper bound {paired['nll_diff_upper']:+.4f}, "
+                f"tolerance {config.prune_nll_tol}), {paired['changed']:.1%} of cells changed type "
+                f"(tolerance {config.prune_max_changed:.0%})")
+
+
+def judge_level(fold: Fold, state: FoldState, training: Training, level: float, n_levels: int, started: float) -> None:
+    """Keep the fine-tuned pruning level as the best model, or stop pruning at the one before."""
+    config, model = fold.run.config, training.model
+    metrics, prob_samples, calls = evaluate_paired(fold, model, state)
+    ok, verdict = keep_pruned(config, state, fold.run.labels[fold.val_idx], metrics, prob_samples.mean(0), calls)
+    log.info("fold %d: prune level %.0f%%: %s: %s", fold.index, 100 * level, verdict, "kept" if ok else "stop")
+    state.level_index = state.level_index + 1 if ok else n_levels
+    state.level_applied = False
+    if ok:
+        state.prune_amount = level
+        save_best(fold, model, _summary_metrics(metrics, model, level, state.kl_step))
+    row = {"phase": "prune", "epoch": 0, "prune_level": level, "val_loss": metrics["nll"], "val_acc": metrics["accuracy"],
+           "val_macro_f1": metrics["macro_f1"], "val_ece": metrics["ece"], "accepted": ok}
+    end_step(fold, training, state, row, started)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A fold, phase by phase
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fit_fold(fold: Fold) -> dict:
+    """Train, prune and finish one fold, phase by phase from wherever it stands; returns its final metrics."""
+    started = time.time()
+    state, training = start_fold(fold)
+    for phase in PHASES[PHASES.index(state.phase) : -1]:
+        state.phase = phase
+        training = PHASE_STEPS[phase](fold, state, training, started)
+    return state.result["final"]
+
+
+def train_phase(fold: Fold, state: FoldState, training: Training, started: float) -> Training:
+    """--epoch epochs (a Bayesian head's first --pre_warm_epochs with its posterior means only), validated every
+    --valid_every; the best model is saved, and --patience validations without a better one stop early."""
+    config = fold.run.config
+    while state.epoch < config.epoch:
+        epoch = state.epoch
+        deterministic = fold.bayes and epoch < config.pre_warm_epochs
+        row = {"phase": "prewarm" if deterministic else "train", "epoch": epoch + 1, "prune_level": state.prune_amount}
+        row.update(train_epoch(fold, training, state, epoch, deterministic))
+        stop = False
+        if (epoch + 1) % config.valid_every == 0 or epoch + 1 == config.epoch:
+            stop = validate_and_keep_best(fold, training.model, state, row)
+            log.info("fold %d epoch %d: train loss %.4f acc %.3f | val acc %.3f macro-F1 %.3f ECE %.3f", fold.index,
+                     epoch + 1, row["train_loss"], row["train_acc"], row["val_acc"], row["val_macro_f1"], row["val_ece"])
+        state.epoch += 1
+        if stop:
+            log.info("fold %d: early stop, no better %s for %d validations", fold.index, config.select_metric, config.patience)
+            state.epoch = config.epoch
+        end_step(fold, training, state, row, started)
+    return training
+
+
+def prune_phase(fold: Fold, state: FoldState, training: Training, started: float) -> Training:
+    """Stage B with --prune_target: from the best model, prune level by level, fine-tune each, and keep it while
+    --prune_rule finds it predicting like the unpruned model."""
+    config = fold.run.config
+    if not (fold.bayes and config.prune_target > 0):
+        return training
+    levels = prune_levels(fold.source.prune_amount, config.prune_target, config.prune_step)  # the same on a resume
+    if state.reference_f1 is None:
+        training = load_best(fold, state, training)
+        set_reference(fold, state, training.model)
+    while state.level_index < len(levels):
+        level = levels[state.level_index]
+        if not state.level_applied:
+            training = prune_to(fold, state, training.model, level)
+        while state.epoch < config.prune_ft_epochs:
+            row = {"phase": "prune_ft", "epoch": state.epoch + 1, "prune_level": level}
+            row.update(train_epoch(fold, training, state, state.epoch, deterministic=False))
+            state.epoch += 1
+            end_step(fold, training, state, row, started)
+        judge_level(fold, state, training, level, len(levels), started)
+    return training
+
+
+def final_phase(fold: Fold, state: FoldState, training: Training, started: float) -> Training:
+    """The kept model, calibrated (--temperature_scaling) and evaluated, written once more as `best` with the
+    novelty statistics of exactly this model's features (after any physical pruning); the fold is then done.
+    --epoch 0 without pruning makes the --model_path model the best."""
+    training = load_best(fold, state, training)
+    model = training.model
+    if fold.run.config.temperature_scaling:
+        calibrate(fold, model)
+    metrics, prob_samples = evaluate(fold, model)
+    novelty = fold_novelty(fold, model, prob_samples.mean(0)) if fold.run.ctx.main else None
+    summary = _summary_metrics(metrics, model, state.prune_amount, state.kl_step)
+    save_best(fold, model, summary, novelty=novelty)
+    log_report(fold, metrics)
+    if fold.run.ctx.main:
+        write_val_predictions(fold, prob_samples.mean(0))
+    state.phase = "done"
+    state.result["final"] = summary
+    save_last(fold, state, training)
+    barrier(fold.run.ctx)
+    return training
+
+
+PHASE_STEPS = {"train": train_phase, "prune": prune_phase, "final": final_phase}
+
+
+def start_fold(fold: Fold) -> tuple[FoldState, Training | None]:
+    """A fresh start (seeded per fold, the validation cells listed), or with --resume the fold's `last` checkpoint."""
+    run, config = fold.run, fold.run.config
+    last = run.files.fold(fold.index, "last.pth")
+    if config.resume and last.exists():
+        return restore(fold, last)
+    state = FoldState(prune_amount=fold.source.prune_amount, kl_step=fold.source.kl_step)
+    set_seed(config.seed + fold.index)
+    model = build_model(config, fold.source, run.data.genes, len(run.classes))
+    training = attach(fold, state, model, config.epoch * steps_per_epoch(fold))
+    if run.ctx.main:
+        with atomic_write(run.files.fold(fold.index, "val_cells.txt")) as handle:
+            handle.write("".join(f"{run.data.cell_ids[i]}\n" for i in fold.val_idx))
+    return state, training
+
+
+def restore(fold: Fold, path: Path) -> tuple[FoldState, Training | None]:
+    """The state, model, optimizer, schedule, gradient scaler and random generators of a `last` checkpoint."""
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint.training_state
+    state = FoldState(**saved["fold_state"])
+    log.info("fold %d: resumed from %s (phase %s, epoch %d)", fold.index, path, state.phase, state.epoch)
+    if state.phase == "done":
+        return state, None  # a finished fold: its result is in the state
+    training = attach(fold, state, checkpoint.model, state.total_steps)
+    training.optimizer.load_state_dict(saved["optimizer"])
+    training.scheduler.load_state_dict(saved["scheduler"])
+    training.scaler.load_state_dict(saved["scaler"])
+    _set_rng_state(saved["rng"])
+    return state, training
+
+
+def load_best(fold: Fold, state: FoldState, training: Training) -> Training:
+    """Continue from the best checkpoint so far (once rank 0 has written it); without one, from the current model."""
+    barrier(fold.run.ctx)
+    best = fold.run.files.fold(fold.index, "best.pth")
+    if best.exists():
+        return attach(fold, state, load_checkpoint(best).model, 1)
+    return training
+
+
+def barrier(ctx: Dist) -> None:
+    if ctx.world > 1:
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A fold's outputs: checkpoints, metrics CSV, validation predictions, log
+# --------------------------------------------------------------------------------------------------------------
+
+
+def end_step(fold: Fold, training: Training, state: FoldState, row: dict, started: float) -> None:
+    """After an epoch or a pruning verdict: its metrics row, the `last` checkpoint, every process in step."""
+    record(fold, training, state, row, started)
+    save_last(fold, state, training)
+    barrier(fold.run.ctx)
+
+
+def record(fold: Fold, training: Training, state: FoldState, row: dict, started: float) -> None:
+    device = fold.run.device
+    stats = training.model.pruning_stats()
+    row.update(
+        fold=fold.index, lr=training.optimizer.param_groups[0]["lr"],
+        kl_scale=kl_scale(fold.run.config, state.kl_step, len(fold.train_set)),
+        total_params=stats["total_params"], nonzero_params=stats["nonzero_params"], head_sparsity=stats["fc12_sparsity"],
+        peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan"),
+        seconds=time.time() - started,
+    )
+    state.history.append(row)
+    if fold.run.ctx.main:
+        write_metrics_csv(fold.run.files.fold(fold.index, "metrics.csv"), state.history)
+
+
+def save_best(fold: Fold, model: BayesianSparseTransformer, metrics: dict, novelty: dict | None = None) -> None:
+    if fold.run.ctx.main:
+        _save(fold, "best", model, metrics, novelty=novelty)
+
+
+def save_last(fold: Fold, state: FoldState, training: Training) -> None:
+    """The model with everything --resume needs to continue exactly here."""
+    if fold.run.ctx.main:
+        training_state = {"fold_state": vars(state), "optimizer": training.optimizer.state_dict(),
+                          "scheduler": training.scheduler.state_dict(), "scaler": training.scaler.state_dict(),
+                          "rng": _rng_state()}
+        _save(fold, "last", training.model, {}, training_state=training_state)
+
+
+def _save(fold: Fold, kind: str, model: BayesianSparseTransformer, metrics: dict, **extra) -> None:
+    run = fold.run
+    save_checkpoint(
+        run.files.fold(fold.index, f"{kind}.pth"), model, genes=run.data.genes, classes=run.classes,
+        bin_num=run.config.bin_num, bin_width=run.config.bin_width, stage="B" if model.is_bayesian else "A",
+        args=run.config.as_dict(), metrics=metrics, **extra,
+    )
+
+
+def write_val_predictions(fold: Fold, probs: np.ndarray) -> None:
+    """Mean MC probabilities of the kept model for every validation cell, with true and predicted labels."""
+    run = fold.run
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["cell_id", "true_label", "pred_label", *run.classes])
+    for index, row in zip(fold.val_idx, probs):
+        writer.writerow([run.data.cell_ids[index], run.classes[run.labels[index]], run.classes[row.argmax()],
+                         *(f"{p:.6g}" for p in row)])
+    with atomic_write(run.files.fold(fold.index, "val_predictions.csv")) as handle:
+        handle.write(buffer.getvalue())
+
+
+def log_report(fold: Fold, metrics: dict) -> None:
+    classes = fold.run.classes
+    log.info("fold %d best model: accuracy %.4f, macro-F1 %.4f, ECE %.4f, NLL %.4f", fold.index,
+             metrics["accuracy"], metrics["macro_f1"], metrics["ece"], metrics["nll"])
+    matrix = np.array(metrics["confusion_matrix"])
+    width = max(len(c) for c in classes)
+    lines = ["confusion matrix (rows: true, columns: predicted, in class order):"]
+    lines += [f"  {name:>{width}} " + " ".join(f"{v:4d}" for v in row) for name, row in zip(classes, matrix)]
+    log.info("\n".join(lines))
+    y_true = np.repeat(np.arange(len(classes)), matrix.sum(1))
+    y_pred = np.concatenate([np.repeat(np.arange(len(classes)), row) for row in matrix])
+    log.info("classification report:\n%s", classification_report(
+        y_true, y_pred, labels=np.arange(len(classes)), target_names=classes, zero_division=0, digits=4))
 
 
 def _summary_metrics(metrics: dict, model: BayesianSparseTransformer, prune_amount: float, kl_step: int) -> dict:
@@ -1164,59 +1434,73 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, adata: anndata.AnnData | None = None) -> dict:
+def run(config: TrainConfig, adata: anndata.AnnData | None = None) -> dict:
     """One training run (every fold) on `adata`, or on --data_path; returns the summary (per fold and mean ± std)."""
-    validate_args(args)
-    ctx, device = init_distributed(args.device)
-    files = RunFiles(Path(args.ckpt_dir), args.model_name)
+    ctx, device = init_distributed(config.device)
+    files = RunFiles(Path(config.ckpt_dir), config.model_name)
     # Every input is read and checked before the first output is written: a bad input leaves nothing behind.
-    sources = read_sources(args)
+    sources = read_sources(config)
     source = sources[0]  # every member of an ensemble has the same genes, classes and binning
-    adopt_checkpoint_binning(args, source)
-    existing = check_outputs(args, files)
-    options = dict(label_key=args.label_key, layer=args.layer, use_raw=args.use_raw, normalize=args.normalize,
-                   min_cells_per_class=args.min_cells_per_class, gene_symbols=args.gene_symbols)
-    data = dataset_from_anndata(adata, **options) if adata is not None else load_dataset(args.data_path, **options)
+    config = adopt_checkpoint_binning(config, source)
+    existing = check_outputs(config, files)
+    data, labels, classes = read_data(config, sources, adata)
+    splits = stratified_splits(labels, config.cv_splits, test_size=0.2, seed=config.seed, class_names=classes)
+    if source.checkpoint is None and config.pos_embed and config.gene2vec_path:
+        source.gene_vectors = load_gene_vectors(config.gene2vec_path, data.genes, config.dim)
+    if config.model_path and source.checkpoint is None:
+        build_model(config, source, data.genes, len(classes))  # a foreign encoder must fit before anything is written
+    create_outputs(config, files, ctx, existing)
+    setup_logging(files, ctx)
+    try:
+        log.info("data: %d cells, %d genes, %d classes; %d fold(s); device %s x %d", len(labels), len(data.genes),
+                 len(classes), len(splits), device, ctx.world)
+        setup = RunSetup(config, ctx, device, files, data, labels, classes)
+        results = [fit_fold(make_fold(setup, index, train_idx, val_idx, sources[index] if len(sources) > 1 else source))
+                   for index, (train_idx, val_idx) in enumerate(splits)]
+        summary = summarise(results)
+        if ctx.main:
+            write_json(files.summary, summary)
+            log.info("summary over %d fold(s): accuracy %.4f ± %.4f, macro-F1 %.4f ± %.4f, ECE %.4f ± %.4f", len(results),
+                     summary["accuracy"]["mean"], summary["accuracy"]["std"], summary["macro_f1"]["mean"],
+                     summary["macro_f1"]["std"], summary["ece"]["mean"], summary["ece"]["std"])
+    finally:
+        close_logging()
+    if ctx.world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def read_data(config: TrainConfig, sources: list[Source], adata: anndata.AnnData | None) -> tuple[ExpressionData, np.ndarray, list[str]]:
+    """The labelled cells (of `adata`, else --data_path), genes aligned to a checkpoint's; their class indices and
+    the class names. Data with cell types the checkpoint lacks gets a new head (Stage A only)."""
+    source = sources[0]
+    options = dict(label_key=config.label_key, layer=config.layer, use_raw=config.use_raw, normalize=config.normalize,
+                   min_cells_per_class=config.min_cells_per_class, gene_symbols=config.gene_symbols)
+    data = dataset_from_anndata(adata, **options) if adata is not None else load_dataset(config.data_path, **options)
     if source.genes is not None:
         data = align_genes(data, source.genes)
-    elif args.gene_num is not None and args.gene_num != len(data.genes):
-        raise UserError(f"--gene_num {args.gene_num} does not match the data's {len(data.genes)} genes; "
+    elif config.gene_num is not None and config.gene_num != len(data.genes):
+        raise UserError(f"--gene_num {config.gene_num} does not match the data's {len(data.genes)} genes; "
                         "drop --gene_num or subset the data")
     if source.checkpoint is not None:
         unseen = sorted(set(data.labels) - set(source.checkpoint.classes))
-        if unseen and args.bayes_head:
+        if unseen and config.bayes_head:
             raise UserError(f"{len(unseen)} cell types of the data are not among the checkpoint's classes "
                             f"({', '.join(map(repr, unseen[:3]))}); Stage B continues a Stage A model on the same "
                             "types: train Stage A on this data first (--model_path without --bayes_head)")
         for member in sources:
             member.new_head = bool(unseen)
-    check_fixed_options(args, source)
+    check_fixed_options(config, source)
     labels, classes = encode_labels(data.labels, source.classes)
-    splits = stratified_splits(labels, args.cv_splits, test_size=0.2, seed=args.seed, class_names=classes)
-    if source.checkpoint is None and args.pos_embed and args.gene2vec_path:
-        source.gene_vectors = load_gene_vectors(args.gene2vec_path, data.genes, args.dim)
-    if args.model_path and source.checkpoint is None:
-        build_model(args, source, data.genes, len(classes))  # a foreign encoder must fit before anything is written
-    create_outputs(args, files, ctx, existing)
-    setup_logging(files, ctx)
-    log.info("data: %d cells, %d genes, %d classes; %d fold(s); device %s x %d", len(labels), len(data.genes),
-             len(classes), len(splits), device, ctx.world)
-    results = []
-    for fold, (train_idx, val_idx) in enumerate(splits):
-        fold_source = sources[fold] if len(sources) > 1 else source
-        trainer = FoldTrainer(args, ctx, device, files, data, labels, classes, fold, train_idx, val_idx, fold_source)
-        results.append(trainer.run())
+    return data, labels, classes
+
+
+def summarise(results: list[dict]) -> dict:
+    """The folds' final metrics, and the mean and standard deviation of the main ones over folds."""
     summary = {"folds": results}
     for key in ("accuracy", "macro_f1", "ece", "nll", "head_sparsity", "total_params"):
         values = np.array([r[key] for r in results], dtype=np.float64)
         summary[key] = {"mean": float(values.mean()), "std": float(values.std())}
-    if ctx.main:
-        write_json(files.summary, summary)
-        log.info("summary over %d fold(s): accuracy %.4f ± %.4f, macro-F1 %.4f ± %.4f, ECE %.4f ± %.4f", len(results),
-                 summary["accuracy"]["mean"], summary["accuracy"]["std"], summary["macro_f1"]["mean"],
-                 summary["macro_f1"]["std"], summary["ece"]["mean"], summary["ece"]["std"])
-    if ctx.world > 1:
-        dist.destroy_process_group()
     return summary
 
 
@@ -1227,18 +1511,16 @@ def fit(adata: anndata.AnnData, ckpt_dir: str | os.PathLike, **options) -> dict:
         fit(adata, "runs/a", label_key="cell_type", cv_splits=5, bin_width=0.25, bin_num=28, epoch=12)
         fit(adata, "runs/b", label_key="cell_type", cv_splits=5, model_path="runs/a", bayes_head=True, epoch=4)
     """
-    args = build_parser().parse_args(["--ckpt_dir", str(ckpt_dir)])
-    unknown = sorted(set(options) - set(vars(args)) | set(options) & {"data_path", "ckpt_dir"})
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - names | set(options) & {"data_path", "ckpt_dir"})
     if unknown:
         raise TypeError(f"fit() got unknown or file-only options {unknown}; see finetune_sparse.py --help for the others")
-    for name, value in options.items():
-        setattr(args, name, value)
-    return run(args, adata)
+    return run(default_config(ckpt_dir=str(ckpt_dir), **options), adata)
 
 
 def main(argv: list[str] | None = None, description: str = __doc__, **defaults) -> int:
     args = build_parser(description, **defaults).parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(make_config(args)))
 
 
 if __name__ == "__main__":

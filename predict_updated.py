@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import anndata
@@ -28,6 +28,7 @@ from bayesian_sparse_transformer import Checkpoint, ensemble_novelty, load_ensem
 from utils import (
     BUNDLED_LABEL_KEY,
     BinnedDataset,
+    DataOptions,
     ExpressionData,
     UserError,
     accuracy_at_coverage,
@@ -49,6 +50,7 @@ from utils import (
     run_cli,
     set_seed,
     uncertainty_summary,
+    with_options,
     write_json,
 )
 
@@ -93,34 +95,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate_args(args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class PredictConfig(DataOptions):
+    """Every option of one prediction run, as the command line defines them (build_parser holds the defaults and
+    the help); built and checked once by `make_config`, then read-only. Recorded as `args` in run.json."""
+
+    # data (after DataOptions' fields)
+    cells: str | None
+    allow_missing_genes: bool
+    # model and prediction
+    model_path: str
+    bayes_mc_samples: int
+    unassign_by: str
+    unassign_thres: float  # resolved by make_config: DEFAULT_THRESHOLDS[unassign_by] unless given
+    batch_size: int
+    seed: int
+    # run
+    device: str
+    amp: bool
+    num_workers: int
+    overwrite: bool
+    output_dir: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_config(args: argparse.Namespace) -> PredictConfig:
+    """The run's configuration from the parsed command line: the Unassigned rule's threshold resolved, checked,
+    then frozen."""
+    thres = DEFAULT_THRESHOLDS[args.unassign_by] if args.unassign_thres is None else args.unassign_thres
+    config = PredictConfig(**(vars(args) | {"unassign_thres": thres}))
+    validate_config(config)
+    return config
+
+
+def default_config(model_path: str | os.PathLike, **options) -> PredictConfig:
+    """The command line's defaults for the model at `model_path`, with `options` by name: the Python API's config."""
+    defaults = build_parser().parse_args(["--model_path", str(model_path)])
+    return make_config(with_options(defaults, options, "predict_updated.py"))
+
+
+def validate_config(config: PredictConfig) -> None:
     """Reject out-of-range options before anything is read."""
-    if args.unassign_thres is None:
-        args.unassign_thres = DEFAULT_THRESHOLDS[args.unassign_by]
     checks = [
-        (args.batch_size >= 1, "--batch_size must be at least 1"),
-        (args.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1 (1 = deterministic posterior means)"),
-        (args.num_workers >= 0, "--num_workers must be at least 0"),
-        (math.isfinite(args.unassign_thres), "--unassign_thres must be a finite number"),
+        (config.batch_size >= 1, "--batch_size must be at least 1"),
+        (config.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1 (1 = deterministic posterior means)"),
+        (config.num_workers >= 0, "--num_workers must be at least 0"),
+        (math.isfinite(config.unassign_thres), "--unassign_thres must be a finite number"),
     ]
-    if args.unassign_by == "confidence":
-        checks.append((0 <= args.unassign_thres <= 1, "--unassign_thres must be in [0, 1] with --unassign_by confidence"))
+    if config.unassign_by == "confidence":
+        checks.append((0 <= config.unassign_thres <= 1, "--unassign_thres must be in [0, 1] with --unassign_by confidence"))
     else:
-        checks.append((args.unassign_thres >= 0, f"--unassign_thres must be at least 0 with --unassign_by {args.unassign_by}"))
+        checks.append((config.unassign_thres >= 0, f"--unassign_thres must be at least 0 with --unassign_by {config.unassign_by}"))
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    resolve_device(args.device)  # an unusable --device fails here, before any data is read
+    resolve_device(config.device)  # an unusable --device fails here, before any data is read
 
 
-def validate_outputs(args: argparse.Namespace) -> None:
+def validate_outputs(config: PredictConfig) -> None:
     """The CLI's outputs must not replace an input or an earlier run (without --overwrite)."""
-    outputs = {(Path(args.output_dir) / name).resolve() for name in OUTPUT_FILES}
-    for flag, path in (("--data_path", args.data_path), ("--model_path", args.model_path), ("--cells", args.cells)):
+    outputs = {(Path(config.output_dir) / name).resolve() for name in OUTPUT_FILES}
+    for flag, path in (("--data_path", config.data_path), ("--model_path", config.model_path), ("--cells", config.cells)):
         if path is not None and Path(path).resolve() in outputs:
             raise UserError(f"{flag} {path} is one of the output files; choose another --output_dir")
-    if Path(args.output_dir).exists():  # refuse early so nothing is computed in vain; created only when writing
-        prepare_output_dir(args.output_dir, args.overwrite)
+    if Path(config.output_dir).exists():  # refuse early so nothing is computed in vain; created only when writing
+        prepare_output_dir(config.output_dir, config.overwrite)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,21 +169,21 @@ def validate_outputs(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_data(args: argparse.Namespace, checkpoint: Checkpoint,
+def load_data(config: PredictConfig, checkpoint: Checkpoint,
               adata: anndata.AnnData | None = None) -> tuple[ExpressionData, np.ndarray, str | None]:
     """The requested cells (of `adata`, else --data_path), genes in the checkpoint's order; also their row
     positions in the AnnData and the label column used."""
-    options = dict(layer=args.layer, use_raw=args.use_raw, normalize=args.normalize,
-                   require_labels=args.label_key is not None, gene_symbols=args.gene_symbols)
+    options = dict(layer=config.layer, use_raw=config.use_raw, normalize=config.normalize,
+                   require_labels=config.label_key is not None, gene_symbols=config.gene_symbols)
     if adata is not None:
-        data = dataset_from_anndata(adata, label_key=args.label_key, **options)
+        data = dataset_from_anndata(adata, label_key=config.label_key, **options)
     else:
-        label_key = args.label_key
-        if args.data_path is None and label_key is None:
+        label_key = config.label_key
+        if config.data_path is None and label_key is None:
             label_key = BUNDLED_LABEL_KEY  # evaluation runs out of the box on the bundled example
-        data = load_dataset(args.data_path, label_key=label_key, **options)
-    data, rows = select_cells(data, args.cells)
-    data = align_genes(data, checkpoint.genes, allow_missing=args.allow_missing_genes)
+        data = load_dataset(config.data_path, label_key=label_key, **options)
+    data, rows = select_cells(data, config.cells)
+    data = align_genes(data, checkpoint.genes, allow_missing=config.allow_missing_genes)
     return data, rows, data.label_key
 
 
@@ -209,7 +250,7 @@ class Prediction:
         return pd.Index(self.classes).get_indexer(self.true_labels)
 
 
-def predict(members: list[Checkpoint], data: ExpressionData, args: argparse.Namespace) -> Prediction:
+def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConfig) -> Prediction:
     """Encode each batch once per member, sample its head S times with noise drawn once from --seed, summarise.
 
     An ensemble's K members contribute S samples each: (K*S, cells, classes). The predicted probabilities pool
@@ -217,23 +258,23 @@ def predict(members: list[Checkpoint], data: ExpressionData, args: argparse.Name
     all K*S samples, members included. Novelty is each member's distance
     divided by its own threshold, averaged over members (see `ensemble_novelty`): 1.0 is the threshold.
     """
-    set_seed(args.seed)
-    device = resolve_device(args.device)
+    set_seed(config.seed)
+    device = resolve_device(config.device)
     first = members[0]
-    if not first.model.is_bayesian and args.bayes_mc_samples > 1:
-        warnings.warn(f"the checkpoint's head is deterministic (stage {first.stage}): the {args.bayes_mc_samples} "
+    if not first.model.is_bayesian and config.bayes_mc_samples > 1:
+        warnings.warn(f"the checkpoint's head is deterministic (stage {first.stage}): the {config.bayes_mc_samples} "
                       "samples of a model agree; use a Stage B (--bayes_head) checkpoint for Bayesian uncertainty",
                       stacklevel=2)
-    loader = DataLoader(BinnedDataset(data.matrix, first.bin_num, bin_width=first.bin_width), batch_size=args.batch_size,
-                        collate_fn=collate_batch, num_workers=args.num_workers)
+    loader = DataLoader(BinnedDataset(data.matrix, first.bin_num, bin_width=first.bin_width), batch_size=config.batch_size,
+                        collate_fn=collate_batch, num_workers=config.num_workers)
     started = time.perf_counter()
     has_novelty = all(member.novelty is not None for member in members)
     samples, distances = [], []
     for index, member in enumerate(members):
         model = member.model.to(device)
-        model.set_deterministic(args.bayes_mc_samples == 1)
-        probs, distance = predict_samples(model, loader, args.bayes_mc_samples, seed=args.seed + index,
-                                          novelty=member.novelty if has_novelty else None, device=device, amp=args.amp,
+        model.set_deterministic(config.bayes_mc_samples == 1)
+        probs, distance = predict_samples(model, loader, config.bayes_mc_samples, seed=config.seed + index,
+                                          novelty=member.novelty if has_novelty else None, device=device, amp=config.amp,
                                           progress=sys.stderr.isatty())
         samples.append(probs)
         distances.append(distance)
@@ -241,18 +282,18 @@ def predict(members: list[Checkpoint], data: ExpressionData, args: argparse.Name
     summary = uncertainty_summary(np.concatenate(samples), pool_members([np.asarray(s, dtype=np.float64).mean(axis=0) for s in samples]))
     summary["novelty"] = (ensemble_novelty(distances, [m.novelty["threshold"] for m in members]) if has_novelty
                           else np.full(len(data.cell_ids), np.nan))
-    rule = unassign_rule(args, has_novelty)
+    rule = unassign_rule(config, has_novelty)
     unassigned = unassigned_cells(summary, *rule)
     return Prediction(data.cell_ids, first.classes, summary, unassigned, data.labels, seconds, rule)
 
 
-def unassign_rule(args: argparse.Namespace, has_novelty: bool) -> tuple[str, float]:
+def unassign_rule(config: PredictConfig, has_novelty: bool) -> tuple[str, float]:
     """--unassign_by and its threshold; scBERT's confidence < 0.5 when novelty is asked of checkpoints without it."""
-    if args.unassign_by == "novelty" and not has_novelty:
+    if config.unassign_by == "novelty" and not has_novelty:
         warnings.warn("the checkpoint has no novelty statistics (trained before they existed): Unassigned means "
                       "confidence < 0.5 instead; retrain, or pass --unassign_by confidence to silence this", stacklevel=3)
         return "confidence", DEFAULT_THRESHOLDS["confidence"]
-    return args.unassign_by, args.unassign_thres
+    return config.unassign_by, config.unassign_thres
 
 
 def unassigned_cells(summary: dict[str, np.ndarray], rule: str, threshold: float) -> np.ndarray:
@@ -445,7 +486,7 @@ def write_h5ad_atomic(adata: anndata.AnnData, path: Path) -> None:
 def write_outputs(directory: Path, tables: dict[str, pd.DataFrame], adata: anndata.AnnData,
                   plots: dict[str, bytes], jsons: dict[str, dict]) -> None:
     """Each file atomically; the .h5ad first (the likeliest to fail), run.json last (it marks a complete run)."""
-    directory = prepare_output_dir(directory, overwrite=True)  # emptiness was checked in validate_args
+    directory = prepare_output_dir(directory, overwrite=True)  # emptiness was checked in validate_outputs
     # With --overwrite, outputs this run does not produce (e.g. metrics of an earlier labelled run) would
     # contradict the new ones: remove them.
     for name in (*OUTPUT_FILES, *PLOT_FILES):
@@ -462,7 +503,7 @@ def write_outputs(directory: Path, tables: dict[str, pd.DataFrame], adata: annda
         write_json(directory / name, content)
 
 
-def report(metrics: dict | None, pred: Prediction, args: argparse.Namespace, label_key: str | None) -> None:
+def report(metrics: dict | None, pred: Prediction, label_key: str | None) -> None:
     """A few lines for the terminal; metrics.json has everything."""
     name, threshold = pred.rule
     rule = f"{name} {'<' if name == 'confidence' else '>'} {threshold:g}"
@@ -510,16 +551,15 @@ class Annotation:
     label_key: str | None
 
 
-def annotate_with(args: argparse.Namespace, adata: anndata.AnnData | None = None) -> Annotation:
+def annotate_with(config: PredictConfig, adata: anndata.AnnData | None = None) -> Annotation:
     """load the model -> read and align the data -> predict -> evaluate; the CLI and `annotate` share it."""
-    validate_args(args)
-    members = load_ensemble(args.model_path)
+    members = load_ensemble(config.model_path)
     checkpoint = members[0]
-    data, rows, label_key = load_data(args, checkpoint, adata)
-    pred = predict(members, data, args)
+    data, rows, label_key = load_data(config, checkpoint, adata)
+    pred = predict(members, data, config)
     metrics = evaluate(pred) if pred.true_labels is not None else None
-    metadata = {"model_path": str(args.model_path), "checkpoint_stage": checkpoint.stage, "ensemble_size": len(members),
-                "bayes_mc_samples": args.bayes_mc_samples, "seed": args.seed, "unassign_by": pred.rule[0],
+    metadata = {"model_path": str(config.model_path), "checkpoint_stage": checkpoint.stage, "ensemble_size": len(members),
+                "bayes_mc_samples": config.bayes_mc_samples, "seed": config.seed, "unassign_by": pred.rule[0],
                 "unassign_thres": pred.rule[1], "versions": package_versions()}
     if metrics is not None and "accuracy" in metrics:
         metadata["metrics"] = {key: metrics[key] for key in ("accuracy", "macro_f1", "ece", "nll")}
@@ -534,42 +574,40 @@ def annotate(adata: anndata.AnnData, model: str | os.PathLike, **options) -> ann
     `model` is a checkpoint file or a run directory (an ensemble); `options` are the CLI's options by name, e.g.
     `annotate(adata, "runs/demo/stageB2", bayes_mc_samples=8, gene_symbols="feature_name", label_key="cell_type")`.
     """
-    args = build_parser().parse_args(["--model_path", str(model)])
-    unknown = sorted(set(options) - set(vars(args)) | set(options) & {"model_path", "data_path", "output_dir", "overwrite", "cells"})
+    names = {f.name for f in fields(PredictConfig)}
+    unknown = sorted(set(options) - names | set(options) & {"model_path", "data_path", "output_dir", "overwrite", "cells"})
     if unknown:
         raise TypeError(f"annotate() got unknown or file-only options {unknown}; see predict_updated.py --help for the others")
-    for name, value in options.items():
-        setattr(args, name, value)
-    return annotate_with(args, adata).adata
+    return annotate_with(default_config(model, **options), adata).adata
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(config: PredictConfig) -> dict:
     """parse -> validate -> load -> predict -> summarise -> write; returns the run summary."""
     started = time.perf_counter()
-    validate_outputs(args)
-    result = annotate_with(args)
+    validate_outputs(config)
+    result = annotate_with(config)
     pred, metrics, label_key = result.prediction, result.metrics, result.label_key
     checkpoint = result.members[0]
-    report(metrics, pred, args, label_key)
+    report(metrics, pred, label_key)
     adata = result.adata
     umap = np.asarray(adata.obsm["X_umap"])[:, :2] if "X_umap" in adata.obsm else None
     plots = make_plots(pred, metrics, umap)
     summary = run_summary(pred, metrics, label_key, seconds=time.perf_counter() - started)
     versions = adata.uns["prediction"]["versions"]
     jsons = {"metrics.json": metrics} if metrics is not None else {}
-    jsons["run.json"] = {"args": vars(args), "versions": versions, "checkpoint_versions": checkpoint.versions,
+    jsons["run.json"] = {"args": config.as_dict(), "versions": versions, "checkpoint_versions": checkpoint.versions,
                          "summary": summary}
     tables = {"predictions.csv": predictions_table(pred), "probabilities.csv": probabilities_table(pred)}
-    write_outputs(Path(args.output_dir), tables, adata, plots, jsons)
+    write_outputs(Path(config.output_dir), tables, adata, plots, jsons)
     print(f"done: {summary['n_cells']} cells in {time.perf_counter() - started:.1f} s (inference {pred.seconds:.1f} s, "
-          f"{summary['cells_per_second']:.0f} cells/s), {summary['unassigned_share']:.1%} unassigned -> {args.output_dir}")
+          f"{summary['cells_per_second']:.0f} cells/s), {summary['unassigned_share']:.1%} unassigned -> {config.output_dir}")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 with a one-line message for problems the user can fix)."""
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(make_config(args)))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,16 @@ from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad input, wrong flag); CLIs print it as one line and exit with status 2."""
+    """A problem the user can fix (bad input, wrong setting); CLIs print it as one line and exit with status 2.
+
+    Model and data code say what is wrong in their own terms; `options` names the settings that fix it by their
+    Python names, with the value to try where there is one ({"layer": None, "device": "cpu", "normalize": True}),
+    and `run_cli` adds them in the command line's spelling (--layer, --device cpu, --normalize).
+    """
+
+    def __init__(self, message: str, options: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.options = options or {}
 
 
 class OutputError(UserError):
@@ -198,10 +207,11 @@ def _read_h5ad(path: Path) -> anndata.AnnData:
 def _select_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, gene_symbols: str | None, source: str):
     """Pick .X, a layer or .raw; check shape and gene names; return (csr float32 copy, genes)."""
     if use_raw and layer is not None:
-        raise UserError("both --use_raw and --layer were given; choose one of them")
+        raise UserError("both adata.raw and a layer were asked for; choose one of them", {"use_raw": None, "layer": None})
     if use_raw:
         if adata.raw is None:
-            raise UserError(f"{source} has no .raw matrix; drop --use_raw or pass a log-normalized --layer")
+            raise UserError(f"{source} has no .raw matrix; read .X or a log-normalized layer instead",
+                            {"use_raw": None, "layer": None})
         x, var, where = adata.raw.X, adata.raw.var, ".raw.X"
     elif layer is not None:
         if layer not in adata.layers:
@@ -211,12 +221,13 @@ def _select_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, 
     else:
         x, var, where = adata.X, adata.var, ".X"
     if x is None:
-        raise UserError(f"{source} has no expression matrix in {where}; pass --layer or --use_raw")
+        raise UserError(f"{source} has no expression matrix in {where}; read a layer or adata.raw instead",
+                        {"layer": None, "use_raw": None})
     n_cells, n_genes = x.shape
     if n_cells == 0:
         raise UserError(f"{source} contains no cells; check that the right file was passed")
     if n_genes == 0:
-        raise UserError(f"{source} contains no genes in {where}; check the file or pick another --layer")
+        raise UserError(f"{source} contains no genes in {where}; check the file or read another layer", {"layer": None})
 
     genes = _gene_names(var, gene_symbols, var_label="adata.raw.var" if use_raw else "adata.var", source=source)
 
@@ -242,15 +253,15 @@ def _gene_names(var: pd.DataFrame, gene_symbols: str | None, *, var_label: str, 
         if gene_symbols not in var.columns:
             available = _preview(list(var.columns), k=20) or "none"
             raise UserError(f"gene symbol column {gene_symbols!r} not found in {var_label} of {source}; available "
-                            f"columns: {available}; pass one of them to --gene_symbols")
+                            f"columns: {available}; name genes by one of them", {"gene_symbols": None})
         column = var[gene_symbols]
         missing = column.isna().to_numpy() | (column.astype(str).str.strip() == "").to_numpy()
         if missing.any():
             raise UserError(f"{int(missing.sum())} of {len(column)} genes have no name (NaN or empty) in "
                             f"{var_label}[{gene_symbols!r}] of {source}; drop those genes or fill in their names")
         genes = column.astype(str).tolist()
-        fix = (f"set adata.var_names = adata.var[{gene_symbols!r}], run adata.var_names_make_unique() and drop "
-               "--gene_symbols")
+        fix = (f"set adata.var_names = adata.var[{gene_symbols!r}], run adata.var_names_make_unique() and name "
+               "genes by var_names")
     duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
     if duplicated:
         where = "" if gene_symbols is None else f" (by {var_label}[{gene_symbols!r}])"
@@ -265,7 +276,7 @@ def _read_labels(adata: anndata.AnnData, label_key: str | None, *, require_label
     """Return obs[label_key] as a str array, None when labels are absent and optional, else UserError."""
     if label_key is None:
         if require_labels:
-            raise UserError("cell type labels are required; pass --label_key naming an obs column")
+            raise UserError("cell type labels are required; name the obs column that holds them", {"label_key": None})
         return None
     if label_key not in adata.obs.columns:
         if not require_labels:
@@ -273,7 +284,7 @@ def _read_labels(adata: anndata.AnnData, label_key: str | None, *, require_label
         available = _preview(list(adata.obs.columns), k=20) or "none"
         raise UserError(
             f"label column {label_key!r} not found in {source}; available obs columns: {available}; "
-            "pass --label_key"
+            "name the one with cell types", {"label_key": None}
         )
     column = adata.obs[label_key]
     missing = column.isna().to_numpy() | (column.astype(str).str.strip() == "").to_numpy()
@@ -301,14 +312,14 @@ def _as_log_normalized(matrix: sp.csr_matrix, *, normalize: bool, source: str) -
         )
     if values.size and values.min() < 0:
         raise UserError(
-            f"{source} has negative values (min {values.min():.3g}), so it looks scaled; use the log-normalized "
-            "matrix via --use_raw (adata.raw) or a log-normalized --layer"
+            f"{source} has negative values (min {values.min():.3g}), so it looks scaled; read the log-normalized "
+            "matrix from adata.raw or a log-normalized layer", {"use_raw": None, "layer": None}
         )
     max_value = float(values.max()) if values.size else 0.0
     if max_value <= LOG_SCALE_MAX:
         if normalize:
             warnings.warn(
-                f"--normalize ignored: {source} already looks log-normalized (max value {max_value:.3g})",
+                f"not normalized: {source} already looks log-normalized (max value {max_value:.3g})",
                 stacklevel=3,
             )
         return matrix
@@ -319,8 +330,8 @@ def _as_log_normalized(matrix: sp.csr_matrix, *, normalize: bool, source: str) -
     else:
         found = f"has values up to {max_value:.3g}, too large to be log-normalized"
     raise UserError(
-        f"{source} {found}; pass --normalize (normalize_total to 1e4 + log1p) or run sc.pp.normalize_total "
-        "and sc.pp.log1p yourself"
+        f"{source} {found}; normalize it here (normalize_total to 1e4 + log1p) or run sc.pp.normalize_total "
+        "and sc.pp.log1p yourself", {"normalize": True}
     )
 
 
@@ -343,7 +354,8 @@ def _drop_small_classes(data: ExpressionData, min_cells: int) -> ExpressionData:
         return data
     keep = ~np.isin(data.labels, small)
     if not keep.any():
-        raise UserError(f"every class has fewer than {min_cells} cells; lower --min_cells_per_class")
+        raise UserError(f"every class has fewer than {min_cells} cells; lower the minimum cells per class",
+                        {"min_cells_per_class": None})
     warnings.warn(
         f"dropped {small.size} classes with fewer than {min_cells} cells ({_preview(small.tolist())}): "
         f"{int((~keep).sum())} cells removed",
@@ -370,17 +382,17 @@ def align_genes(
     present = np.flatnonzero(source_column >= 0)
     n_ref, n_missing = len(reference_genes), len(reference_genes) - present.size
     if present.size == 0:
+        column_hint, column_option = _gene_column_hint(data.adata, reference_genes, present.size)
         raise UserError(
             f"none of the {n_ref} model genes are in the data (e.g. {_preview(reference_genes, k=3)}); check "
-            "that both use the same gene naming (symbols vs Ensembl IDs, species)"
-            + _gene_column_hint(data.adata, reference_genes, present.size)
+            "that both use the same gene naming (symbols vs Ensembl IDs, species)" + column_hint, column_option
         )
     overlap = present.size / n_ref
     if overlap < min_overlap and not allow_missing:
+        column_hint, column_option = _gene_column_hint(data.adata, reference_genes, present.size)
         raise UserError(
             f"only {present.size} of {n_ref} model genes ({overlap:.0%}) are in the data; check the gene naming, "
-            "or pass --allow_missing_genes to fill the rest with zeros"
-            + _gene_column_hint(data.adata, reference_genes, present.size)
+            "or allow missing genes (filled with zeros)" + column_hint, {"allow_missing_genes": True} | column_option
         )
     if n_missing:
         n_extra = len(data.genes) - present.size
@@ -398,9 +410,9 @@ def align_genes(
     return replace(data, matrix=matrix, genes=reference_genes)
 
 
-def _gene_column_hint(adata: anndata.AnnData, reference_genes: Sequence[str], n_matched: int) -> str:
-    """'; var column C holds N of them: pass --gene_symbols C' for the var column that holds more of the model's
-    genes than the names just matched (Ensembl IDs as var_names, symbols in a column), else ''."""
+def _gene_column_hint(adata: anndata.AnnData, reference_genes: Sequence[str], n_matched: int) -> tuple[str, dict]:
+    """('; var column C holds N of them: name genes by it', {"gene_symbols": C}) for the var column that holds more
+    of the model's genes than the names just matched (Ensembl IDs as var_names, symbols in a column), else ('', {})."""
     wanted = pd.Index(reference_genes)
     best, best_count = None, n_matched
     for var in (adata.var, adata.raw.var if adata.raw is not None else None):
@@ -413,8 +425,8 @@ def _gene_column_hint(adata: anndata.AnnData, reference_genes: Sequence[str], n_
             if count > best_count:
                 best, best_count = name, count
     if best is None:
-        return ""
-    return f"; var column {best!r} holds {best_count} of them: pass --gene_symbols {best}"
+        return "", {}
+    return f"; var column {best!r} holds {best_count} of them: name genes by it", {"gene_symbols": best}
 
 
 def bin_expression(rows: np.ndarray, bin_num: int, bin_width: float = 1.0) -> torch.Tensor:
@@ -515,7 +527,7 @@ def stratified_splits(
         names = [class_names[c] if class_names is not None else str(c) for c in tiny]
         raise UserError(
             f"{tiny.size} classes have fewer than 2 cells and cannot be split into train and validation "
-            f"({_preview(names)}); drop them with --min_cells_per_class 2 (or more)"
+            f"({_preview(names)}); drop classes with fewer than 2 cells (or more)", {"min_cells_per_class": 2}
         )
     if n_splits == 1:
         splitter = StratifiedShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
@@ -528,7 +540,8 @@ def stratified_splits(
     except ValueError as e:  # e.g. fewer validation cells than classes
         raise UserError(
             f"cannot split {len(labels_int)} cells of {classes.size} classes with test_size={test_size}: "
-            f"{_one_line(e)}; use more cells, a different validation fraction, or --min_cells_per_class"
+            f"{_one_line(e)}; use more cells, a different validation fraction, or drop small classes",
+            {"min_cells_per_class": None},
         ) from e
 
 
@@ -851,7 +864,8 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise UserError(f"output path {path} is an existing file; choose a directory path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"output directory {path} is not empty; pass --overwrite or choose another directory")
+        raise UserError(f"output directory {path} is not empty; overwrite it or choose another directory",
+                        {"overwrite": True})
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -866,9 +880,9 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
+        raise UserError(f"{name!r} is not a device name; use auto, cpu, cuda or cuda:N", {"device": None}) from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+        raise UserError(f"device {name} asks for CUDA but no GPU is visible; use the CPU", {"device": "cpu"})
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device
@@ -882,8 +896,42 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def option_hint(options: dict[str, Any]) -> str:
+    """A UserError's settings in the command line's spelling: ' (command line: --layer, --device cpu)'."""
+    flags = []
+    for name, value in options.items():
+        if value is False:
+            flags.append(f"--no_{name}")
+        elif value is None or value is True:
+            flags.append(f"--{name}")
+        else:
+            flags.append(f"--{name} {value}")
+    return f" (command line: {', '.join(flags)})" if flags else ""
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The data options of `add_data_options`, the first fields of each CLI's configuration."""
+
+    data_path: str | None
+    label_key: str | None
+    layer: str | None
+    use_raw: bool
+    normalize: bool
+    gene_symbols: str | None
+
+
+def with_options(defaults: Any, options: dict[str, Any], program: str) -> Any:
+    """A CLI's parsed defaults (an argparse namespace) with keyword options replacing some: the Python API's way
+    to a configuration. Names the CLI does not know raise TypeError."""
+    unknown = sorted(set(options) - set(vars(defaults)))
+    if unknown:
+        raise TypeError(f"unknown options {unknown}; see {program} --help")
+    return type(defaults)(**(vars(defaults) | options))
 
 
 def add_data_options(parser: Any, *, label_key: str | None, label_help: str) -> Any:
@@ -919,7 +967,7 @@ def run_cli(job: Any) -> int:
     try:
         job()
     except UserError as e:
-        print(f"error: {_one_line(e, limit=2000)}", file=sys.stderr)
+        print(f"error: {_one_line(e, limit=2000)}{option_hint(e.options)}", file=sys.stderr)
         return 2
     except OSError as e:
         # Safety net for file errors outside atomic_write (e.g. opening the log file); an OSError without a file

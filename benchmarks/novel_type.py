@@ -2,8 +2,8 @@
 
 For each split (a stratified 80/20 split of the bundled PBMC data, one per seed) and each cell type with enough
 cells: the 80 % training cells without that type train the model with the demo preset's Stage A settings
-(pipeline_common.sh, PRESET=demo) through `finetune_sparse.main`, which also fits each fold model's novelty
-statistics and threshold; `predict_updated.main` then predicts the 20 % test cells of the other types plus every
+(pipeline_common.sh, PRESET=demo) through `finetune_sparse.run`, which also fits each fold model's novelty
+statistics and threshold; `predict_updated.run` then predicts the 20 % test cells of the other types plus every
 cell of the left-out type. Each score (novelty, entropy, mutual information, 1 − confidence, and a model-free
 baseline: the mean distance to the 15 nearest training cells in 50-PC space of standardized log-expression) is
 judged by its AUROC for separating unseen-type cells from known ones; the default Unassigned rule (novelty above
@@ -80,25 +80,19 @@ def pca_knn_distance(config: dict, x_train: np.ndarray, x_eval: np.ndarray) -> n
 
 def train(config: dict, train_path: Path, work: Path, seed: int) -> dict:
     """Stage A of the demo preset on the training cells (a K-fold ensemble with novelty statistics)."""
-    argv = ["--data_path", str(train_path), "--label_key", "cell_type", "--device", "cpu", "--seed", str(seed),
-            "--cv_splits", str(config["cv_splits"]), "--batch_size", str(config["batch_size"]),
-            "--grad_acc", str(config["grad_acc"]), "--patience", str(config["patience"]),
-            "--mc_samples_eval", str(config["mc_samples"]), "--temperature_scaling",
-            "--dim", str(config["dim"]), "--depth", str(config["depth"]), "--heads", str(config["heads"]),
-            "--dim_head", str(config["dim_head"]), "--h_dim", str(config["h_dim"]), "--bin_num", str(config["bin_num"]),
-            "--bin_width", str(config["bin_width"]), "--learning_rate", str(config["learning_rate"]),
-            "--epoch", str(config["epochs_a"]), "--prune_target", "0", "--novelty_fpr", str(config["novelty_fpr"]),
-            "--ckpt_dir", str(work / "stageA"), "--model_name", "stageA"]
-    return run_finetune(argv, work, "stageA")
+    same = ("cv_splits", "batch_size", "grad_acc", "patience", "dim", "depth", "heads", "dim_head", "h_dim", "bin_num",
+            "bin_width", "learning_rate", "novelty_fpr")
+    return run_finetune(train_path, work, "stageA", label_key="cell_type", device="cpu", seed=seed,
+                        mc_samples_eval=config["mc_samples"], temperature_scaling=True, epoch=config["epochs_a"],
+                        prune_target=0.0, **{name: config[name] for name in same})
 
 
 def predict(model_dir: Path, eval_path: Path, out_dir: Path) -> pd.DataFrame:
     """predict_updated.py with its defaults (Unassigned = novelty above the stored threshold): predictions.csv."""
-    argv = ["--model_path", str(model_dir), "--data_path", str(eval_path), "--label_key", "cell_type",
-            "--bayes_mc_samples", "1", "--output_dir", str(out_dir), "--device", "cpu", "--overwrite"]
+    config = predict_updated.default_config(model_dir, data_path=str(eval_path), label_key="cell_type",
+                                            bayes_mc_samples=1, output_dir=str(out_dir), device="cpu", overwrite=True)
     with contextlib.redirect_stdout(io.StringIO()):
-        if predict_updated.main(argv) != 0:
-            raise RuntimeError(f"predict_updated.py failed on {model_dir}")
+        predict_updated.run(config)
     return pd.read_csv(out_dir / "predictions.csv")
 
 
@@ -214,7 +208,7 @@ def write_report(report: Report, config: dict, rows: list[dict]) -> None:
         f"Types with ≥ {config['min_type_cells']} cells; splits StratifiedShuffleSplit(test_size={config['test_size']}, "
         f"random_state=seed) for seeds {config['seeds']}. Known cells scored: the split's test cells of the other "
         "types; unseen cells: every cell of the left-out type.",
-        f"Model: Stage A only (deterministic head) with the demo preset's settings through finetune_sparse.main, "
+        f"Model: Stage A only (deterministic head) with the demo preset's settings through finetune_sparse.run, "
         f"{config['cv_splits']} cross-fitted folds (the preset has 5; fewer keep the run near 20 minutes), "
         f"temperature scaling, bins {config['bin_num']} x {config['bin_width']}; predict_updated.py with its defaults "
         "(--bayes_mc_samples 1: the posterior means; mutual information is then the fold models' disagreement).",

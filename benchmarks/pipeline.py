@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import subprocess
 import sys
@@ -18,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import finetune_sparse
 import predict_updated
 from benchmarks.common import ROOT
+from utils import read_json
 
 
 def settings(pairs: list[str]) -> dict[str, str]:
@@ -63,21 +64,19 @@ def run_script(script: str, train_path: Path, run_dir: Path, env_settings: dict[
 
 def predict_stage(mc_samples: int, model_dir: Path, test_path: Path, out_dir: Path) -> tuple[np.ndarray, list[str], dict]:
     """predict_updated.py on the test cells: (mean probabilities, classes, its run summary)."""
-    argv = ["--model_path", str(model_dir), "--data_path", str(test_path), "--bayes_mc_samples", str(mc_samples),
-            "--output_dir", str(out_dir), "--device", "cpu", "--overwrite"]
+    config = predict_updated.default_config(model_dir, data_path=str(test_path), bayes_mc_samples=mc_samples,
+                                            output_dir=str(out_dir), device="cpu", overwrite=True)
     with contextlib.redirect_stdout(io.StringIO()):
-        if predict_updated.main(argv) != 0:
-            raise RuntimeError(f"predict_updated.py failed on {model_dir}")
+        summary = predict_updated.run(config)
     probs = pd.read_csv(out_dir / "probabilities.csv", index_col=0)
-    summary = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))["summary"]
     return probs.to_numpy(), list(probs.columns), summary
 
 
 def stage_info(run_dir: Path, stage: str) -> dict:
     """Size and pruning of a stage's fold models, from its summary and its checkpoint files."""
-    summary = json.loads((run_dir / stage / f"{stage}_summary.json").read_text(encoding="utf-8"))
-    folds = summary["folds"]
-    checkpoints = sorted((run_dir / stage).glob(f"{stage}*_best.pth"))
+    files = finetune_sparse.RunFiles(run_dir / stage, stage)  # the pipeline names each stage's outputs after it
+    folds = read_json(files.summary)["folds"]
+    checkpoints = [files.fold(fold, "best.pth") for fold in range(len(folds))]
     return {"prune_amount": float(np.mean([f["prune_amount"] for f in folds])),
             "head_sparsity": float(np.mean([f["head_sparsity"] for f in folds])),
             "prune_amounts": [f["prune_amount"] for f in folds],

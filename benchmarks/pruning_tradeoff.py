@@ -33,6 +33,7 @@ from bayesian_sparse_transformer import (
     BayesianSparseTransformer,
     HeadConfig,
     ModelConfig,
+    checkpoint_paths,
     load_checkpoint,
     save_checkpoint,
 )
@@ -118,7 +119,7 @@ def time_head(model: BayesianSparseTransformer, encodings: torch.Tensor, config:
 
 def member_head(stage_dir: Path, config: dict) -> dict:
     """Counts and MC head latency of a stage's first fold model on random encodings of its own shape."""
-    model = load_checkpoint(sorted(stage_dir.glob("*_best.pth"))[0]).model.eval()
+    model = load_checkpoint(checkpoint_paths(stage_dir)[0]).model.eval()
     shape = (config["head_batch"], model.config.head.seq_len, model.config.head.dim)
     encodings = torch.randn(*shape, generator=torch.Generator().manual_seed(config["seed"]))
     return head_counts(model) | {"head_mc_ms": 1e3 * time_head(model, encodings, config)["mc"]["median_s"]}

@@ -1,14 +1,12 @@
 """The bundled PBMC data for the data benchmarks: load it (optionally reduced), write subsets, train on them.
 
 The benchmarks split the data themselves and write the training cells to an .h5ad file; accuracy_calibration and
-pruning_tradeoff then run the shell pipelines on it (benchmarks/pipeline.py), novel_type `finetune_sparse.main`.
+pruning_tradeoff then run the shell pipelines on it (benchmarks/pipeline.py), novel_type `finetune_sparse.run`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import time
 from pathlib import Path
 
@@ -62,22 +60,17 @@ def write_h5ad(data: ExpressionData, rows: np.ndarray, path: Path) -> Path:
     return path
 
 
-def run_finetune(argv: list[str], out_dir: Path, name: str) -> dict:
-    """`finetune_sparse.main(argv)` (which writes into out_dir/name) with its console output in out_dir/finetune.log.
+def run_finetune(train_path: Path, out_dir: Path, name: str, **options) -> dict:
+    """`finetune_sparse.run` on the cells in `train_path` with these options (finetune_sparse.py's, by name), writing
+    into out_dir/name, its console output in out_dir/finetune.log.
 
-    Returns the run's summary JSON plus its wall time and the path of its best checkpoint.
+    Returns the run's summary plus its wall time and the path of its best checkpoint.
     """
-    log_path = out_dir / "finetune.log"
+    config = finetune_sparse.default_config(data_path=str(train_path), ckpt_dir=str(out_dir / name), model_name=name,
+                                            **options)
     started = time.perf_counter()
-    with open(log_path, "a", encoding="utf-8") as handle, contextlib.redirect_stdout(handle):
-        status = finetune_sparse.main(argv)
-    for handler in logging.getLogger("finetune").handlers:  # close the run's log file before the next run
-        handler.close()
-    logging.getLogger("finetune").handlers.clear()
-    if status != 0:
-        tail = "\n".join(log_path.read_text(encoding="utf-8").splitlines()[-10:])
-        raise RuntimeError(f"finetune_sparse.main failed (exit status {status}); see {log_path}:\n{tail}")
-    result = json.loads((out_dir / name / f"{name}_summary.json").read_text(encoding="utf-8"))
+    with open(out_dir / "finetune.log", "a", encoding="utf-8") as handle, contextlib.redirect_stdout(handle):
+        result = finetune_sparse.run(config)
     result["seconds"] = time.perf_counter() - started
-    result["checkpoint"] = str(out_dir / name / f"{name}0_best.pth")
+    result["checkpoint"] = str(finetune_sparse.RunFiles(out_dir / name, name).fold(0, "best.pth"))
     return result

@@ -21,6 +21,7 @@ import finetune_sparse
 import predict_updated
 from bayesian_sparse_transformer import BayesianSparseTransformer, HeadConfig, ModelConfig, save_checkpoint
 from performer_pytorch import PerformerConfig
+from utils import UserError, run_cli
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Variable names are not unique"),  # the duplicated-genes input, on purpose
@@ -519,6 +520,17 @@ def test_malformed_option_value_exits_2_without_traceback(script, good, tmp_path
     assert not out.exists()
 
 
+def test_unknown_novelty_view_exits_2_naming_the_views(good, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_sparse.main(train_argv(good["data"], out, "--novelty_parts", "mahalanobis,umap"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--novelty_parts" in err and "input_knn" in err and "Traceback" not in err
+    assert not out.exists()
+    assert finetune_sparse.novelty_parts_option("entropy, mahalanobis,entropy") == ("entropy", "mahalanobis")
+
+
 # ---- end to end: real processes, real exit codes ----------------------------------------------------------------
 
 
@@ -549,3 +561,15 @@ def test_cli_process_exits_2_with_one_line_and_no_traceback(case, good, tmp_path
     assert_one_line_error(result.stderr, keywords)
     assert "Traceback" not in result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_a_domain_error_names_settings_and_the_cli_spells_them_as_flags(capsys):
+    """Model and data code say what is wrong and which settings fix it; only the CLI writes them as flags."""
+
+    def job():
+        raise UserError("no GPU is visible; use the CPU",
+                        {"device": "cpu", "use_raw": None, "normalize": True, "pos_embed": False})
+
+    assert run_cli(job) == 2
+    assert capsys.readouterr().err.strip() == ("error: no GPU is visible; use the CPU (command line: --device cpu, "
+                                               "--use_raw, --normalize, --no_pos_embed)")

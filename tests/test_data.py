@@ -131,20 +131,23 @@ def test_missing_label_values_only_warn_when_labels_optional():
 def test_negative_values_point_at_raw_or_layer():
     x = log_normalized()
     x[2, 3] = -0.5
-    with pytest.raises(UserError, match="scaled.*--use_raw.*--layer"):
+    with pytest.raises(UserError, match="scaled.*adata.raw.*layer") as error:
         dataset_from_anndata(make_adata(x), require_labels=False)
+    assert error.value.options == {"use_raw": None, "layer": None}  # the CLIs add them as --use_raw, --layer
 
 
 def test_raw_counts_point_at_normalize():
     counts = np.random.default_rng(0).poisson(50, size=(6, 5)).astype(np.float32)
-    with pytest.raises(UserError, match="raw counts.*--normalize"):
+    with pytest.raises(UserError, match="raw counts.*normalize it") as error:
         dataset_from_anndata(make_adata(counts), require_labels=False)
+    assert error.value.options == {"normalize": True}
 
 
 def test_large_non_integer_values_are_not_log_normalized():
     x = log_normalized() * 100 + 0.5
-    with pytest.raises(UserError, match="too large to be log-normalized.*--normalize"):
+    with pytest.raises(UserError, match="too large to be log-normalized.*normalize it") as error:
         dataset_from_anndata(make_adata(x), require_labels=False)
+    assert error.value.options == {"normalize": True}
 
 
 def test_normalize_fixes_raw_counts_without_touching_input():
@@ -253,8 +256,9 @@ def test_align_genes_reorders_fills_missing_and_drops_extra():
 def test_align_genes_low_overlap_needs_allow_missing():
     data = expression_data(log_normalized(3, 4), ["a", "b", "c", "d"])
     reference = ["a", "x", "y", "z"]
-    with pytest.raises(UserError, match=r"only 1 of 4 model genes \(25%\).*--allow_missing"):
+    with pytest.raises(UserError, match=r"only 1 of 4 model genes \(25%\).*allow missing genes") as error:
         align_genes(data, reference)
+    assert error.value.options == {"allow_missing_genes": True}
     with pytest.warns(UserWarning, match="3 of 4"):
         aligned = align_genes(data, reference, allow_missing=True)
     assert aligned.matrix.shape == (3, 4)
@@ -340,8 +344,9 @@ def test_stratified_split_sizes_and_class_proportions():
 
 def test_stratified_splits_names_tiny_classes():
     labels = np.array([0, 0, 0, 1, 2, 2, 2])
-    with pytest.raises(UserError, match="1 classes have fewer than 2 cells.*'Platelet'.*--min_cells_per_class"):
+    with pytest.raises(UserError, match="1 classes have fewer than 2 cells.*'Platelet'") as error:
         stratified_splits(labels, 1, 0.3, 0, class_names=["T", "Platelet", "B"])
+    assert error.value.options == {"min_cells_per_class": 2}
 
 
 def test_stratified_splits_too_few_validation_cells_is_user_error():

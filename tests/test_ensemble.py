@@ -213,14 +213,11 @@ def test_kl_weight_elbo_is_one_over_the_training_cells(data_path, tmp_path):  # 
 
 
 def _paired_verdict(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> bool:
-    """FoldTrainer.keep_pruned with the paired rule's defaults, on given validation probabilities (standing in for
-    the posterior means' predictions too)."""
-    from types import SimpleNamespace
-
-    args = finetune_sparse.build_parser().parse_args([])
-    state = SimpleNamespace(reference_probs=reference.tolist(), reference_calls=reference.argmax(1).tolist())
-    trainer = SimpleNamespace(args=args, state=state, labels=labels, val_idx=np.arange(len(labels)))
-    ok, verdict = finetune_sparse.FoldTrainer.keep_pruned(trainer, {}, candidate, candidate.argmax(1))
+    """keep_pruned with the paired rule's defaults, on given validation probabilities (standing in for the
+    posterior means' predictions too)."""
+    config = finetune_sparse.default_config()
+    state = finetune_sparse.FoldState(reference_probs=reference.tolist(), reference_calls=reference.argmax(1).tolist())
+    ok, verdict = finetune_sparse.keep_pruned(config, state, labels, {}, candidate, candidate.argmax(1))
     assert "NLL" in verdict and "changed type" in verdict
     return ok
 
@@ -239,8 +236,6 @@ def test_paired_rule_keeps_a_level_that_predicts_like_the_unpruned_model_and_ref
 
 
 def test_distillation_loss_mixes_cross_entropy_with_the_kl_divergence_from_the_unpruned_model():
-    from types import SimpleNamespace
-
     import torch.nn.functional as F
 
     torch.manual_seed(0)
@@ -248,9 +243,7 @@ def test_distillation_loss_mixes_cross_entropy_with_the_kl_divergence_from_the_u
     labels, rows = torch.tensor([0, 1, 2, 1, 0]), torch.arange(5) + 3  # batch rows 3..7 of a 10-cell dataset
 
     def loss(alpha: float, teacher: torch.Tensor | None, samples: torch.Tensor = logits) -> torch.Tensor:
-        trainer = SimpleNamespace(args=SimpleNamespace(prune_distill=alpha), class_weights=None,
-                                  state=SimpleNamespace(teacher_probs=teacher))
-        return finetune_sparse.FoldTrainer.data_loss(trainer, samples, labels, rows)[1]
+        return finetune_sparse.data_loss(samples, labels, None, teacher, rows, alpha)[1]
 
     ce = torch.stack([F.cross_entropy(sample, labels) for sample in logits]).mean()
     assert torch.allclose(loss(0.7, None), ce)  # no teacher (not pruning): labels only

@@ -83,8 +83,9 @@ def test_gene_symbols_with_use_raw_reads_the_raw_var():
 
 
 def test_missing_symbol_column_names_the_available_columns():
-    with pytest.raises(UserError, match=r"'symbol' not found in adata.var.*'n_cells', 'feature_name'.*--gene_symbols"):
+    with pytest.raises(UserError, match=r"'symbol' not found in adata.var.*'n_cells', 'feature_name'") as error:
         dataset_from_anndata(make_adata(), gene_symbols="symbol")
+    assert error.value.options == {"gene_symbols": None}
 
 
 def test_duplicated_symbols_are_refused_like_duplicated_gene_names():
@@ -103,8 +104,9 @@ def test_few_matching_var_names_point_to_the_column_holding_the_model_genes():
     """6 of 20 symbols as var_names (under the 50% overlap), all 20 in the column: the error names the column."""
     data = dataset_from_anndata(make_adata(var_names=[*SYMBOLS[:6], *ENSEMBL[6:]]))
     with pytest.raises(UserError, match=r"only 6 of 20 model genes.*var column 'feature_name' holds 20 of them: "
-                                        r"pass --gene_symbols feature_name"):
+                                        r"name genes by it") as error:
         align_genes(data, SYMBOLS)
+    assert error.value.options == {"allow_missing_genes": True, "gene_symbols": "feature_name"}
 
 
 def test_no_hint_when_no_column_holds_more_model_genes():
@@ -134,7 +136,7 @@ def test_prediction_without_gene_symbols_suggests_the_column(files, tmp_path, ca
     capsys.readouterr()
     assert predict_updated.main(predict_argv(files["ensembl"], files["model"], out)) == 2
     line = one_line_error(capsys)
-    assert "none of the 20 model genes" in line and "pass --gene_symbols feature_name" in line
+    assert "none of the 20 model genes" in line and "(command line: --gene_symbols feature_name)" in line
     assert not out.exists()
 
 

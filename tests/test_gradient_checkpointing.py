@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import pytest
@@ -171,8 +170,8 @@ def test_build_model_applies_the_flag_to_a_continued_model_without_touching_the_
     source_model = tiny_model()
     checkpoint = Checkpoint(model=source_model, genes=[f"G{i}" for i in range(SEQ_LEN - 1)], classes=["a", "b", "c"],
                             bin_num=5, stage="A")
-    args = argparse.Namespace(gradient_checkpointing=True, bayes_head=False, h_dim=8, dropout=0.0, model_path="m.pth")
-    model = finetune_sparse.build_model(args, finetune_sparse.Source(checkpoint, new_head=new_head), checkpoint.genes, 3)
+    config = finetune_sparse.default_config(gradient_checkpointing=True, h_dim=8, model_path="m.pth")
+    model = finetune_sparse.build_model(config, finetune_sparse.Source(checkpoint, new_head=new_head), checkpoint.genes, 3)
     assert model.encoder.config.gradient_checkpointing is True
     assert model.config.encoder.gradient_checkpointing is True  # what the new checkpoint will record
     assert source_model.config.encoder.gradient_checkpointing is False

@@ -216,8 +216,9 @@ def test_prepare_output_dir_refuses_non_empty_without_overwrite(tmp_path):
     assert out.is_dir()
     assert prepare_output_dir(out, overwrite=False) == out  # empty: fine
     (out / "model.pt").write_text("x")
-    with pytest.raises(UserError, match="not empty.*--overwrite"):
+    with pytest.raises(UserError, match="not empty.*overwrite it") as error:
         prepare_output_dir(out, overwrite=False)
+    assert error.value.options == {"overwrite": True}
     assert prepare_output_dir(out, overwrite=True) == out
     assert (out / "model.pt").exists()
     with pytest.raises(UserError, match="is an existing file"):

@@ -377,10 +377,10 @@ sys.path.insert(0, {root!r})
 import finetune_sparse
 
 if os.environ["RANK"] == "1":
-    def fail(self, epoch, deterministic):
+    def fail(*args, **kwargs):
         raise RuntimeError("injected failure on rank 1")
 
-    finetune_sparse.FoldTrainer.train_epoch = fail  # rank 0 goes on into its first all-reduce and waits there
+    finetune_sparse.train_epoch = fail  # rank 0 goes on into its first all-reduce and waits there
 sys.exit(finetune_sparse.main(sys.argv[1:]))
 """
 
@@ -417,6 +417,6 @@ def test_resume_removes_this_runs_leftover_temporary_files(tmp_path):
     theirs = tmp_path / ".tmp-other0_last.pth-def456"
     for path in (ours, theirs):
         path.write_bytes(b"partial")
-    args = finetune_sparse.build_parser().parse_args(["--ckpt_dir", str(tmp_path), "--model_name", "run", "--resume"])
-    finetune_sparse.create_outputs(args, files, finetune_sparse.Dist(), existing=[])
+    config = finetune_sparse.default_config(ckpt_dir=str(tmp_path), model_name="run", resume=True)
+    finetune_sparse.create_outputs(config, files, finetune_sparse.Dist(), existing=[])
     assert not ours.exists() and theirs.exists()

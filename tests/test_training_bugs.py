@@ -63,4 +63,7 @@ def test_options_a_continued_checkpoint_fixes_are_refused_when_they_differ(data_
     assert finetune_sparse.main([*base, "--dim", "64", "--dropout", "0.3"]) == 2
     err = capsys.readouterr().err
     assert "--dim 16" in err and "--dropout 0.0" in err and not (tmp_path / "b").exists()
+    assert finetune_sparse.main([*base, "--feature_redraw_interval", "5", "--nb_features", "7"]) == 2
+    err = capsys.readouterr().err  # the encoder's random features were silently the checkpoint's before
+    assert "--feature_redraw_interval 1000" in err and "--nb_features (default)" in err and not (tmp_path / "b").exists()
     assert finetune_sparse.main(base) == 0  # repeating the checkpoint's own values (TINY's --dim 16) is fine
