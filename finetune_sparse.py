@@ -623,6 +623,10 @@ def check_fixed_options(config: TrainConfig, source: Source) -> None:
     if source.checkpoint is None:
         return
     saved = source.checkpoint.model.config
+    if config.gene2vec_path is not None or not config.pos_embed:
+        flag = "--gene2vec_path" if config.gene2vec_path is not None else "--no_pos_embed"
+        raise UserError(f"{config.model_path} brings its own gene embedding ({saved.encoder.gene_embedding}), part of "
+                        f"its encoder's weights; drop {flag}")
     fixed = {"dim": saved.encoder.dim, "depth": saved.encoder.depth, "heads": saved.encoder.heads,
              "dim_head": saved.encoder.dim_head, "local_attn_heads": saved.encoder.local_attn_heads,
              "nb_features": saved.encoder.nb_features, "feature_redraw_interval": saved.encoder.feature_redraw_interval}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 from test_training import TINY, data_path, one_torch_thread, train  # noqa: F401  (fixtures)
 
 import finetune_sparse
@@ -66,4 +67,10 @@ def test_options_a_continued_checkpoint_fixes_are_refused_when_they_differ(data_
     assert finetune_sparse.main([*base, "--feature_redraw_interval", "5", "--nb_features", "7"]) == 2
     err = capsys.readouterr().err  # the encoder's random features were silently the checkpoint's before
     assert "--feature_redraw_interval 1000" in err and "--nb_features (default)" in err and not (tmp_path / "b").exists()
+    vectors = tmp_path / "vectors.npy"
+    np.save(vectors, np.zeros((765, 16), dtype=np.float32))
+    for extra, flag in ((["--gene2vec_path", str(vectors)], "--gene2vec_path"), (["--no_pos_embed"], "--no_pos_embed")):
+        assert finetune_sparse.main([*base, *extra]) == 2  # the gene embedding was silently the checkpoint's before
+        err = capsys.readouterr().err
+        assert f"drop {flag}" in err and "gene embedding (learned)" in err and not (tmp_path / "b").exists()
     assert finetune_sparse.main(base) == 0  # repeating the checkpoint's own values (TINY's --dim 16) is fine
