@@ -334,7 +334,8 @@ class TrainConfig(DataOptions):
         return tuple(self.prune_layers.split(","))
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Plain values as the run's JSON holds them (tuples as lists), so a resumed run compares like with like."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
 
 def make_config(args: argparse.Namespace) -> TrainConfig:
