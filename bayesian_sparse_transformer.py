@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from performer_pytorch import PerformerConfig, PerformerLM, convert_scbert_state_dict, is_scbert_state_dict
-from utils import UserError, atomic_write, autocast, package_versions
+from utils import UserError, atomic_write, autocast, entropy, package_versions
 
 CHECKPOINT_FORMAT = "bayesian-sparse-transformer/1"
 PRUNABLE_LAYERS = ("fc1", "fc2")
@@ -35,8 +35,8 @@ PRUNE_MODES = ("physical", "mask")
 # of its weights, the posterior's own signal-to-noise (a weight the posterior cannot tell from 0 is not needed).
 PRUNE_SCORES = ("l2", "snr")
 NOVELTY_LAYERS = ("fc2", "gene_features")
-# fc1's input: the head's later layers learn to map every cell onto a known type, an unseen one included
-# (benchmarks/novel_type.py measures both layers)
+# fc1's input: the head's later layers learn to map every cell onto a known type, an unseen one included (on
+# leave-one-type-out runs of PBMC splits the fc2 distance flagged unseen monocytes below chance)
 NOVELTY_LAYER = "gene_features"
 NOVELTY_PCS = 50
 NOVELTY_KNN_K = 15
@@ -699,7 +699,7 @@ def predict_samples(
         noise = None
     elif noise is None:
         noise = model.head.draw_noise(num_samples, torch.Generator().manual_seed(seed))
-    outputs, distances = [], []
+    outputs, scores = [], []
     for tokens, _ in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
         tokens = tokens.to(device)
         with autocast(device, amp):
@@ -708,9 +708,9 @@ def predict_samples(
             if novelty is not None:
                 hidden = model.head.novelty_features(features, novelty["layer"]).float().cpu().numpy()
                 parts = novelty_parts(hidden, tokens, probs.float().mean(0).cpu().numpy(), novelty)
-                distances.append(novelty_score(parts, novelty))
+                scores.append(novelty_score(parts, novelty))
         outputs.append(probs.float().cpu())
-    return torch.cat(outputs, dim=1).numpy(), np.concatenate(distances) if novelty is not None else None
+    return torch.cat(outputs, dim=1).numpy(), np.concatenate(scores) if novelty is not None else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -823,8 +823,7 @@ def novelty_parts(features: np.ndarray, tokens: Tensor | np.ndarray, probs: np.n
     if "input_knn" in names:
         parts["input_knn"] = input_knn_distance(np.asarray(torch.as_tensor(tokens)[:, :-1].cpu(), dtype=np.float64), stats)
     if "entropy" in names:
-        probs = np.asarray(probs, dtype=np.float64)
-        parts["entropy"] = -np.sum(probs * np.log(np.clip(probs, 1e-12, None)), axis=-1)
+        parts["entropy"] = entropy(np.asarray(probs, dtype=np.float64))
     return parts
 
 

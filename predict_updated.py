@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "directory (--ckpt_dir): every fold's *_best.pth is then one member of an ensemble whose probabilities are averaged")
     model.add_argument("--bayes_mc_samples", type=int, default=8, help="head samples per cell and ensemble member; 1 = the posterior means only (deterministic)")
     model.add_argument("--unassign_by", default="novelty", choices=UNASSIGN_RULES,
-                       help="score deciding which cells are Unassigned: novelty (distance to the training cells' types, for cell "
+                       help="score deciding which cells are Unassigned: novelty (how unlike the training cells, for cell "
                             "types absent from training; checkpoints without its statistics fall back to confidence), or confidence, "
                             "entropy, mutual_info")
     model.add_argument("--unassign_thres", type=float, default=None,
@@ -255,8 +255,8 @@ def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConf
 
     An ensemble's K members contribute S samples each: (K*S, cells, classes). The predicted probabilities pool
     the members' posterior means geometrically (`pool_members`); mutual information counts the disagreement of
-    all K*S samples, members included. Novelty is each member's distance
-    divided by its own threshold, averaged over members (see `ensemble_novelty`): 1.0 is the threshold.
+    all K*S samples, members included. Novelty is each member's score divided by its own threshold, averaged
+    over members (see `ensemble_novelty`): 1.0 is the threshold.
     """
     set_seed(config.seed)
     device = resolve_device(config.device)
@@ -269,18 +269,18 @@ def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConf
                         collate_fn=collate_batch, num_workers=config.num_workers)
     started = time.perf_counter()
     has_novelty = all(member.novelty is not None for member in members)
-    samples, distances = [], []
+    samples, novelty = [], []
     for index, member in enumerate(members):
         model = member.model.to(device)
         model.set_deterministic(config.bayes_mc_samples == 1)
-        probs, distance = predict_samples(model, loader, config.bayes_mc_samples, seed=config.seed + index,
+        probs, member_novelty = predict_samples(model, loader, config.bayes_mc_samples, seed=config.seed + index,
                                           novelty=member.novelty if has_novelty else None, device=device, amp=config.amp,
                                           progress=sys.stderr.isatty())
         samples.append(probs)
-        distances.append(distance)
+        novelty.append(member_novelty)
     seconds = time.perf_counter() - started
     summary = uncertainty_summary(np.concatenate(samples), pool_members([np.asarray(s, dtype=np.float64).mean(axis=0) for s in samples]))
-    summary["novelty"] = (ensemble_novelty(distances, [m.novelty["threshold"] for m in members]) if has_novelty
+    summary["novelty"] = (ensemble_novelty(novelty, [m.novelty["threshold"] for m in members]) if has_novelty
                           else np.full(len(data.cell_ids), np.nan))
     rule = unassign_rule(config, has_novelty)
     unassigned = unassigned_cells(summary, *rule)

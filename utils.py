@@ -549,7 +549,7 @@ def stratified_splits(
 # Metrics (numpy in, numpy or plain Python out; natural log)
 
 
-def _entropy(probs: np.ndarray) -> np.ndarray:
+def entropy(probs: np.ndarray) -> np.ndarray:
     """Entropy over the last axis in nats; 0 * log 0 counts as 0."""
     return -np.sum(probs * np.log(np.clip(probs, PROB_EPS, None)), axis=-1)
 
@@ -569,15 +569,15 @@ def uncertainty_summary(prob_samples: np.ndarray, predictive: np.ndarray | None 
     mean_probs = mixture if predictive is None else np.asarray(predictive, dtype=np.float64)
     pred = mean_probs.argmax(axis=1)  # (N,)
     cells = np.arange(samples.shape[1])
-    expected_entropy = _entropy(samples).mean(axis=0)
+    expected_entropy = entropy(samples).mean(axis=0)
     return {
         "mean_probs": mean_probs,
         "pred": pred,
         "confidence": mean_probs[cells, pred],
-        "entropy": _entropy(mean_probs),
+        "entropy": entropy(mean_probs),
         "expected_entropy": expected_entropy,
         # Non-negative by Jensen's inequality; the clip only removes float round-off like -1e-17.
-        "mutual_info": np.maximum(_entropy(mixture) - expected_entropy, 0.0),
+        "mutual_info": np.maximum(entropy(mixture) - expected_entropy, 0.0),
         "pred_std": samples[:, cells, pred].std(axis=0),
     }
 

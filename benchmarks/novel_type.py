@@ -96,19 +96,19 @@ def predict(model_dir: Path, eval_path: Path, out_dir: Path) -> pd.DataFrame:
     return pd.read_csv(out_dir / "predictions.csv")
 
 
-def view_scores(model_dir: Path, eval_path: Path, view: str) -> np.ndarray:
-    """One view of the novelty score alone, calibrated and averaged over the fold models as the combined one is."""
+def view_scores(model_dir: Path, eval_path: Path, views: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Each view of the novelty score alone, calibrated and averaged over the fold models as the combined one is."""
     members = load_ensemble(model_dir)
     data = align_genes(load_dataset(eval_path, label_key="cell_type"), members[0].genes)
     loader = DataLoader(BinnedDataset(data.matrix, members[0].bin_num, bin_width=members[0].bin_width), batch_size=64,
                         collate_fn=collate_batch)
-    scores, thresholds = [], []
-    for member in members:  # the view's own validation scores, recalibrated as if it were the only one
-        alone = calibrate_novelty(member.novelty, {view: member.novelty["calibration"][view].numpy()},
-                                  member.novelty["fpr"])
-        scores.append(predict_samples(member.model, loader, 1, novelty=alone)[1])
-        thresholds.append(alone["threshold"])
-    return ensemble_novelty(scores, thresholds)
+    scores = {}
+    for view in views:
+        alone = [calibrate_novelty(m.novelty, {view: m.novelty["calibration"][view].numpy()}, m.novelty["fpr"])
+                 for m in members]  # the view's own validation scores, recalibrated as if it were the only one
+        scores[view] = ensemble_novelty([predict_samples(m.model, loader, 1, novelty=a)[1] for m, a in zip(members, alone)],
+                                        [a["threshold"] for a in alone])
+    return scores
 
 
 def run_case(config: dict, data, x: np.ndarray, left_out: str, seed: int, work: Path) -> dict:
@@ -122,10 +122,9 @@ def run_case(config: dict, data, x: np.ndarray, left_out: str, seed: int, work: 
     unseen = is_left_out[eval_rows]
     trained = train(config, write_h5ad(data, train_rows, work / "train.h5ad"), work, seed)
     table = predict(work / "stageA", write_h5ad(data, eval_rows, work / "eval.h5ad"), work / "predictions")
-    eval_path = work / "eval.h5ad"
+    views = view_scores(work / "stageA", work / "eval.h5ad", ("mahalanobis", "input_knn"))
     scores = {"novelty": table["pred_novelty"].to_numpy(),
-              "view_mahalanobis": view_scores(work / "stageA", eval_path, "mahalanobis"),
-              "view_input_knn": view_scores(work / "stageA", eval_path, "input_knn"),
+              "view_mahalanobis": views["mahalanobis"], "view_input_knn": views["input_knn"],
               "entropy": table["pred_entropy"].to_numpy(),
               "mutual_info": table["pred_mutual_info"].to_numpy(),
               "one_minus_confidence": 1 - table["pred_confidence"].to_numpy(),
