@@ -47,16 +47,17 @@ NAME = "pruning_tradeoff"
 MODES = ("physical", "mask")
 METRICS = ("macro_f1", "nll", "ece", "accuracy")
 # What a variant may change; "preset" runs pipeline_common.sh's defaults (the method a user gets).
-VARIANT_SETTINGS = ("PRUNE_SCORE", "PRUNE_REFIT", "PRUNE_FT_EPOCHS", "PRUNE_DISTILL", "GROUP_LASSO")
+VARIANT_SETTINGS = ("PRUNE_TARGET", "PRUNE_SCORE", "PRUNE_REFIT", "PRUNE_FT_EPOCHS", "PRUNE_DISTILL", "GROUP_LASSO")
 REAL = dict(
     seeds=[101, 102, 103, 104, 105], test_size=0.2, mc_samples=8, genes=0, max_cells=0, min_cells_per_class=0,
     preset_overrides=[""],
-    # The preset refits and does not fine-tune; "sgd" variants are the previous method (no refit, one fine-tuning
-    # epoch per level), alone and with distillation or group lasso on the same budget.
-    variants=["preset:", "snr:PRUNE_SCORE=snr",
+    # The preset refits and does not fine-tune; target_0.5 aims at half the head instead of 60 %. "sgd" variants are
+    # the method before the refit (no refit, one fine-tuning epoch per level), alone and with distillation or group
+    # lasso on the same budget.
+    variants=["preset:", "target_0.5:PRUNE_TARGET=0.5", "snr:PRUNE_SCORE=snr",
               "sgd_l2:PRUNE_REFIT=0,PRUNE_FT_EPOCHS=1", "sgd_distill:PRUNE_REFIT=0,PRUNE_FT_EPOCHS=1,PRUNE_DISTILL=1",
               "sgd_group_lasso:PRUNE_REFIT=0,PRUNE_FT_EPOCHS=1,GROUP_LASSO=1e-3"],
-    head_batch=32, seed=2021, levels=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5], scale_seq_len=16907, scale_batch=8,
+    head_batch=32, seed=2021, levels=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], scale_seq_len=16907, scale_batch=8,
     scale_dim=200, scale_depth=6, scale_heads=10, scale_dim_head=64, scale_hidden1=512, scale_hidden2=128,
     scale_classes=11, latency_samples=8, warmup=3, repeats=10, work_dir="",
 )
@@ -186,6 +187,7 @@ def summarise(rows: list[dict], variant: str) -> dict:
     diff = {k: [r["after"][k] - r["before"][k] for r in mine] for k in METRICS}
     return {"splits": len(mine), "split_levels": levels, "common_level": common, "same_level": levels.count(common),
             "min_fold_level": min(min(r["levels"]) for r in mine), "removed": mean_std([r["removed"] for r in mine]),
+            "min_removed": min(r["removed"] for r in mine),
             "diff": {k: mean_std(v) for k, v in diff.items()},
             "f1_wins": sum(d >= 0 for d in diff["macro_f1"]), "nll_wins": sum(d <= 0 for d in diff["nll"]),
             "changed": mean_std([r["changed"] for r in mine]),
@@ -294,10 +296,9 @@ def write_report(report: Report, config: dict, rows: list[dict], scale: list[dic
                    r["checkpoint_mb"], 1e3 * r["mean_forward"]["median_s"], 1e3 * r["mc_forward"]["median_s"]] for r in scale])
 
     s = summary["preset"]
-    report.add_target("preset: ≥ 50 % of fc1/fc2 neurons removed by every fold model of every split",
-                      s["min_fold_level"] >= 0.5 - 1e-9,
-                      f"lowest fold level {s['min_fold_level']:g}; split levels {s['split_levels']}; "
-                      f"{s['removed']['mean']:.0%} of fc1+fc2 weights removed on average")
+    report.add_target("preset: ≥ 50 % of fc1+fc2 weights removed on every split", s["min_removed"] >= 0.5,
+                      f"{s['min_removed']:.1%} on the split with the least, {s['removed']['mean']:.1%} on average; "
+                      f"split levels {s['split_levels']}; lowest fold level {s['min_fold_level']:g}")
     report.add_target("preset: test macro-F1 within 0.01 of the unpruned model (mean paired)",
                       s["diff"]["macro_f1"]["mean"] >= -0.01, f"{diff(s, 'macro_f1')} (≥ on {s['f1_wins']}/{n} splits)")
     report.add_target("preset: test NLL within 0.02 of the unpruned model (mean paired)",
@@ -329,7 +330,8 @@ def write_report(report: Report, config: dict, rows: list[dict], scale: list[dic
         f"{config['test_size']}, random_state=seed) for seeds {config['seeds']}.",
         "How the preset was chosen: on inner 80/20 splits of the training cells of outer splits with seeds 11-14 "
         "(never these seeds' test cells): refit vs fine-tuning, l2 vs snr, refit ridge 0.001-1, NLL tolerance "
-        "0.02/0.03/0.05, one-shot vs 0.1 steps (see the comment in pipeline_common.sh and the README).",
+        "0.02/0.03/0.05, one-shot vs 0.1 steps, then target 0.5 vs 0.6 for l2 and snr (see the comment in "
+        "pipeline_common.sh and the README). target_0.5 is the previous preset.",
         "Head latency of the trained models: one fold model's head on random encodings of its shape "
         f"(batch {config['head_batch']}), {config['latency_samples']}-sample MC forward, median of {config['repeats']}.",
     ]
