@@ -82,7 +82,7 @@ def test_mc_cost_smoke_reports_both_ratios(tmp_path):
 def test_pruning_tradeoff_smoke_prunes_through_the_pipeline_and_shrinks_physical_but_not_masked(tmp_path):
     results = run_smoke("pruning_tradeoff", tmp_path)
     # read from pipeline_common.sh
-    assert set(results["preset"]) == {"PRUNE_SCORE", "PRUNE_REFIT", "PRUNE_FT_EPOCHS", "PRUNE_DISTILL", "GROUP_LASSO"}
+    assert set(results["preset"]) == {"PRUNE_TARGET", "PRUNE_SCORE", "PRUNE_REFIT", "PRUNE_FT_EPOCHS", "PRUNE_DISTILL", "GROUP_LASSO"}
     assert [r["variant"] for r in results["per_split"]] == ["preset", "sgd_distill", "group_lasso"]
     for row in results["per_split"]:
         assert len(row["levels"]) == 2  # one level per fold model
