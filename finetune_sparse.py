@@ -77,6 +77,7 @@ from utils import (
     align_genes,
     atomic_write,
     autocast,
+    check_api_options,
     classification_metrics,
     collate_batch,
     dataset_from_anndata,
@@ -1516,10 +1517,7 @@ def fit(adata: anndata.AnnData, ckpt_dir: str | os.PathLike, **options) -> dict:
         fit(adata, "runs/a", label_key="cell_type", cv_splits=5, bin_width=0.25, bin_num=28, epoch=12)
         fit(adata, "runs/b", label_key="cell_type", cv_splits=5, model_path="runs/a", bayes_head=True, epoch=4)
     """
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(options) - names | set(options) & {"data_path", "ckpt_dir"})
-    if unknown:
-        raise TypeError(f"fit() got unknown or file-only options {unknown}; see finetune_sparse.py --help for the others")
+    check_api_options("fit", options, (f.name for f in fields(TrainConfig)), {"data_path", "ckpt_dir"}, "finetune_sparse.py")
     return run(default_config(ckpt_dir=str(ckpt_dir), **options), adata)
 
 

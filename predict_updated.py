@@ -37,6 +37,7 @@ from utils import (
     align_genes,
     atomic_path,
     atomic_write,
+    check_api_options,
     classification_metrics,
     collate_batch,
     dataset_from_anndata,
@@ -574,10 +575,8 @@ def annotate(adata: anndata.AnnData, model: str | os.PathLike, **options) -> ann
     `model` is a checkpoint file or a run directory (an ensemble); `options` are the CLI's options by name, e.g.
     `annotate(adata, "runs/demo/stageB2", bayes_mc_samples=8, gene_symbols="feature_name", label_key="cell_type")`.
     """
-    names = {f.name for f in fields(PredictConfig)}
-    unknown = sorted(set(options) - names | set(options) & {"model_path", "data_path", "output_dir", "overwrite", "cells"})
-    if unknown:
-        raise TypeError(f"annotate() got unknown or file-only options {unknown}; see predict_updated.py --help for the others")
+    check_api_options("annotate", options, (f.name for f in fields(PredictConfig)),
+                      {"model_path", "data_path", "output_dir", "overwrite", "cells"}, "predict_updated.py")
     return annotate_with(default_config(model, **options), adata).adata
 
 

@@ -17,7 +17,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -932,6 +932,14 @@ def with_options(defaults: Any, options: dict[str, Any], program: str) -> Any:
     if unknown:
         raise TypeError(f"unknown options {unknown}; see {program} --help")
     return type(defaults)(**(vars(defaults) | options))
+
+
+def check_api_options(function: str, options: dict[str, Any], known: Iterable[str], file_only: set[str], program: str) -> None:
+    """The in-memory entry points (fit, annotate) take a CLI's options by name, except those about files, which
+    they replace by their arguments: anything else raises TypeError naming the offenders."""
+    offending = sorted(set(options) - set(known) | set(options) & file_only)
+    if offending:
+        raise TypeError(f"{function}() got unknown or file-only options {offending}; see {program} --help for the others")
 
 
 def add_data_options(parser: Any, *, label_key: str | None, label_help: str) -> Any:
