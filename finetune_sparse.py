@@ -1067,8 +1067,8 @@ def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.nda
     if "input_knn" in config.novelty_parts:
         rng = np.random.default_rng(config.seed + fold.index)
         rows = np.sort(rng.choice(train_idx, min(len(train_idx), NOVELTY_NEIGHBOURS), replace=False))
-        stats |= fit_input_neighbours(dataset.__getitems__(rows).tokens[:, :-1].numpy())
-    parts = novelty_parts(fold_features(fold, model, fold.val_idx), dataset.__getitems__(fold.val_idx).tokens,
+        stats |= fit_input_neighbours(dataset.tokens(rows)[:, :-1].numpy())
+    parts = novelty_parts(fold_features(fold, model, fold.val_idx), dataset.tokens(fold.val_idx),
                           val_probs, stats | {"parts": config.novelty_parts})
     stats = calibrate_novelty(stats, {name: parts[name] for name in config.novelty_parts}, config.novelty_fpr)
     log.info("fold %d: novelty threshold %.3f (%.0f%% of %d validation cells above it; views %s)", fold.index,

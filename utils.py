@@ -479,6 +479,10 @@ class BinnedDataset(torch.utils.data.Dataset):
         rows = self.matrix[index].toarray()  # (B, G): the only dense copy
         return Batch(bin_expression(rows, self.bin_num, self.bin_width), self.labels[torch.from_numpy(index)])
 
+    def tokens(self, indices: Sequence[int]) -> torch.Tensor:
+        """The tokens (len(indices), genes + 1) of some cells at once, without a loader."""
+        return self.__getitems__(indices).tokens
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, labels = self.__getitems__([index])
         return tokens[0], labels[0]  # (G+1,), ()
