@@ -40,6 +40,10 @@ NOVELTY_LAYERS = ("fc2", "gene_features")
 NOVELTY_LAYER = "gene_features"
 NOVELTY_PCS = 50
 NOVELTY_KNN_K = 15
+# Squared distance in the input components below which a cell is taken for a stored training cell: a training
+# cell finds itself at ~1e-12 (float32 round-off of the stored coordinates), the nearest other cell of the bundled
+# data at >= ~50 (measured on a demo fold model).
+TRAINED_CELL_TOLERANCE = 1e-4
 NOVELTY_NEIGHBOURS = 5000  # training cells a checkpoint keeps as its neighbour index (a random subset beyond)
 # The views a novelty score combines (see calibrate_novelty); chosen on leave-one-type-out runs of splits that the
 # benchmark does not use (benchmarks/novel_type.py).
@@ -799,9 +803,33 @@ def novelty_distance(features: np.ndarray, stats: dict) -> np.ndarray:
 
 def input_knn_distance(binned: np.ndarray, stats: dict) -> np.ndarray:
     """Mean distance (cells,) to the `knn_k` nearest stored training cells (see fit_input_neighbours)."""
-    standardized = (np.asarray(binned, dtype=np.float64) - _stat(stats, "input_center")) / _stat(stats, "input_scale")
-    cells = standardized @ _stat(stats, "input_components").T  # (cells, pcs)
+    cells = _input_components(binned, stats)
     return np.sqrt(_min_squared_distances(cells, _stat(stats, "neighbours"), int(stats["knn_k"]))).mean(axis=1)
+
+
+def _input_components(binned: np.ndarray, stats: dict) -> np.ndarray:
+    """Cells' binned expression (cells, genes) in the neighbour index's principal components (cells, pcs)."""
+    standardized = (np.asarray(binned, dtype=np.float64) - _stat(stats, "input_center")) / _stat(stats, "input_scale")
+    return standardized @ _stat(stats, "input_components").T
+
+
+def trained_cells(loader: Iterable, members_stats: list[dict]) -> np.ndarray | None:
+    """Which cells (members, cells) each member trained on: cells whose binned expression coincides with one in
+    its neighbour index (up to NOVELTY_NEIGHBOURS training cells; larger training sets are found only in part).
+
+    A model's own training cells sit farther out on principal axes fitted to them than new cells do, so its
+    novelty score, calibrated on cells it never saw, flags most of them; `ensemble_novelty` leaves such a member
+    out for those cells. None when a member has no neighbour index (statistics without the input view).
+    """
+    if not all("neighbours" in stats for stats in members_stats):
+        return None
+    seen: list[list[np.ndarray]] = [[] for _ in members_stats]
+    for tokens, _ in loader:
+        binned = np.asarray(torch.as_tensor(tokens)[:, :-1], dtype=np.float64)
+        for found, stats in zip(seen, members_stats):
+            nearest = _min_squared_distances(_input_components(binned, stats), _stat(stats, "neighbours"), 1)[:, 0]
+            found.append(nearest < TRAINED_CELL_TOLERANCE)
+    return np.stack([np.concatenate(found) for found in seen])
 
 
 def _min_squared_distances(cells: np.ndarray, references: np.ndarray, k: int) -> np.ndarray:
@@ -859,13 +887,20 @@ def novelty_threshold(scores: np.ndarray, fpr: float) -> float:
     return float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - fpr))
 
 
-def ensemble_novelty(scores: list[np.ndarray], thresholds: list[float]) -> np.ndarray:
+def ensemble_novelty(scores: list[np.ndarray], thresholds: list[float], trained: np.ndarray | None = None) -> np.ndarray:
     """The members' scores divided by their own thresholds, averaged: 1.0 is the threshold for every size.
 
     Each fold model has its own feature space and scale, so raw scores are not comparable across members;
     relative to its threshold (its validation cells' (1 - fpr) quantile) each says "how unusual" on one scale.
+    trained (members, cells), from `trained_cells`: a cell is scored only by the members that did not train on it
+    (in a cross-fitted ensemble, the one it validated), unless every member trained on it.
     """
-    return np.mean([d / max(t, 1e-12) for d, t in zip(scores, thresholds)], axis=0)
+    relative = np.stack([d / max(t, 1e-12) for d, t in zip(scores, thresholds)])  # (members, cells)
+    if trained is None:
+        return relative.mean(axis=0)
+    use = ~np.asarray(trained, dtype=bool)
+    use[:, ~use.any(axis=0)] = True
+    return (relative * use).sum(axis=0) / use.sum(axis=0)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure  # the object API needs no pyplot and no GUI backend
 from torch.utils.data import DataLoader
 
-from bayesian_sparse_transformer import Checkpoint, ensemble_novelty, load_ensemble, predict_samples
+from bayesian_sparse_transformer import Checkpoint, ensemble_novelty, load_ensemble, predict_samples, trained_cells
 from utils import (
     BUNDLED_LABEL_KEY,
     BinnedDataset,
@@ -257,7 +257,7 @@ def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConf
     An ensemble's K members contribute S samples each: (K*S, cells, classes). The predicted probabilities pool
     the members' posterior means geometrically (`pool_members`); mutual information counts the disagreement of
     all K*S samples, members included. Novelty is each member's score divided by its own threshold, averaged
-    over members (see `ensemble_novelty`): 1.0 is the threshold.
+    over members that did not train on the cell (see `ensemble_novelty`): 1.0 is the threshold.
     """
     set_seed(config.seed)
     device = resolve_device(config.device)
@@ -281,8 +281,11 @@ def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConf
         novelty.append(member_novelty)
     seconds = time.perf_counter() - started
     summary = uncertainty_summary(np.concatenate(samples), pool_members([np.asarray(s, dtype=np.float64).mean(axis=0) for s in samples]))
-    summary["novelty"] = (ensemble_novelty(novelty, [m.novelty["threshold"] for m in members]) if has_novelty
-                          else np.full(len(data.cell_ids), np.nan))
+    if has_novelty:
+        trained = trained_cells(loader, [m.novelty for m in members])
+        summary["novelty"] = ensemble_novelty(novelty, [m.novelty["threshold"] for m in members], trained)
+    else:
+        summary["novelty"] = np.full(len(data.cell_ids), np.nan)
     rule = unassign_rule(config, has_novelty)
     unassigned = unassigned_cells(summary, *rule)
     return Prediction(data.cell_ids, first.classes, summary, unassigned, data.labels, seconds, rule)

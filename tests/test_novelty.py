@@ -29,6 +29,7 @@ from bayesian_sparse_transformer import (
     novelty_score,
     predict_samples,
     save_checkpoint,
+    trained_cells,
 )
 from utils import BinnedDataset, align_genes, collate_batch, load_dataset
 
@@ -181,6 +182,26 @@ def test_checkpoints_without_statistics_fall_back_to_confidence(stage_a, data_pa
 def test_ensemble_novelty_averages_distances_relative_to_each_threshold():
     distances = [np.array([1.0, 4.0]), np.array([30.0, 10.0])]
     np.testing.assert_allclose(ensemble_novelty(distances, [2.0, 10.0]), [(0.5 + 3.0) / 2, (2.0 + 1.0) / 2])
+
+
+def test_ensemble_novelty_leaves_out_the_members_that_trained_on_a_cell_unless_all_did():
+    scores = [np.array([1.0, 4.0, 6.0]), np.array([30.0, 10.0, 20.0])]
+    trained = np.array([[True, False, True], [False, False, True]])  # (members, cells)
+    # cell 0: only member 1 never saw it; cell 1: neither saw it; cell 2: both did, so both count
+    np.testing.assert_allclose(ensemble_novelty(scores, [2.0, 10.0], trained), [3.0, (2.0 + 1.0) / 2, (3.0 + 2.0) / 2])
+
+
+def test_trained_cells_finds_a_models_training_cells_and_not_its_validation_cells(stage_a, data_path):  # noqa: F811
+    checkpoint = load_checkpoint(stage_a.best)
+    validation = stage_a.val_cells()
+    everyone = load_dataset(data_path, label_key="cell_type").cell_ids
+    training = [cell for cell in everyone if cell not in set(validation)]
+    cells = training[:20] + validation
+    trained = trained_cells(loader_of(checkpoint, data_path, cells), [checkpoint.novelty, checkpoint.novelty])
+    assert trained.shape == (2, len(cells))
+    assert trained[:, :20].all() and not trained[:, 20:].any()
+    old = {key: value for key, value in checkpoint.novelty.items() if key != "neighbours"}
+    assert trained_cells(loader_of(checkpoint, data_path, cells), [old]) is None  # statistics without the index
 
 
 def test_novelty_distance_is_the_mahalanobis_distance_to_the_nearest_class_mean():
