@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -692,8 +693,8 @@ def predict_samples(
     device: torch.device | str = "cpu",
     amp: bool = False,
     progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """`predict_proba_samples`, plus each cell's novelty score (cells,) when `novelty` statistics are given.
+) -> tuple[np.ndarray, MemberNovelty | None]:
+    """`predict_proba_samples`, plus each cell's novelty when `novelty` statistics are given.
 
     Both come from one encoding of each batch: the encoder is the expensive part.
     """
@@ -703,7 +704,7 @@ def predict_samples(
         noise = None
     elif noise is None:
         noise = model.head.draw_noise(num_samples, torch.Generator().manual_seed(seed))
-    outputs, scores = [], []
+    outputs, scores, trained = [], [], []
     for tokens, _ in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
         tokens = tokens.to(device)
         with autocast(device, amp):
@@ -713,8 +714,12 @@ def predict_samples(
                 hidden = model.head.novelty_features(features, novelty["layer"]).float().cpu().numpy()
                 parts = novelty_parts(hidden, tokens, probs.float().mean(0).cpu().numpy(), novelty)
                 scores.append(novelty_score(parts, novelty))
+                trained.append(training_cells(tokens, novelty))
         outputs.append(probs.float().cpu())
-    return torch.cat(outputs, dim=1).numpy(), np.concatenate(scores) if novelty is not None else None
+    if novelty is None:
+        return torch.cat(outputs, dim=1).numpy(), None
+    mask = None if "neighbours" not in novelty else np.concatenate(trained)
+    return torch.cat(outputs, dim=1).numpy(), MemberNovelty(np.concatenate(scores), mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -813,23 +818,31 @@ def _input_components(binned: np.ndarray, stats: dict) -> np.ndarray:
     return standardized @ _stat(stats, "input_components").T
 
 
-def trained_cells(loader: Iterable, members_stats: list[dict]) -> np.ndarray | None:
-    """Which cells (members, cells) each member trained on: cells whose binned expression coincides with one in
-    its neighbour index (up to NOVELTY_NEIGHBOURS training cells; larger training sets are found only in part).
+class MemberNovelty(NamedTuple):
+    """One member's novelty of each cell: its score (cells,) and whether the cell is one of its training cells
+    (cells,) (see `training_cells`; None for statistics without a neighbour index)."""
+
+    score: np.ndarray
+    trained: np.ndarray | None
+
+
+def training_cells(tokens: Tensor | np.ndarray, stats: dict) -> np.ndarray | None:
+    """Whether each cell (cells,) is one of the model's training cells: its binned expression coincides with one in
+    the neighbour index (up to NOVELTY_NEIGHBOURS training cells; larger training sets are found only in part).
 
     A model's own training cells sit farther out on principal axes fitted to them than new cells do, so its
     novelty score, calibrated on cells it never saw, flags most of them; `ensemble_novelty` leaves such a member
-    out for those cells. None when a member has no neighbour index (statistics without the input view).
+    out for those cells. None for statistics without a neighbour index.
     """
-    if not all("neighbours" in stats for stats in members_stats):
+    if "neighbours" not in stats:
         return None
-    seen: list[list[np.ndarray]] = [[] for _ in members_stats]
-    for tokens, _ in loader:
-        binned = np.asarray(torch.as_tensor(tokens)[:, :-1], dtype=np.float64)
-        for found, stats in zip(seen, members_stats):
-            nearest = _min_squared_distances(_input_components(binned, stats), _stat(stats, "neighbours"), 1)[:, 0]
-            found.append(nearest < TRAINED_CELL_TOLERANCE)
-    return np.stack([np.concatenate(found) for found in seen])
+    cells = _input_components(_binned(tokens), stats)
+    return _min_squared_distances(cells, _stat(stats, "neighbours"), 1)[:, 0] < TRAINED_CELL_TOLERANCE
+
+
+def _binned(tokens: Tensor | np.ndarray) -> np.ndarray:
+    """Model input tokens (cells, genes+1) as the expression bins (cells, genes) the input view works on."""
+    return np.asarray(torch.as_tensor(tokens)[:, :-1].cpu(), dtype=np.float64)
 
 
 def _min_squared_distances(cells: np.ndarray, references: np.ndarray, k: int) -> np.ndarray:
@@ -849,7 +862,7 @@ def novelty_parts(features: np.ndarray, tokens: Tensor | np.ndarray, probs: np.n
     if "mahalanobis" in names:
         parts["mahalanobis"] = novelty_distance(features, stats)
     if "input_knn" in names:
-        parts["input_knn"] = input_knn_distance(np.asarray(torch.as_tensor(tokens)[:, :-1].cpu(), dtype=np.float64), stats)
+        parts["input_knn"] = input_knn_distance(_binned(tokens), stats)
     if "entropy" in names:
         parts["entropy"] = entropy(np.asarray(probs, dtype=np.float64))
     return parts
@@ -892,7 +905,7 @@ def ensemble_novelty(scores: list[np.ndarray], thresholds: list[float], trained:
 
     Each fold model has its own feature space and scale, so raw scores are not comparable across members;
     relative to its threshold (its validation cells' (1 - fpr) quantile) each says "how unusual" on one scale.
-    trained (members, cells), from `trained_cells`: a cell is scored only by the members that did not train on it
+    trained (members, cells), the members' `MemberNovelty.trained`: a cell is scored only by the members that did not train on it
     (in a cross-fitted ensemble, the one it validated), unless every member trained on it.
     """
     relative = np.stack([d / max(t, 1e-12) for d, t in zip(scores, thresholds)])  # (members, cells)

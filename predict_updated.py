@@ -24,7 +24,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure  # the object API needs no pyplot and no GUI backend
 from torch.utils.data import DataLoader
 
-from bayesian_sparse_transformer import Checkpoint, ensemble_novelty, load_ensemble, predict_samples, trained_cells
+from bayesian_sparse_transformer import Checkpoint, ensemble_novelty, load_ensemble, predict_samples
 from utils import (
     BUNDLED_LABEL_KEY,
     BinnedDataset,
@@ -282,8 +282,8 @@ def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConf
     seconds = time.perf_counter() - started
     summary = uncertainty_summary(np.concatenate(samples), pool_members([np.asarray(s, dtype=np.float64).mean(axis=0) for s in samples]))
     if has_novelty:
-        trained = trained_cells(loader, [m.novelty for m in members])
-        summary["novelty"] = ensemble_novelty(novelty, [m.novelty["threshold"] for m in members], trained)
+        trained = None if any(n.trained is None for n in novelty) else np.stack([n.trained for n in novelty])
+        summary["novelty"] = ensemble_novelty([n.score for n in novelty], [m.novelty["threshold"] for m in members], trained)
     else:
         summary["novelty"] = np.full(len(data.cell_ids), np.nan)
     rule = unassign_rule(config, has_novelty)

@@ -106,7 +106,7 @@ def view_scores(model_dir: Path, eval_path: Path, views: tuple[str, ...]) -> dic
     for view in views:
         alone = [calibrate_novelty(m.novelty, {view: m.novelty["calibration"][view].numpy()}, m.novelty["fpr"])
                  for m in members]  # the view's own validation scores, recalibrated as if it were the only one
-        scores[view] = ensemble_novelty([predict_samples(m.model, loader, 1, novelty=a)[1] for m, a in zip(members, alone)],
+        scores[view] = ensemble_novelty([predict_samples(m.model, loader, 1, novelty=a)[1].score for m, a in zip(members, alone)],
                                         [a["threshold"] for a in alone])
     return scores
 

@@ -29,7 +29,6 @@ from bayesian_sparse_transformer import (
     novelty_score,
     predict_samples,
     save_checkpoint,
-    trained_cells,
 )
 from utils import BinnedDataset, align_genes, collate_batch, load_dataset
 
@@ -64,9 +63,9 @@ def loader_of(checkpoint, data_path, cells: list[str]) -> DataLoader:  # noqa: F
 
 def scores_of(checkpoint, data_path, cells: list[str], samples: int = 1) -> np.ndarray:  # noqa: F811
     """The checkpoint's novelty scores of the given cells (predict_updated.py's per-member score)."""
-    _, scores = predict_samples(checkpoint.model, loader_of(checkpoint, data_path, cells), samples,
-                                novelty=checkpoint.novelty)
-    return scores
+    _, novelty = predict_samples(checkpoint.model, loader_of(checkpoint, data_path, cells), samples,
+                                 novelty=checkpoint.novelty)
+    return novelty.score
 
 
 def predict(model_path, data_path, out, *extra: str) -> pd.DataFrame:  # noqa: F811
@@ -191,17 +190,20 @@ def test_ensemble_novelty_leaves_out_the_members_that_trained_on_a_cell_unless_a
     np.testing.assert_allclose(ensemble_novelty(scores, [2.0, 10.0], trained), [3.0, (2.0 + 1.0) / 2, (3.0 + 2.0) / 2])
 
 
-def test_trained_cells_finds_a_models_training_cells_and_not_its_validation_cells(stage_a, data_path):  # noqa: F811
+def test_prediction_finds_a_models_training_cells_and_not_its_validation_cells(stage_a, data_path):  # noqa: F811
     checkpoint = load_checkpoint(stage_a.best)
     validation = stage_a.val_cells()
     everyone = load_dataset(data_path, label_key="cell_type").cell_ids
     training = [cell for cell in everyone if cell not in set(validation)]
     cells = training[:20] + validation
-    trained = trained_cells(loader_of(checkpoint, data_path, cells), [checkpoint.novelty, checkpoint.novelty])
-    assert trained.shape == (2, len(cells))
-    assert trained[:, :20].all() and not trained[:, 20:].any()
-    old = {key: value for key, value in checkpoint.novelty.items() if key != "neighbours"}
-    assert trained_cells(loader_of(checkpoint, data_path, cells), [old]) is None  # statistics without the index
+    loader = loader_of(checkpoint, data_path, cells)
+    trained = predict_samples(checkpoint.model, loader, 1, novelty=checkpoint.novelty)[1].trained
+    assert trained.shape == (len(cells),)
+    assert trained[:20].all() and not trained[20:].any()
+    # statistics without the input view have no neighbour index
+    without = {key: value for key, value in checkpoint.novelty.items() if key not in ("neighbours", "knn_k")
+               and not key.startswith("input_")} | {"parts": ["mahalanobis", "entropy"]}
+    assert predict_samples(checkpoint.model, loader, 1, novelty=without)[1].trained is None
 
 
 def test_novelty_distance_is_the_mahalanobis_distance_to_the_nearest_class_mean():
