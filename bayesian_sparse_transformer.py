@@ -831,8 +831,9 @@ def training_cells(tokens: Tensor | np.ndarray, stats: dict) -> np.ndarray | Non
     the neighbour index (up to NOVELTY_NEIGHBOURS training cells; larger training sets are found only in part).
 
     A model's own training cells sit farther out on principal axes fitted to them than new cells do, so its
-    novelty score, calibrated on cells it never saw, flags most of them; `ensemble_novelty` leaves such a member
-    out for those cells. None for statistics without a neighbour index.
+    novelty score, calibrated on cells it never saw, flags many of them (38 % for a demo fold model, against 5 %
+    of its validation cells); `ensemble_novelty` leaves such a member out for those cells. None for statistics
+    without a neighbour index.
     """
     if "neighbours" not in stats:
         return None

@@ -17,7 +17,7 @@ case "$PRESET" in
     # cells the bootstrap bound of the NLL change is about +-0.03 wide: a 0.02 tolerance gave mean levels of
     # 40-44 %, 0.05 gave 46-50 % at the same inner-test cost (NLL +0.004 vs +0.005, macro-F1 -0.003 for both,
     # averaged over 4 inner splits). Aiming at 60 % rather than 50 % (inner splits of seeds 11-14 again): every
-    # split then ends at >= 50 % although the rule stops a fold or two at 40-50 % (55-61 % of fc1+fc2 weights
+    # split then ends at >= 50 % although the rule stops some folds at 40-50 % (55-61 % of fc1+fc2 weights
     # removed vs 49-51 %), at no extra inner-test cost (NLL +0.009 vs +0.015, macro-F1 -0.003 vs -0.017).
     : "${PRUNE_TARGET:=0.6}" "${PRUNE_STEP:=0.1}" "${PRUNE_FT_EPOCHS:=0}" "${PRUNE_NLL_TOL:=0.05}" "${PRUNE_F1_TOL:=0.03}"
     : "${PATIENCE:=4}"
