@@ -82,7 +82,8 @@ def test_mc_cost_smoke_reports_both_ratios(tmp_path):
 def test_pruning_tradeoff_smoke_prunes_through_the_pipeline_and_shrinks_physical_but_not_masked(tmp_path):
     results = run_smoke("pruning_tradeoff", tmp_path)
     # read from pipeline_common.sh
-    assert set(results["preset"]) == {"PRUNE_TARGET", "PRUNE_SCORE", "PRUNE_REFIT", "PRUNE_FT_EPOCHS", "PRUNE_DISTILL", "GROUP_LASSO"}
+    assert set(results["preset"]) == {"PRUNE_TARGET", "PRUNE_LAYERS", "PRUNE_SCORE", "PRUNE_REFIT", "PRUNE_FT_EPOCHS",
+                                      "PRUNE_DISTILL", "GROUP_LASSO"}
     assert [r["variant"] for r in results["per_split"]] == ["preset", "sgd_distill", "group_lasso"]
     for row in results["per_split"]:
         assert len(row["levels"]) == 2  # one level per fold model
@@ -100,6 +101,16 @@ def test_pruning_tradeoff_smoke_prunes_through_the_pipeline_and_shrinks_physical
     assert pruned["physical"]["checkpoint_mb"] < pruned["mask"]["checkpoint_mb"]
     for row in results["scale"]:
         assert_finite(row["mean_forward"]["median_s"], row["mc_forward"]["median_s"])
+
+
+def test_a_pruning_variant_may_list_layers_and_only_names_pruning_settings():
+    from benchmarks.pruning_tradeoff import parse_variant
+
+    assert parse_variant("fc1_fc2:PRUNE_LAYERS=fc1,fc2,PRUNE_TARGET=0.5") == (
+        "fc1_fc2", {"PRUNE_LAYERS": "fc1,fc2", "PRUNE_TARGET": "0.5"})
+    assert parse_variant("preset:") == ("preset", {})
+    with pytest.raises(SystemExit, match="bad variant"):
+        parse_variant("fast:EPOCHS_A=1")
 
 
 def test_accuracy_calibration_smoke_summarises_every_method(tmp_path):
