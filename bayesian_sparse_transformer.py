@@ -712,13 +712,15 @@ def predict_samples(
             probs = model.mc_probs(tokens, num_samples, noise=noise, features=features)  # (S, batch, classes)
             if novelty is not None:
                 hidden = model.head.novelty_features(features, novelty["layer"]).float().cpu().numpy()
-                parts = novelty_parts(hidden, tokens, probs.float().mean(0).cpu().numpy(), novelty)
+                # One neighbour search per batch serves the input view and the trained-cell check.
+                nearest = input_neighbours(_binned(tokens), novelty) if "neighbours" in novelty else None
+                parts = novelty_parts(hidden, tokens, probs.float().mean(0).cpu().numpy(), novelty, nearest)
                 scores.append(novelty_score(parts, novelty))
-                trained.append(training_cells(tokens, novelty))
+                trained.append(None if nearest is None else training_cells(nearest))
         outputs.append(probs.float().cpu())
     if novelty is None:
         return torch.cat(outputs, dim=1).numpy(), None
-    mask = None if "neighbours" not in novelty else np.concatenate(trained)
+    mask = None if trained[0] is None else np.concatenate(trained)
     return torch.cat(outputs, dim=1).numpy(), MemberNovelty(np.concatenate(scores), mask)
 
 
@@ -806,16 +808,17 @@ def novelty_distance(features: np.ndarray, stats: dict) -> np.ndarray:
     return np.sqrt(_min_squared_distances(cells, centres, 1).ravel())
 
 
-def input_knn_distance(binned: np.ndarray, stats: dict) -> np.ndarray:
-    """Mean distance (cells,) to the `knn_k` nearest stored training cells (see fit_input_neighbours)."""
-    cells = _input_components(binned, stats)
-    return np.sqrt(_min_squared_distances(cells, _stat(stats, "neighbours"), int(stats["knn_k"]))).mean(axis=1)
-
-
-def _input_components(binned: np.ndarray, stats: dict) -> np.ndarray:
-    """Cells' binned expression (cells, genes) in the neighbour index's principal components (cells, pcs)."""
+def input_neighbours(binned: np.ndarray, stats: dict) -> np.ndarray:
+    """Squared distances (cells, knn_k) from cells' binned expression (cells, genes) to their `knn_k` nearest stored
+    training cells, in the neighbour index's principal components (see fit_input_neighbours)."""
     standardized = (np.asarray(binned, dtype=np.float64) - _stat(stats, "input_center")) / _stat(stats, "input_scale")
-    return standardized @ _stat(stats, "input_components").T
+    cells = standardized @ _stat(stats, "input_components").T  # (cells, pcs)
+    return _min_squared_distances(cells, _stat(stats, "neighbours"), int(stats["knn_k"]))
+
+
+def input_knn_distance(nearest: np.ndarray) -> np.ndarray:
+    """The input view's score (cells,): the mean distance to the nearest training cells (`input_neighbours`)."""
+    return np.sqrt(nearest).mean(axis=1)
 
 
 class MemberNovelty(NamedTuple):
@@ -826,19 +829,16 @@ class MemberNovelty(NamedTuple):
     trained: np.ndarray | None
 
 
-def training_cells(tokens: Tensor | np.ndarray, stats: dict) -> np.ndarray | None:
-    """Whether each cell (cells,) is one of the model's training cells: its binned expression coincides with one in
-    the neighbour index (up to NOVELTY_NEIGHBOURS training cells; larger training sets are found only in part).
+def training_cells(nearest: np.ndarray) -> np.ndarray:
+    """Whether each cell (cells,) is one of the model's training cells, from its `input_neighbours`: its binned
+    expression coincides with one in the neighbour index (up to NOVELTY_NEIGHBOURS training cells; larger training
+    sets are found only in part).
 
     A model's own training cells sit farther out on principal axes fitted to them than new cells do, so its
     novelty score, calibrated on cells it never saw, flags many of them (38 % for a demo fold model, against 5 %
-    of its validation cells); `ensemble_novelty` leaves such a member out for those cells. None for statistics
-    without a neighbour index.
+    of its validation cells); `ensemble_novelty` leaves such a member out for those cells.
     """
-    if "neighbours" not in stats:
-        return None
-    cells = _input_components(_binned(tokens), stats)
-    return _min_squared_distances(cells, _stat(stats, "neighbours"), 1)[:, 0] < TRAINED_CELL_TOLERANCE
+    return nearest.min(axis=1) < TRAINED_CELL_TOLERANCE
 
 
 def _binned(tokens: Tensor | np.ndarray) -> np.ndarray:
@@ -852,9 +852,11 @@ def _min_squared_distances(cells: np.ndarray, references: np.ndarray, k: int) ->
     return np.maximum(np.partition(squared, k - 1, axis=1)[:, :k], 0.0)
 
 
-def novelty_parts(features: np.ndarray, tokens: Tensor | np.ndarray, probs: np.ndarray, stats: dict) -> dict[str, np.ndarray]:
+def novelty_parts(features: np.ndarray, tokens: Tensor | np.ndarray, probs: np.ndarray, stats: dict,
+                  nearest: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Each view's raw score (cells,) that `stats` was fitted for: features as `collect_features` gives them,
-    tokens (cells, genes+1) the model's input, probs (cells, classes) the model's predictive probabilities.
+    tokens (cells, genes+1) the model's input, probs (cells, classes) the model's predictive probabilities;
+    nearest the cells' `input_neighbours` when the caller has them already.
 
     Statistics written before the views were combined hold only the Mahalanobis view.
     """
@@ -863,7 +865,7 @@ def novelty_parts(features: np.ndarray, tokens: Tensor | np.ndarray, probs: np.n
     if "mahalanobis" in names:
         parts["mahalanobis"] = novelty_distance(features, stats)
     if "input_knn" in names:
-        parts["input_knn"] = input_knn_distance(_binned(tokens), stats)
+        parts["input_knn"] = input_knn_distance(input_neighbours(_binned(tokens), stats) if nearest is None else nearest)
     if "entropy" in names:
         parts["entropy"] = entropy(np.asarray(probs, dtype=np.float64))
     return parts
@@ -906,8 +908,8 @@ def ensemble_novelty(scores: list[np.ndarray], thresholds: list[float], trained:
 
     Each fold model has its own feature space and scale, so raw scores are not comparable across members;
     relative to its threshold (its validation cells' (1 - fpr) quantile) each says "how unusual" on one scale.
-    trained (members, cells), the members' `MemberNovelty.trained`: a cell is scored only by the members that did not train on it
-    (in a cross-fitted ensemble, the one it validated), unless every member trained on it.
+    trained (members, cells), the members' `MemberNovelty.trained`: a cell is scored only by the members that did
+    not train on it (in a cross-fitted ensemble, the one it validated), unless every member trained on it.
     """
     relative = np.stack([d / max(t, 1e-12) for d, t in zip(scores, thresholds)])  # (members, cells)
     if trained is None:

@@ -22,6 +22,7 @@ from bayesian_sparse_transformer import (
     fit_input_neighbours,
     fit_novelty,
     input_knn_distance,
+    input_neighbours,
     load_checkpoint,
     load_ensemble,
     novelty_distance,
@@ -239,7 +240,7 @@ def test_input_knn_distance_is_the_mean_distance_to_the_nearest_training_cells_i
     mean, std = training.mean(0), training.std(0)
     cells = rng.poisson(2.5, (9, 12)).astype(float)
     distances, _ = NearestNeighbors(n_neighbors=4).fit((training - mean) / std).kneighbors((cells - mean) / std)
-    np.testing.assert_allclose(input_knn_distance(cells, stats), distances.mean(1), rtol=1e-4)
+    np.testing.assert_allclose(input_knn_distance(input_neighbours(cells, stats)), distances.mean(1), rtol=1e-4)
 
 
 def test_novelty_score_is_fishers_combination_of_the_views_tail_shares():
