@@ -9,7 +9,7 @@ baseline: the mean distance to the 15 nearest training cells in 50-PC space of s
 judged by its AUROC for separating unseen-type cells from known ones; the default Unassigned rule (novelty above
 the stored threshold) by the share of each group it flags.
 
-    python -m benchmarks.novel_type            # every type with ≥ 20 cells, 2 splits
+    python -m benchmarks.novel_type            # every type with ≥ 20 cells, 5 splits
     python -m benchmarks.novel_type --smoke
 """
 
@@ -59,11 +59,11 @@ SCORES = ("novelty", "view_mahalanobis", "view_input_knn", "entropy", "mutual_in
 SCORE_LABELS = {"novelty": "novelty", "view_mahalanobis": "view: Mahalanobis", "view_input_knn": "view: input kNN",
                 "entropy": "entropy", "mutual_info": "mutual information", "one_minus_confidence": "1 − confidence",
                 "pca_knn": "PCA-kNN baseline"}
-# The demo preset's Stage A (pipeline_common.sh) on 2 cross-fitted folds instead of 5, so that 7 types x 2
-# splits fit in ~20 minutes on 2 shared CPU cores.
+# The demo preset's Stage A (pipeline_common.sh) on 2 cross-fitted folds instead of 5, so that 7 types x 5
+# splits fit in ~40 minutes on 2 CPU cores (on 7 inner cases, 5 folds gave the same novelty AUROC: 0.854 vs 0.858).
 REAL = preset_config(("DIM", "DEPTH", "HEADS", "DIM_HEAD", "H_DIM", "BATCH_SIZE", "GRAD_ACC", "LEARNING_RATE", "EPOCHS_A",
                       "PATIENCE", "BIN_NUM", "BIN_WIDTH")) | dict(
-    mc_samples=8, seeds=[101, 102], cv_splits=2, test_size=0.2, min_type_cells=20, max_types=0, knn_k=15, knn_pcs=50,
+    mc_samples=8, seeds=[101, 102, 103, 104, 105], cv_splits=2, test_size=0.2, min_type_cells=20, max_types=0, knn_k=15, knn_pcs=50,
     novelty_fpr=0.05, genes=0, max_cells=0, min_cells_per_class=0, work_dir="")
 # Tiny model, few genes and cells, one epoch: seconds, for CI.
 SMOKE = REAL | dict(dim=8, depth=1, heads=1, dim_head=8, h_dim=8, epochs_a=1, patience=1, mc_samples=4, genes=32,
@@ -204,8 +204,14 @@ def write_report(report: Report, config: dict, rows: list[dict]) -> None:
     novelty = summary["auroc"]["novelty"]["mean"]
     types = list(dict.fromkeys(r["left_out"] for r in rows))
     by_type = {t: [r for r in rows if r["left_out"] == t] for t in types}
-    beats = [t for t in types if np.mean([r["auroc"]["novelty"] for r in by_type[t]])
-             >= np.mean([r["auroc"]["pca_knn"] for r in by_type[t]])]
+    paired = {t: [r["auroc"]["novelty"] - r["auroc"]["pca_knn"] for r in by_type[t]] for t in types}
+    report.table("Per left-out type, over splits: AUROC of novelty and of the PCA-kNN baseline, their paired "
+                 "difference, and on how many splits novelty is at least the baseline",
+                 ["left-out type", "novelty", "PCA-kNN baseline", "novelty − baseline", "splits novelty ≥ baseline"],
+                 [[t, mean_std([r["auroc"]["novelty"] for r in by_type[t]]),
+                   mean_std([r["auroc"]["pca_knn"] for r in by_type[t]]), mean_std(paired[t]),
+                   f"{sum(d >= 0 for d in paired[t])}/{len(paired[t])}"] for t in types])
+    beats = [t for t in types if np.mean(paired[t]) >= 0]
     best_other = max(("entropy", "mutual_info", "one_minus_confidence"), key=lambda n: summary["auroc"][n]["mean"])
     report.add_target("mean novelty AUROC ≥ 0.90", novelty >= 0.90,
                       f"{novelty:.3f} (best model-output score: {SCORE_LABELS[best_other]} "
@@ -225,7 +231,7 @@ def write_report(report: Report, config: dict, rows: list[dict]) -> None:
         f"random_state=seed) for seeds {config['seeds']}. Known cells scored: the split's test cells of the other "
         "types; unseen cells: every cell of the left-out type.",
         f"Model: Stage A only (deterministic head) with the demo preset's settings through finetune_sparse.run, "
-        f"{config['cv_splits']} cross-fitted folds (the preset has 5; fewer keep the run near 20 minutes), "
+        f"{config['cv_splits']} cross-fitted folds (the preset has 5; fewer halve the run time), "
         f"temperature scaling, bins {config['bin_num']} x {config['bin_width']}; predict_updated.py with its defaults "
         "(--bayes_mc_samples 1: the posterior means; mutual information is then the fold models' disagreement).",
         "Novelty (the default views): per fold model, Fisher's combination (sum of -log p) of three views, each "
@@ -235,6 +241,18 @@ def write_report(report: Report, config: dict, rows: list[dict]) -> None:
         f"model's threshold (the {1 - config['novelty_fpr']:.0%} quantile on its validation cells) and averaged over "
         "the fold models; flagged above 1. 'view: …' rows score one view alone, calibrated the same way. The views "
         "were chosen on leave-one-type-out runs of other splits (seeds 11–13, 20 cases), never on these.",
+        "Measured on leave-one-type-out runs of splits 11–13 (21 cases, 2 folds; mean AUROC of the default score "
+        "0.852, baseline 0.846) and not kept: adding a view for the distance off the input's principal axes (+0.006 "
+        "± 0.022 paired, higher on 13/21: noise); calibrating each view among the validation cells of the same "
+        "predicted type (0.797: Dendritic 0.80 → 0.90 and CD14+ monocytes 0.71 → 0.83, but T Reg 0.85 → 0.70 and "
+        "naive cytotoxic 0.77 → 0.52; the larger of both scores 0.854); relative Mahalanobis (0.722 alone); "
+        "per-type shrunk covariances (0.781 alone, 0.841 combined); Mahalanobis on fc2's output (0.716); nearest "
+        "neighbours in the head's features (0.765); per-gene tail surprise (0.759); one neighbour index of all "
+        "folds' cells (0.828 alone against 0.850 for each fold's own); the largest -log p or Stouffer's sum instead "
+        "of Fisher's (0.834, 0.849); 5 folds instead of 2 (split 11: 0.854 against 0.858). A logistic weighting of "
+        "eight views learned on the other left-out types scores 0.826; fitted on each case's own cells (an upper "
+        "bound no rule can reach without knowing the type) 0.949: the views hold the information, but which one "
+        "carries it depends on the unseen type.",
         f"Baseline: mean distance to the {config['knn_k']} nearest training cells in {config['knn_pcs']} PCs of "
         "standardized log-expression (no model).",
     ]
