@@ -7,6 +7,7 @@ logits (samples, batch, classes).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import pickle
@@ -41,11 +42,11 @@ NOVELTY_LAYERS = ("fc2", "gene_features")
 NOVELTY_LAYER = "gene_features"
 NOVELTY_PCS = 50
 NOVELTY_KNN_K = 15
-# Squared distance in the input components below which a cell is taken for a stored training cell: a training
-# cell finds itself at ~1e-12 (float32 round-off of the stored coordinates), the nearest other cell of the bundled
-# data at >= ~50 (measured on a demo fold model).
+# Checkpoints written before training cells were fingerprinted find them in the neighbour index: a squared distance
+# in the input components below this is a stored training cell (one finds itself at ~1e-12, float32 round-off of
+# the stored coordinates; the nearest other cell of the bundled data lies at >= ~50, measured on a demo fold model).
 TRAINED_CELL_TOLERANCE = 1e-4
-NOVELTY_NEIGHBOURS = 5000  # training cells a checkpoint keeps as its neighbour index (a random subset beyond)
+NOVELTY_NEIGHBOURS = 5000  # training cells a checkpoint keeps as its input view's neighbour index (a random subset beyond)
 # The views a novelty score combines (see calibrate_novelty); chosen on leave-one-type-out runs of splits that the
 # benchmark does not use (benchmarks/novel_type.py).
 NOVELTY_PARTS = ("mahalanobis", "input_knn", "entropy")
@@ -712,11 +713,12 @@ def predict_samples(
             probs = model.mc_probs(tokens, num_samples, noise=noise, features=features)  # (S, batch, classes)
             if novelty is not None:
                 hidden = model.head.novelty_features(features, novelty["layer"]).float().cpu().numpy()
-                # One neighbour search per batch serves the input view and the trained-cell check.
-                nearest = input_neighbours(_binned(tokens), novelty) if "neighbours" in novelty else None
+                binned = expression_bins(tokens)
+                # One neighbour search per batch serves the input view and, for older statistics, the trained-cell check.
+                nearest = input_neighbours(binned, novelty) if "neighbours" in novelty else None
                 parts = novelty_parts(hidden, tokens, probs.float().mean(0).cpu().numpy(), novelty, nearest)
                 scores.append(novelty_score(parts, novelty))
-                trained.append(None if nearest is None else training_cells(nearest))
+                trained.append(training_cells(binned, novelty, nearest))
         outputs.append(probs.float().cpu())
     if novelty is None:
         return torch.cat(outputs, dim=1).numpy(), None
@@ -829,19 +831,36 @@ class MemberNovelty(NamedTuple):
     trained: np.ndarray | None
 
 
-def training_cells(nearest: np.ndarray) -> np.ndarray:
-    """Whether each cell (cells,) is one of the model's training cells, from its `input_neighbours`: its binned
-    expression coincides with one in the neighbour index (up to NOVELTY_NEIGHBOURS training cells; larger training
-    sets are found only in part).
+def training_cells(binned: np.ndarray, stats: dict, nearest: np.ndarray | None = None) -> np.ndarray | None:
+    """Whether each cell (cells,) is one of the model's training cells: its expression bins (cells, genes) have a
+    stored fingerprint (see `fit_training_cells`). Statistics written before fingerprints existed fall back on the
+    cells' `input_neighbours` (a cell that coincides with one in the neighbour index: found only among the up to
+    NOVELTY_NEIGHBOURS cells kept there), and say None without either.
 
     A model's own training cells sit farther out on principal axes fitted to them than new cells do, so its
     novelty score, calibrated on cells it never saw, flags many of them (38 % for a demo fold model, against 5 %
     of its validation cells); `ensemble_novelty` leaves such a member out for those cells.
     """
-    return nearest.min(axis=1) < TRAINED_CELL_TOLERANCE
+    if "trained_fingerprints" in stats:
+        return np.isin(cell_fingerprints(binned), np.asarray(stats["trained_fingerprints"]))
+    return None if nearest is None else nearest.min(axis=1) < TRAINED_CELL_TOLERANCE
 
 
-def _binned(tokens: Tensor | np.ndarray) -> np.ndarray:
+def fit_training_cells(binned: np.ndarray) -> dict:
+    """The fingerprints of a model's training cells (binned (cells, genes) as `expression_bins` gives them), sorted: 8 bytes a
+    cell, so every training cell is recognised however many there are."""
+    return {"trained_fingerprints": torch.from_numpy(np.unique(cell_fingerprints(binned)))}
+
+
+def cell_fingerprints(binned: np.ndarray) -> np.ndarray:
+    """A 64-bit hash (cells,) of each cell's expression bins (cells, genes): the same bins give the same hash, and two
+    different cells share one with probability ~2^-64."""
+    rows = np.ascontiguousarray(np.asarray(binned).astype(np.int16))  # bin indices, exact in any numeric dtype
+    return np.fromiter((int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True)
+                        for row in rows), dtype=np.int64, count=len(rows))
+
+
+def expression_bins(tokens: Tensor | np.ndarray) -> np.ndarray:
     """Model input tokens (cells, genes+1) as the expression bins (cells, genes) the input view works on."""
     return np.asarray(torch.as_tensor(tokens)[:, :-1].cpu(), dtype=np.float64)
 
@@ -865,7 +884,7 @@ def novelty_parts(features: np.ndarray, tokens: Tensor | np.ndarray, probs: np.n
     if "mahalanobis" in names:
         parts["mahalanobis"] = novelty_distance(features, stats)
     if "input_knn" in names:
-        parts["input_knn"] = input_knn_distance(input_neighbours(_binned(tokens), stats) if nearest is None else nearest)
+        parts["input_knn"] = input_knn_distance(input_neighbours(expression_bins(tokens), stats) if nearest is None else nearest)
     if "entropy" in names:
         parts["entropy"] = entropy(np.asarray(probs, dtype=np.float64))
     return parts

@@ -52,8 +52,10 @@ from bayesian_sparse_transformer import (
     checkpoint_from_payload,
     checkpoint_paths,
     collect_features,
+    expression_bins,
     fit_input_neighbours,
     fit_novelty,
+    fit_training_cells,
     head_noise_for_widths,
     load_checkpoint,
     load_ensemble,
@@ -1058,16 +1060,17 @@ def set_temperature(model: BayesianSparseTransformer, temperature: float) -> Non
 
 def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.ndarray) -> dict:
     """Novelty statistics of the final model (see `calibrate_novelty`): its training cells' class means and shrunk
-    covariance, a neighbour index of (up to NOVELTY_NEIGHBOURS of) them in expression space, and each view's scores
+    covariance, their fingerprints, a neighbour index of (up to NOVELTY_NEIGHBOURS of) them in expression space, and each view's scores
     on the validation cells (known types it never trained on) with the threshold that `--novelty_fpr` of them
     exceed. val_probs (validation cells, classes): the final model's probabilities."""
     config, dataset = fold.run.config, fold.train_set.dataset
     train_idx = np.asarray(fold.train_set.indices)
     stats = fit_novelty(fold_features(fold, model, train_idx), fold.run.labels[train_idx])
+    stats |= fit_training_cells(expression_bins(dataset.tokens(train_idx)))
     if "input_knn" in config.novelty_parts:
         rng = np.random.default_rng(config.seed + fold.index)
         rows = np.sort(rng.choice(train_idx, min(len(train_idx), NOVELTY_NEIGHBOURS), replace=False))
-        stats |= fit_input_neighbours(dataset.tokens(rows)[:, :-1].numpy())
+        stats |= fit_input_neighbours(expression_bins(dataset.tokens(rows)))
     parts = novelty_parts(fold_features(fold, model, fold.val_idx), dataset.tokens(fold.val_idx),
                           val_probs, stats | {"parts": config.novelty_parts})
     stats = calibrate_novelty(stats, {name: parts[name] for name in config.novelty_parts}, config.novelty_fpr)

@@ -17,10 +17,12 @@ from torch.utils.data import DataLoader
 import predict_updated
 from bayesian_sparse_transformer import (
     calibrate_novelty,
+    cell_fingerprints,
     collect_features,
     ensemble_novelty,
     fit_input_neighbours,
     fit_novelty,
+    fit_training_cells,
     input_knn_distance,
     input_neighbours,
     load_checkpoint,
@@ -30,13 +32,14 @@ from bayesian_sparse_transformer import (
     novelty_score,
     predict_samples,
     save_checkpoint,
+    training_cells,
 )
 from utils import BinnedDataset, align_genes, collate_batch, load_dataset
 
 FPR = 0.1
 NOVELTY_KEYS = {"layer", "classes", "center", "scale", "components", "means", "precision_cholesky",
                 "input_center", "input_scale", "input_components", "neighbours", "knn_k", "parts", "calibration",
-                "threshold", "fpr"}
+                "threshold", "fpr", "trained_fingerprints"}
 
 
 @pytest.fixture(scope="module")
@@ -201,10 +204,32 @@ def test_prediction_finds_a_models_training_cells_and_not_its_validation_cells(s
     trained = predict_samples(checkpoint.model, loader, 1, novelty=checkpoint.novelty)[1].trained
     assert trained.shape == (len(cells),)
     assert trained[:20].all() and not trained[20:].any()
-    # statistics without the input view have no neighbour index
+    # statistics without the input view have no neighbour index; the fingerprints find the training cells alone
     without = {key: value for key, value in checkpoint.novelty.items() if key not in ("neighbours", "knn_k")
                and not key.startswith("input_")} | {"parts": ["mahalanobis", "entropy"]}
-    assert predict_samples(checkpoint.model, loader, 1, novelty=without)[1].trained is None
+    np.testing.assert_array_equal(predict_samples(checkpoint.model, loader, 1, novelty=without)[1].trained, trained)
+    unmarked = {key: value for key, value in without.items() if key != "trained_fingerprints"}
+    assert predict_samples(checkpoint.model, loader, 1, novelty=unmarked)[1].trained is None
+
+
+def test_training_cells_are_found_by_fingerprint_beyond_the_neighbour_index():
+    bins = np.random.default_rng(0).integers(0, 7, (60, 30)).astype(np.float64)  # 40 training cells, 20 new ones
+    stats = fit_training_cells(bins[:40]) | fit_input_neighbours(bins[:5], pcs=3, k=2)  # an index of 5 of the 40
+    nearest = input_neighbours(bins, stats)
+    np.testing.assert_array_equal(training_cells(bins, stats, nearest), np.arange(60) < 40)
+    # statistics without fingerprints (older checkpoints) find only the cells in the neighbour index
+    older = {key: value for key, value in stats.items() if key != "trained_fingerprints"}
+    np.testing.assert_array_equal(training_cells(bins, older, nearest), np.arange(60) < 5)
+    assert training_cells(bins, {}) is None
+
+
+def test_a_cell_fingerprint_changes_with_any_bin_and_not_with_the_dtype():
+    bins = np.random.default_rng(1).integers(0, 7, (3, 50))
+    changed = bins.copy()
+    changed[1, 49] += 1
+    assert (cell_fingerprints(bins) == cell_fingerprints(bins.astype(np.float64))).all()
+    assert (cell_fingerprints(changed) != cell_fingerprints(bins)).tolist() == [False, True, False]
+    assert len(set(cell_fingerprints(bins).tolist())) == 3
 
 
 def test_novelty_distance_is_the_mahalanobis_distance_to_the_nearest_class_mean():
