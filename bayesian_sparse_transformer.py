@@ -846,10 +846,11 @@ def training_cells(binned: np.ndarray, stats: dict, nearest: np.ndarray | None =
     return None if nearest is None else nearest.min(axis=1) < TRAINED_CELL_TOLERANCE
 
 
-def fit_training_cells(binned: np.ndarray) -> dict:
-    """The fingerprints of a model's training cells (binned (cells, genes) as `expression_bins` gives them), sorted: 8 bytes a
-    cell, so every training cell is recognised however many there are."""
-    return {"trained_fingerprints": torch.from_numpy(np.unique(cell_fingerprints(binned)))}
+def fit_training_cells(chunks: Iterable[np.ndarray]) -> dict:
+    """The sorted fingerprints of a model's training cells, 8 bytes a cell, so that every one is recognised however
+    many there are. chunks: their expression bins (cells, genes) as `expression_bins` gives them, a block of cells
+    at a time (all of them at once can be larger than memory)."""
+    return {"trained_fingerprints": torch.from_numpy(np.unique(np.concatenate([cell_fingerprints(c) for c in chunks])))}
 
 
 def cell_fingerprints(binned: np.ndarray) -> np.ndarray:

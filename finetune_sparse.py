@@ -1066,7 +1066,9 @@ def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.nda
     config, dataset = fold.run.config, fold.train_set.dataset
     train_idx = np.asarray(fold.train_set.indices)
     stats = fit_novelty(fold_features(fold, model, train_idx), fold.run.labels[train_idx])
-    stats |= fit_training_cells(expression_bins(dataset.tokens(train_idx)))
+    # 1,024 cells at a time: every training cell's tokens at once are cells x genes int64 (7 GB for Zheng68K)
+    stats |= fit_training_cells(expression_bins(dataset.tokens(train_idx[start : start + 1024]))
+                                for start in range(0, len(train_idx), 1024))
     if "input_knn" in config.novelty_parts:
         rng = np.random.default_rng(config.seed + fold.index)
         rows = np.sort(rng.choice(train_idx, min(len(train_idx), NOVELTY_NEIGHBOURS), replace=False))

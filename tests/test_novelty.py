@@ -214,7 +214,7 @@ def test_prediction_finds_a_models_training_cells_and_not_its_validation_cells(s
 
 def test_training_cells_are_found_by_fingerprint_beyond_the_neighbour_index():
     bins = np.random.default_rng(0).integers(0, 7, (60, 30)).astype(np.float64)  # 40 training cells, 20 new ones
-    stats = fit_training_cells(bins[:40]) | fit_input_neighbours(bins[:5], pcs=3, k=2)  # an index of 5 of the 40
+    stats = fit_training_cells([bins[:25], bins[25:40]]) | fit_input_neighbours(bins[:5], pcs=3, k=2)  # index: 5 of 40
     nearest = input_neighbours(bins, stats)
     np.testing.assert_array_equal(training_cells(bins, stats, nearest), np.arange(60) < 40)
     # statistics without fingerprints (older checkpoints) find only the cells in the neighbour index
