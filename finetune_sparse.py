@@ -1114,10 +1114,14 @@ def set_reference(fold: Fold, state: FoldState, model: BayesianSparseTransformer
              fold.index, 100 * start, 100 * config.prune_target, metrics["nll"], metrics["macro_f1"], config.prune_rule)
 
 
-def prune_to(fold: Fold, state: FoldState, model: BayesianSparseTransformer, level: float) -> Training:
-    """Prune `model` to `level` (refitting the layer that reads the removed units) and start its fine-tuning."""
+def prune_to(fold: Fold, state: FoldState, model: BayesianSparseTransformer, level: float,
+             refit: tuple[torch.Tensor, torch.Tensor] | tuple[None, None] | None = None) -> Training:
+    """Prune `model` to `level` (refitting the layer that reads the removed units) and start its fine-tuning.
+
+    refit: `refit_cells` of an earlier model with the same encoder, used while its width still matches fc1's inputs.
+    """
     config = fold.run.config
-    features, weights = refit_cells(fold, model)
+    features, weights = refit if refit is not None and _refit_matches(refit, model) else refit_cells(fold, model)
     stats = model.prune(level, layers=config.layers_to_prune, dim=config.prune_dim, mode=config.prune_mode,
                         score=config.prune_score, refit_features=features, refit_weights=weights,
                         refit_ridge=config.prune_refit_ridge)
@@ -1145,6 +1149,11 @@ def refit_cells(fold: Fold, model: BayesianSparseTransformer) -> tuple[torch.Ten
         rows = np.sort(rng.choice(rows, config.prune_refit_cells, replace=False))
     features = torch.from_numpy(fold_features(fold, model, rows, "gene_features")).to(fold.run.device)
     return features, fold.class_weights[torch.as_tensor(fold.run.labels[rows], device=fold.class_weights.device)]
+
+
+def _refit_matches(refit: tuple[torch.Tensor, torch.Tensor] | tuple[None, None], model: BayesianSparseTransformer) -> bool:
+    features = refit[0]
+    return features is None or features.shape[1] == unit_widths(model)["inputs"]
 
 
 def keep_pruned(config: TrainConfig, state: FoldState, labels: np.ndarray, metrics: dict, probs: np.ndarray,
@@ -1230,10 +1239,13 @@ def prune_phase(fold: Fold, state: FoldState, training: Training, started: float
     if state.reference_f1 is None:
         training = load_best(fold, state, training)
         set_reference(fold, state, training.model)
+    # Without fine-tuning nothing trains between levels: the refit cells' gene features stay those computed here
+    # (prune_to recomputes them only once a level has removed fc1 inputs), saving an encoder pass per level.
+    refit = refit_cells(fold, training.model) if config.prune_ft_epochs == 0 else None
     while state.level_index < len(levels):
         level = levels[state.level_index]
         if not state.level_applied:
-            training = prune_to(fold, state, training.model, level)
+            training = prune_to(fold, state, training.model, level, refit)
         while state.epoch < config.prune_ft_epochs:
             row = {"phase": "prune_ft", "epoch": state.epoch + 1, "prune_level": level}
             row.update(train_epoch(fold, training, state, state.epoch, deterministic=False))

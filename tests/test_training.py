@@ -245,6 +245,26 @@ def test_round_2_prunes_physically_to_the_target(stage_b1, stage_b2):
     assert after.metrics["head_sparsity"] > 0.5
 
 
+def test_pruning_without_fine_tuning_computes_the_refit_features_once_and_prunes_as_recomputing_would(
+        stage_b1, data_path, tmp_path, monkeypatch):
+    """--prune_ft_epochs 0: nothing trains between levels, so one encoder pass over the refit cells serves them all."""
+    calls = []
+    compute = finetune_sparse.refit_cells
+    monkeypatch.setattr(finetune_sparse, "refit_cells", lambda fold, model: calls.append(fold.index) or compute(fold, model))
+    options = ("--model_path", str(stage_b1.best), *BAYES, "--epoch", "0", "--prune_target", "0.5", "--prune_step",
+               "0.25", "--prune_ft_epochs", "0", "--prune_rule", "f1", "--prune_f1_tol", "1.0")
+    once = train(data_path, tmp_path / "once", "once", *options)
+    assert calls == [0]
+    calls.clear()
+    monkeypatch.setattr(finetune_sparse, "_refit_matches", lambda refit, model: False)  # recompute at every level
+    every_level = train(data_path, tmp_path / "every", "every", *options)
+    assert calls == [0, 0, 0]  # before the levels, then at each of 0.25 and 0.5
+    kept, recomputed = load_checkpoint(once.best), load_checkpoint(every_level.best)
+    assert kept.metrics["prune_amount"] == recomputed.metrics["prune_amount"] == 0.5
+    for name, tensor in recomputed.model.state_dict().items():
+        torch.testing.assert_close(kept.model.state_dict()[name], tensor, rtol=0, atol=0)
+
+
 def test_round_2_with_distillation_fine_tunes_toward_the_unpruned_models_training_probabilities(stage_b1, data_path, tmp_path):
     """--prune_distill keeps the unpruned model's probabilities of the training cells (as validation draws them) as
     targets in the resumable state; --prune_score snr prunes to the level asked."""
