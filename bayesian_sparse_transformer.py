@@ -714,7 +714,7 @@ def predict_samples(
             if novelty is not None:
                 hidden = model.head.novelty_features(features, novelty["layer"]).float().cpu().numpy()
                 binned = expression_bins(tokens)
-                # One neighbour search per batch serves the input view and, for older statistics, the trained-cell check.
+                # One neighbour search per batch serves the input view (and older statistics' trained-cell check).
                 nearest = input_neighbours(binned, novelty) if "neighbours" in novelty else None
                 parts = novelty_parts(hidden, tokens, probs.float().mean(0).cpu().numpy(), novelty, nearest)
                 scores.append(novelty_score(parts, novelty))

@@ -1060,9 +1060,9 @@ def set_temperature(model: BayesianSparseTransformer, temperature: float) -> Non
 
 def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.ndarray) -> dict:
     """Novelty statistics of the final model (see `calibrate_novelty`): its training cells' class means and shrunk
-    covariance, their fingerprints, a neighbour index of (up to NOVELTY_NEIGHBOURS of) them in expression space, and each view's scores
-    on the validation cells (known types it never trained on) with the threshold that `--novelty_fpr` of them
-    exceed. val_probs (validation cells, classes): the final model's probabilities."""
+    covariance, their fingerprints, a neighbour index of (up to NOVELTY_NEIGHBOURS of) them in expression space,
+    and each view's scores on the validation cells (known types it never trained on) with the threshold that
+    `--novelty_fpr` of them exceed. val_probs (validation cells, classes): the final model's probabilities."""
     config, dataset = fold.run.config, fold.train_set.dataset
     train_idx = np.asarray(fold.train_set.indices)
     stats = fit_novelty(fold_features(fold, model, train_idx), fold.run.labels[train_idx])
