@@ -705,7 +705,7 @@ def predict_samples(
         noise = None
     elif noise is None:
         noise = model.head.draw_noise(num_samples, torch.Generator().manual_seed(seed))
-    outputs, scores, trained = [], [], []
+    outputs, scores, trained, evidence = [], [], [], []
     for tokens, _ in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
         tokens = tokens.to(device)
         with autocast(device, amp):
@@ -719,11 +719,13 @@ def predict_samples(
                 parts = novelty_parts(hidden, tokens, probs.float().mean(0).cpu().numpy(), novelty, nearest)
                 scores.append(novelty_score(parts, novelty))
                 trained.append(training_cells(binned, novelty, nearest))
+                evidence.append(novelty_evidence(parts, novelty) if "calibration" in novelty else None)
         outputs.append(probs.float().cpu())
     if novelty is None:
         return torch.cat(outputs, dim=1).numpy(), None
     mask = None if trained[0] is None else np.concatenate(trained)
-    return torch.cat(outputs, dim=1).numpy(), MemberNovelty(np.concatenate(scores), mask)
+    views = None if evidence[0] is None else {name: np.concatenate([e[name] for e in evidence]) for name in evidence[0]}
+    return torch.cat(outputs, dim=1).numpy(), MemberNovelty(np.concatenate(scores), mask, views)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -824,11 +826,13 @@ def input_knn_distance(nearest: np.ndarray) -> np.ndarray:
 
 
 class MemberNovelty(NamedTuple):
-    """One member's novelty of each cell: its score (cells,) and whether the cell is one of its training cells
-    (cells,) (see `training_cells`; None for statistics without a neighbour index)."""
+    """One member's novelty of each cell: its score (cells,), whether the cell is one of its training cells
+    (cells,) (see `training_cells`; None when the statistics cannot tell) and each view's -log p-value (cells,)
+    (see `novelty_evidence`; None for statistics written before the views were combined)."""
 
     score: np.ndarray
     trained: np.ndarray | None
+    evidence: dict[str, np.ndarray] | None = None
 
 
 def training_cells(binned: np.ndarray, stats: dict, nearest: np.ndarray | None = None) -> np.ndarray | None:
@@ -910,12 +914,18 @@ def novelty_score(parts: dict[str, np.ndarray], stats: dict) -> np.ndarray:
     for statistics written before the views were combined."""
     if "calibration" not in stats:
         return parts["mahalanobis"]
-    score = 0.0
+    return sum(novelty_evidence(parts, stats).values())
+
+
+def novelty_evidence(parts: dict[str, np.ndarray], stats: dict) -> dict[str, np.ndarray]:
+    """Each view's -log p-value (cells,): p is the share of the validation cells (known types) scoring at least as
+    high in that view, so which view makes a cell novel stays visible (`novelty_score` sums them)."""
+    evidence = {}
     for name in stats["parts"]:
         reference = _stat(stats["calibration"], name)  # (validation cells,) sorted
         at_least = len(reference) - np.searchsorted(reference, parts[name], side="left")  # (cells,)
-        score = score - np.log((at_least + 1) / (len(reference) + 1))  # +1: a p-value is never 0
-    return score
+        evidence[name] = -np.log((at_least + 1) / (len(reference) + 1))  # +1: a p-value is never 0
+    return evidence
 
 
 def novelty_threshold(scores: np.ndarray, fpr: float) -> float:

@@ -284,11 +284,22 @@ def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConf
     if has_novelty:
         trained = None if any(n.trained is None for n in novelty) else np.stack([n.trained for n in novelty])
         summary["novelty"] = ensemble_novelty([n.score for n in novelty], [m.novelty["threshold"] for m in members], trained)
+        summary["novelty_pvalues"] = view_pvalues([n.evidence for n in novelty], trained)
     else:
         summary["novelty"] = np.full(len(data.cell_ids), np.nan)
     rule = unassign_rule(config, has_novelty)
     unassigned = unassigned_cells(summary, *rule)
     return Prediction(data.cell_ids, first.classes, summary, unassigned, data.labels, seconds, rule)
+
+
+def view_pvalues(evidence: list[dict[str, np.ndarray] | None], trained: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Each novelty view's p-value (cells,) under "a known type", for the ensemble: the geometric mean of the
+    members' p-values, over the members that did not train on the cell (as the novelty score). Empty when a
+    member's statistics predate the views or the members combine different views."""
+    if any(e is None for e in evidence) or len({tuple(e) for e in evidence}) > 1:
+        return {}
+    return {view: np.exp(-ensemble_novelty([e[view] for e in evidence], [1.0] * len(evidence), trained))
+            for view in evidence[0]}
 
 
 def unassign_rule(config: PredictConfig, has_novelty: bool) -> tuple[str, float]:
@@ -452,6 +463,8 @@ def predictions_table(pred: Prediction) -> pd.DataFrame:
         "cell_id": pred.cell_ids, "pred_label": pred.pred_label, "pred_unassigned": pred.unassigned,
         **{column: pred.summary[key] for key, column in CELL_COLUMNS.items()}, "top_label": pred.top_label,
     })
+    for view, pvalues in pred.summary.get("novelty_pvalues", {}).items():
+        table[f"novelty_p_{view}"] = pvalues
     if pred.true_labels is not None:
         table["true_label"] = pred.true_labels
     return table
@@ -473,6 +486,8 @@ def annotated_anndata(adata: anndata.AnnData, rows: np.ndarray, pred: Prediction
         out.obs[column] = s[key]
     out.obs["pred_unassigned"] = pred.unassigned
     out.obsm["pred_probabilities"] = s["mean_probs"].astype(np.float32)  # (cells, classes)
+    if s.get("novelty_pvalues"):  # which view makes a cell novel: one column per view
+        out.obsm["pred_novelty_pvalues"] = pd.DataFrame(s["novelty_pvalues"], index=out.obs_names)
     out.uns["pred_classes"] = np.asarray(pred.classes, dtype=str)
     out.uns["prediction"] = metadata
     return out

@@ -28,6 +28,7 @@ from bayesian_sparse_transformer import (
     load_checkpoint,
     load_ensemble,
     novelty_distance,
+    novelty_evidence,
     novelty_parts,
     novelty_score,
     predict_samples,
@@ -165,6 +166,14 @@ def test_predictions_csv_and_h5ad_obs_have_pred_novelty_and_novelty_is_the_defau
     assert predict_updated.CELL_COLUMNS["novelty"] == "pred_novelty"
     np.testing.assert_allclose(adata.obs["pred_novelty"].to_numpy(), table["pred_novelty"].to_numpy())
     assert adata.uns["prediction"]["unassign_by"] == "novelty" and adata.uns["prediction"]["unassign_thres"] == 1.0
+    # each view's p-value, in obsm and the CSV: in (0, 1], and the novelty's ranking follows their product
+    pvalues = adata.obsm["pred_novelty_pvalues"]
+    assert list(pvalues.columns) == ["mahalanobis", "input_knn", "entropy"] and (pvalues.index == adata.obs_names).all()
+    np.testing.assert_allclose(pvalues.to_numpy(), table[[f"novelty_p_{v}" for v in pvalues.columns]].to_numpy())
+    assert ((pvalues > 0) & (pvalues <= 1)).all().all()
+    checkpoint = load_checkpoint(stage_a.best)  # one member: novelty = -sum(log p) / its threshold
+    np.testing.assert_allclose(-np.log(pvalues.to_numpy()).sum(1) / checkpoint.novelty["threshold"],
+                               table["pred_novelty"].to_numpy(), rtol=1e-5)
     # --unassign_thres replaces the stored threshold
     strict = predict(stage_a.directory, data_path, tmp_path / "strict", "--unassign_thres", "0")
     assert strict["pred_unassigned"].all()
@@ -177,7 +186,7 @@ def test_checkpoints_without_statistics_fall_back_to_confidence(stage_a, data_pa
                     bin_width=checkpoint.bin_width, stage=checkpoint.stage)
     with pytest.warns(UserWarning, match="no novelty statistics"):
         table = predict(old, data_path, tmp_path / "out", "--bayes_mc_samples", "1")
-    assert table["pred_novelty"].isna().all()
+    assert table["pred_novelty"].isna().all() and not any(c.startswith("novelty_p_") for c in table.columns)
     pd.testing.assert_series_equal(table["pred_unassigned"], table["pred_confidence"] < 0.5, check_names=False)
     assert anndata.read_h5ad(tmp_path / "out" / "predictions.h5ad").uns["prediction"]["unassign_by"] == "confidence"
 
@@ -192,6 +201,17 @@ def test_ensemble_novelty_leaves_out_the_members_that_trained_on_a_cell_unless_a
     trained = np.array([[True, False, True], [False, False, True]])  # (members, cells)
     # cell 0: only member 1 never saw it; cell 1: neither saw it; cell 2: both did, so both count
     np.testing.assert_allclose(ensemble_novelty(scores, [2.0, 10.0], trained), [3.0, (2.0 + 1.0) / 2, (3.0 + 2.0) / 2])
+
+
+def test_view_pvalues_are_the_geometric_mean_over_the_members_that_did_not_train_on_the_cell():
+    evidence = [{"input_knn": -np.log([0.1, 0.5]), "entropy": -np.log([0.2, 0.2])},
+                {"input_knn": -np.log([0.4, 0.5]), "entropy": -np.log([0.8, 0.05])}]
+    trained = np.array([[False, True], [False, False]])  # member 0 trained on cell 1
+    pvalues = predict_updated.view_pvalues(evidence, trained)
+    np.testing.assert_allclose(pvalues["input_knn"], [0.2, 0.5])  # sqrt(0.1 * 0.4); cell 1: member 1 alone
+    np.testing.assert_allclose(pvalues["entropy"], [0.4, 0.05])
+    assert predict_updated.view_pvalues([evidence[0], {"entropy": evidence[1]["entropy"]}], None) == {}
+    assert predict_updated.view_pvalues([evidence[0], None], None) == {}
 
 
 def test_prediction_finds_a_models_training_cells_and_not_its_validation_cells(stage_a, data_path):  # noqa: F811
@@ -283,6 +303,11 @@ def test_novelty_score_is_fishers_combination_of_the_views_tail_shares():
     np.testing.assert_allclose(parts["entropy"], -(probs * np.log(probs)).sum(1))
     expected = sum(-np.log(((validation[v][None, :] >= parts[v][:, None]).sum(1) + 1) / 21) for v in views)
     np.testing.assert_allclose(novelty_score(parts, stats), expected, rtol=1e-5)
+    evidence = novelty_evidence(parts, stats)  # each view's -log p, which the score sums
+    assert list(evidence) == list(views)
+    np.testing.assert_allclose(evidence["input_knn"], -np.log(((validation["input_knn"][None, :]
+                                                                >= parts["input_knn"][:, None]).sum(1) + 1) / 21))
+    np.testing.assert_allclose(sum(evidence.values()), novelty_score(parts, stats))
     # fitted on the 20 validation cells: 10 % of them lie above the threshold
     assert (novelty_score(validation, stats) > stats["threshold"]).sum() == 2
 
