@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.metrics import roc_auc_score
@@ -33,15 +32,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
 import predict_updated
-from bayesian_sparse_transformer import (
-    calibrate_novelty,
-    collect_features,
-    ensemble_novelty,
-    load_ensemble,
-    novelty_parts,
-    novelty_score,
-    predict_samples,
-)
+from bayesian_sparse_transformer import calibrate_novelty, ensemble_novelty, load_ensemble, predict_samples
 from benchmarks.common import Report, mean_std, parse_config
 from benchmarks.pipeline import preset_config
 from benchmarks.training import load_pbmc, run_finetune, write_h5ad
@@ -108,22 +99,20 @@ def predict(model_dir: Path, eval_path: Path, out_dir: Path) -> pd.DataFrame:
 def view_scores(model_dir: Path, eval_path: Path, views: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Each view of the novelty score alone, calibrated and averaged over the fold models as the combined one is.
 
-    One encoder pass per fold model gives its features, input tokens and probabilities; every view comes from them.
+    A member's evidence in a view (its -log p-value) is that view's score alone; only its threshold is the view's own.
     """
     members = load_ensemble(model_dir)
     data = align_genes(load_dataset(eval_path, label_key="cell_type"), members[0].genes)
     loader = DataLoader(BinnedDataset(data.matrix, members[0].bin_num, bin_width=members[0].bin_width), batch_size=64,
                         collate_fn=collate_batch)
-    tokens = torch.cat([batch for batch, _ in loader])
     scores: dict[str, list[np.ndarray]] = {view: [] for view in views}
     thresholds: dict[str, list[float]] = {view: [] for view in views}
     for member in members:
-        probs = predict_samples(member.model, loader, 1)[0].mean(axis=0)
-        parts = novelty_parts(collect_features(member.model, loader, member.novelty["layer"]), tokens, probs, member.novelty)
+        evidence = predict_samples(member.model, loader, 1, novelty=member.novelty)[1].evidence
         for view in views:  # the view's own validation scores, recalibrated as if it were the only one
             alone = calibrate_novelty(member.novelty, {view: member.novelty["calibration"][view].numpy()},
                                       member.novelty["fpr"])
-            scores[view].append(novelty_score({view: parts[view]}, alone))
+            scores[view].append(evidence[view])
             thresholds[view].append(alone["threshold"])
     return {view: ensemble_novelty(scores[view], thresholds[view]) for view in views}
 
