@@ -842,7 +842,7 @@ def training_cells(binned: np.ndarray, stats: dict, nearest: np.ndarray | None =
     NOVELTY_NEIGHBOURS cells kept there), and say None without either.
 
     A model's own training cells sit farther out on principal axes fitted to them than new cells do, so its
-    novelty score, calibrated on cells it never saw, flags many of them (38 % for a demo fold model, against 5 %
+    novelty score, calibrated on cells it never saw, flags many of them (37 % for a demo fold model, against 5 %
     of its validation cells); `ensemble_novelty` leaves such a member out for those cells.
     """
     if "trained_fingerprints" in stats:
