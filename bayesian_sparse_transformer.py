@@ -705,6 +705,8 @@ def predict_samples(
         noise = None
     elif noise is None:
         noise = model.head.draw_noise(num_samples, torch.Generator().manual_seed(seed))
+    if novelty is not None:
+        novelty = numpy_statistics(novelty)
     outputs, scores, trained, evidence = [], [], [], []
     for tokens, _ in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
         tokens = tokens.to(device)
@@ -717,9 +719,9 @@ def predict_samples(
                 # One neighbour search per batch serves the input view (and older statistics' trained-cell check).
                 nearest = input_neighbours(binned, novelty) if "neighbours" in novelty else None
                 parts = novelty_parts(hidden, tokens, probs.float().mean(0).cpu().numpy(), novelty, nearest)
-                scores.append(novelty_score(parts, novelty))
-                trained.append(training_cells(binned, novelty, nearest))
                 evidence.append(novelty_evidence(parts, novelty) if "calibration" in novelty else None)
+                scores.append(novelty_score(parts, novelty, evidence[-1]))
+                trained.append(training_cells(binned, novelty, nearest))
         outputs.append(probs.float().cpu())
     if novelty is None:
         return torch.cat(outputs, dim=1).numpy(), None
@@ -747,17 +749,25 @@ def collect_features(model: BayesianSparseTransformer, loader: Iterable, layer: 
     return torch.cat(outputs).numpy()
 
 
-def fit_novelty(features: np.ndarray, labels: np.ndarray, layer: str = NOVELTY_LAYER, pcs: int = NOVELTY_PCS) -> dict:
+def fit_novelty(features: np.ndarray, labels: np.ndarray, more: Iterable[tuple[np.ndarray, np.ndarray]] = (),
+                layer: str = NOVELTY_LAYER, pcs: int = NOVELTY_PCS) -> dict:
     """Class means and one shared (tied) covariance of the training cells' features, shrunk by Ledoit-Wolf.
 
     features (cells, width), labels (cells,) class indices. The features are standardized and projected on the
-    training cells' top `pcs` principal components: gene features are as wide as the gene list, and a few dozen
+    top `pcs` principal components of these cells: gene features are as wide as the gene list, and a few dozen
     axes carry the cell-to-cell variation (on held-out PBMC types, adding the distance off those axes as
-    probabilistic PCA would, or keeping one axis per 10 cells, lowered the AUROC). The covariance is stored as the
-    Cholesky factor U of its inverse (precision = U U^T), so a distance is one matrix product; the shrinkage keeps
-    it invertible on few cells.
+    probabilistic PCA would, or keeping one axis per 10 cells, lowered the AUROC). more: further training cells as
+    (features, labels) blocks that only the class statistics see, each projected as it comes, so a large training
+    set is never held at full width (the gene features of Zheng68K's 55,000 training cells are 3.7 GB). The
+    covariance is stored as the Cholesky factor U of its inverse (precision = U U^T), so a distance is one matrix
+    product; the shrinkage keeps it invertible on few cells.
     """
     center, scale, components, projected = _principal_axes(features, pcs)
+    blocks, block_labels = [projected], [np.asarray(labels)]
+    for block, block_label in more:
+        blocks.append(_project(block, center, scale, components))
+        block_labels.append(np.asarray(block_label))
+    projected, labels = np.concatenate(blocks), np.concatenate(block_labels)
     present = np.unique(labels)  # a class without training cells has no mean; the minimum skips it
     means = np.stack([projected[labels == c].mean(axis=0) for c in present])  # (classes present, pcs)
     centered = projected - means[np.searchsorted(present, labels)]
@@ -785,13 +795,19 @@ def fit_input_neighbours(binned: np.ndarray, pcs: int = NOVELTY_PCS, k: int = NO
 
 def _principal_axes(rows: np.ndarray, pcs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-column centre and scale, the top principal axes (pcs, width) of the standardized rows, the projection."""
-    rows = np.asarray(rows, dtype=np.float64)
+    rows = np.array(rows, dtype=np.float64)  # a copy, standardized in place: one float64 copy of the rows at a time
     center, scale = rows.mean(axis=0), rows.std(axis=0)
     scale[scale < 1e-6] = 1.0  # genes or ReLU units that are constant over the training cells
-    standardized = (rows - center) / scale
-    pcs = min(pcs, *standardized.shape)
-    _, _, components = randomized_svd(standardized, pcs, random_state=0)  # (pcs, width)
-    return center, scale, components, standardized @ components.T
+    rows -= center
+    rows /= scale
+    pcs = min(pcs, *rows.shape)
+    _, _, components = randomized_svd(rows, pcs, random_state=0)  # (pcs, width)
+    return center, scale, components, rows @ components.T
+
+
+def _project(rows: np.ndarray, center: np.ndarray, scale: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Rows (cells, width) standardized and projected (cells, pcs) on principal axes from `_principal_axes`."""
+    return ((np.asarray(rows, dtype=np.float64) - center) / scale) @ np.asarray(components).T
 
 
 def _float_tensor(array: np.ndarray) -> Tensor:
@@ -800,13 +816,24 @@ def _float_tensor(array: np.ndarray) -> Tensor:
 
 
 def _stat(stats: dict, key: str) -> np.ndarray:
-    return np.asarray(stats[key], dtype=np.float64)
+    return np.asarray(stats[key], dtype=np.float64)  # no copy for `numpy_statistics`
+
+
+def numpy_statistics(stats: dict) -> dict:
+    """Novelty statistics with their tensors as numpy arrays (floating point as float64), converted once rather
+    than on every batch: the principal axes are as wide as the gene list."""
+    def convert(value):
+        if isinstance(value, dict):
+            return {key: convert(item) for key, item in value.items()}
+        if isinstance(value, Tensor):
+            return value.numpy().astype(np.float64) if value.is_floating_point() else value.numpy()
+        return value
+    return convert(stats)
 
 
 def novelty_distance(features: np.ndarray, stats: dict) -> np.ndarray:
     """Mahalanobis distance (cells,) of each cell's features to the nearest training class mean (see fit_novelty)."""
-    standardized = (np.asarray(features, dtype=np.float64) - _stat(stats, "center")) / _stat(stats, "scale")
-    projected = standardized @ _stat(stats, "components").T  # (cells, pcs)
+    projected = _project(features, _stat(stats, "center"), _stat(stats, "scale"), _stat(stats, "components"))
     whiten = _stat(stats, "precision_cholesky")  # (pcs, pcs)
     cells, centres = projected @ whiten, _stat(stats, "means") @ whiten  # (cells, pcs), (classes, pcs)
     return np.sqrt(_min_squared_distances(cells, centres, 1).ravel())
@@ -815,8 +842,7 @@ def novelty_distance(features: np.ndarray, stats: dict) -> np.ndarray:
 def input_neighbours(binned: np.ndarray, stats: dict) -> np.ndarray:
     """Squared distances (cells, knn_k) from cells' binned expression (cells, genes) to their `knn_k` nearest stored
     training cells, in the neighbour index's principal components (see fit_input_neighbours)."""
-    standardized = (np.asarray(binned, dtype=np.float64) - _stat(stats, "input_center")) / _stat(stats, "input_scale")
-    cells = standardized @ _stat(stats, "input_components").T  # (cells, pcs)
+    cells = _project(binned, _stat(stats, "input_center"), _stat(stats, "input_scale"), _stat(stats, "input_components"))
     return _min_squared_distances(cells, _stat(stats, "neighbours"), int(stats["knn_k"]))
 
 
@@ -909,12 +935,13 @@ def calibrate_novelty(stats: dict, parts: dict[str, np.ndarray], fpr: float) -> 
     return stats | {"threshold": novelty_threshold(novelty_score(parts, stats), fpr), "fpr": float(fpr)}
 
 
-def novelty_score(parts: dict[str, np.ndarray], stats: dict) -> np.ndarray:
+def novelty_score(parts: dict[str, np.ndarray], stats: dict, evidence: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """The combined novelty (cells,) of `novelty_parts` (see calibrate_novelty); the plain Mahalanobis distance
-    for statistics written before the views were combined."""
+    for statistics written before the views were combined. evidence: the parts' `novelty_evidence`, when the
+    caller has it."""
     if "calibration" not in stats:
         return parts["mahalanobis"]
-    return sum(novelty_evidence(parts, stats).values())
+    return sum((novelty_evidence(parts, stats) if evidence is None else evidence).values())
 
 
 def novelty_evidence(parts: dict[str, np.ndarray], stats: dict) -> dict[str, np.ndarray]:

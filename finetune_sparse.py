@@ -107,6 +107,7 @@ SELECTION_METRICS = {"nll": lambda metrics: -metrics["nll"], "macro_f1": lambda 
 # Settings that may differ between the interrupted run and its --resume (another device changes results only at
 # float round-off; --amp stays fixed because the gradient scaler's state depends on it).
 RESUME_FREE_ARGS = {"resume", "overwrite", "device", "num_workers"}
+BLOCK_CELLS = 1024  # cells whose tokens or gene features the novelty fit holds at once (see `blocks`)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1063,28 +1064,38 @@ def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.nda
     """Novelty statistics of the final model (see `calibrate_novelty`): its training cells' class means and shrunk
     covariance, their fingerprints, a neighbour index of (up to NOVELTY_NEIGHBOURS of) them in expression space,
     and each view's scores on the validation cells (known types it never trained on) with the threshold that
-    `--novelty_fpr` of them exceed. val_probs (validation cells, classes): the final model's probabilities."""
-    config, dataset = fold.run.config, fold.train_set.dataset
-    train_idx = np.asarray(fold.train_set.indices)
-    stats = fit_novelty(fold_features(fold, model, train_idx), fold.run.labels[train_idx])
-    stats |= fit_training_cells(binned_chunks(dataset, train_idx))
+    `--novelty_fpr` of them exceed. val_probs (validation cells, classes): the final model's probabilities.
+
+    One random subset of up to NOVELTY_NEIGHBOURS training cells fits the principal axes of both distance views
+    and is the neighbour index; the other cells pass a block at a time, so that no cells x genes array of the
+    whole training or validation set is built.
+    """
+    config, dataset, labels = fold.run.config, fold.train_set.dataset, fold.run.labels
+    train_idx, val_idx = np.asarray(fold.train_set.indices), np.asarray(fold.val_idx)
+    rng = np.random.default_rng(config.seed + fold.index)
+    subset = np.sort(rng.choice(train_idx, min(len(train_idx), NOVELTY_NEIGHBOURS), replace=False))
+    rest = np.setdiff1d(train_idx, subset)
+    stats = fit_novelty(fold_features(fold, model, subset), labels[subset],
+                        more=((fold_features(fold, model, rest[b]), labels[rest[b]]) for b in blocks(len(rest))))
+    stats |= fit_training_cells(expression_bins(dataset.tokens(train_idx[b])) for b in blocks(len(train_idx)))
     if "input_knn" in config.novelty_parts:
-        rng = np.random.default_rng(config.seed + fold.index)
-        rows = np.sort(rng.choice(train_idx, min(len(train_idx), NOVELTY_NEIGHBOURS), replace=False))
-        stats |= fit_input_neighbours(np.concatenate(list(binned_chunks(dataset, rows))))
-    parts = novelty_parts(fold_features(fold, model, fold.val_idx), dataset.tokens(fold.val_idx),
-                          val_probs, stats | {"parts": config.novelty_parts})
-    stats = calibrate_novelty(stats, {name: parts[name] for name in config.novelty_parts}, config.novelty_fpr)
+        stats |= fit_input_neighbours(np.concatenate([expression_bins(dataset.tokens(subset[b])) for b in blocks(len(subset))]))
+    views = stats | {"parts": config.novelty_parts}
+    parts = [novelty_parts(fold_features(fold, model, val_idx[b]), dataset.tokens(val_idx[b]), val_probs[b], views)
+             for b in blocks(len(val_idx))]
+    stats = calibrate_novelty(stats, {name: np.concatenate([p[name] for p in parts]) for name in config.novelty_parts},
+                              config.novelty_fpr)
     log.info("fold %d: novelty threshold %.3f (%.0f%% of %d validation cells above it; views %s)", fold.index,
-             stats["threshold"], 100 * config.novelty_fpr, len(fold.val_idx), "+".join(config.novelty_parts))
+             stats["threshold"], 100 * config.novelty_fpr, len(val_idx), "+".join(config.novelty_parts))
     return stats
 
 
-def binned_chunks(dataset: BinnedDataset, rows: np.ndarray, size: int = 1024) -> Iterator[np.ndarray]:
-    """The cells' expression bins (size, genes), `size` cells at a time: all their int64 tokens at once would be
-    cells x genes x 8 bytes (7 GB for Zheng68K's training cells, 0.7 GB for a 5,000-cell neighbour index)."""
-    for start in range(0, len(rows), size):
-        yield expression_bins(dataset.tokens(rows[start : start + size]))
+def blocks(cells: int) -> Iterator[slice]:
+    """Slices of BLOCK_CELLS cells covering `cells`: a block's int64 tokens or gene features are BLOCK_CELLS x genes
+    x 8 (or 4) bytes, where all cells' at once would be 7 GB for Zheng68K's training cells (0.7 GB for a
+    5,000-cell neighbour index)."""
+    for start in range(0, cells, BLOCK_CELLS):
+        yield slice(start, start + BLOCK_CELLS)
 
 
 def fold_features(fold: Fold, model: BayesianSparseTransformer, rows: np.ndarray, layer: str = NOVELTY_LAYER) -> np.ndarray:

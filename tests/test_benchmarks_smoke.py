@@ -145,6 +145,14 @@ def test_memory_smoke_measures_every_variant(tmp_path):
     assert {p["variant"] for p in results["points"]} == {"plain", "checkpointing", "last_block", "reference"}
 
 
+def test_novelty_fit_smoke_measures_both_ways_at_every_size(tmp_path):
+    results = run_smoke("novelty_fit", tmp_path)
+    assert sorted((p["way"], p["cells"]) for p in results["points"]) == [
+        ("at_once", 300), ("at_once", 600), ("blocked", 300), ("blocked", 600)]
+    for point in results["points"]:
+        assert_finite(point["peak_extra_mb"], point["seconds"])
+
+
 def test_run_all_command_line_writes_a_summary(tmp_path):
     command = [sys.executable, "-m", "benchmarks.run_all", *SMOKE_ARGS, "--only", "mc_cost", "--out_dir", str(tmp_path)]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -269,6 +269,47 @@ def test_novelty_distance_is_the_mahalanobis_distance_to_the_nearest_class_mean(
     assert np.asarray(stats["means"]).shape == (2, 5)
 
 
+def test_cells_passed_in_blocks_count_in_the_class_statistics_on_the_first_cells_axes():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1, 2], 20)
+    features = rng.normal(labels[:, None] * [1.0, -2.0, 0.5, 0.0, 3.0], 1.0)
+    first = np.isin(np.arange(60), np.r_[0:12, 20:32])  # class 2 only arrives in the blocks
+    blocks = [(features[rows], labels[rows]) for rows in (slice(32, 40), slice(40, 60), slice(12, 20))]  # the rest once
+    stats = fit_novelty(features[first], labels[first], more=blocks, pcs=4)
+    alone = fit_novelty(features[first], labels[first], pcs=4)
+    for key in ("center", "scale", "components"):  # the axes come from the first cells alone
+        torch.testing.assert_close(stats[key], alone[key])
+    center, scale, components = (np.asarray(stats[key], np.float64) for key in ("center", "scale", "components"))
+    projected = ((features - center) / scale) @ components.T
+    assert stats["classes"] == [0, 1, 2]
+    expected = np.stack([projected[labels == c].mean(0) for c in (0, 1, 2)])  # every cell once, whichever block
+    np.testing.assert_allclose(np.asarray(stats["means"]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_large_training_set_fits_axes_on_a_subset_and_the_class_statistics_on_every_cell(
+        data_path, tmp_path, monkeypatch):  # noqa: F811
+    import finetune_sparse
+
+    monkeypatch.setattr(finetune_sparse, "NOVELTY_NEIGHBOURS", 40)  # of 128 training cells: axes and index cells
+    monkeypatch.setattr(finetune_sparse, "BLOCK_CELLS", 16)  # several blocks of training and validation cells
+    run = train(data_path, tmp_path, "blocks", "--epoch", "1", "--prune_target", "0", "--novelty_fpr", str(FPR))
+    checkpoint = load_checkpoint(run.best)
+    stats = checkpoint.novelty
+    validation = run.val_cells()
+    training = [cell for cell in load_dataset(data_path, label_key="cell_type").cell_ids if cell not in set(validation)]
+    assert np.asarray(stats["neighbours"]).shape[0] == 40 and len(stats["trained_fingerprints"]) == len(training)
+    features = collect_features(checkpoint.model, loader_of(checkpoint, data_path, training), stats["layer"])
+    center, scale, components = (np.asarray(stats[key], np.float64) for key in ("center", "scale", "components"))
+    projected = ((features - center) / scale) @ components.T
+    truth = load_dataset(data_path, label_key="cell_type")
+    label_of = dict(zip(truth.cell_ids, truth.labels))
+    labels = np.array([checkpoint.classes.index(label_of[cell]) for cell in training])
+    expected = np.stack([projected[labels == c].mean(0) for c in stats["classes"]])  # all 128 cells, not the 40
+    np.testing.assert_allclose(np.asarray(stats["means"]), expected, atol=1e-3)
+    flagged = (scores_of(checkpoint, data_path, validation) > stats["threshold"]).mean()
+    assert abs(flagged - FPR) <= 1 / len(validation) + 1e-9  # the validation cells, scored in blocks, calibrate it
+
+
 def test_ensemble_members_each_carry_their_own_statistics(data_path, tmp_path):  # noqa: F811
     run = train(data_path, tmp_path / "folds", "f", "--epoch", "1", "--prune_target", "0", "--cv_splits", "2")
     members = load_ensemble(run.directory)
