@@ -51,7 +51,7 @@ SCORE_LABELS = {"novelty": "novelty", "view_mahalanobis": "view: Mahalanobis", "
                 "entropy": "entropy", "mutual_info": "mutual information", "one_minus_confidence": "1 − confidence",
                 "pca_knn": "PCA-kNN baseline"}
 # The demo preset's Stage A (pipeline_common.sh) on 2 cross-fitted folds instead of 5, so that 7 types x 5 splits
-# run in ~21 minutes on 2 CPU cores (1272 s measured); on 7 inner cases 5 folds gave the same novelty AUROC (0.854
+# run in ~10 minutes on 2 idle CPU cores (624 s measured; 1272 s sharing them with a test run); on 7 inner cases 5 folds gave the same novelty AUROC (0.854
 # against 0.858 for 2).
 REAL = preset_config(("DIM", "DEPTH", "HEADS", "DIM_HEAD", "H_DIM", "BATCH_SIZE", "GRAD_ACC", "LEARNING_RATE", "EPOCHS_A",
                       "PATIENCE", "BIN_NUM", "BIN_WIDTH")) | dict(
@@ -221,7 +221,7 @@ def write_report(report: Report, config: dict, rows: list[dict]) -> None:
         f"random_state=seed) for seeds {config['seeds']}. Known cells scored: the split's test cells of the other "
         "types; unseen cells: every cell of the left-out type.",
         f"Model: Stage A only (deterministic head) with the demo preset's settings through finetune_sparse.run, "
-        f"{config['cv_splits']} cross-fitted folds (the preset has 5; 2 keep this run near 21 minutes), "
+        f"{config['cv_splits']} cross-fitted folds (the preset has 5; 2 keep this run near 10 minutes on 2 idle cores), "
         f"temperature scaling, bins {config['bin_num']} x {config['bin_width']}; predict_updated.py with its defaults "
         "(--bayes_mc_samples 1: the posterior means; mutual information is then the fold models' disagreement).",
         "Novelty (the default views): per fold model, Fisher's combination (sum of -log p) of three views, each "
