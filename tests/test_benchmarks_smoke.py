@@ -134,6 +134,7 @@ def test_novel_type_smoke_scores_each_left_out_type(tmp_path):
         for score in scores:
             assert 0 <= row["auroc"][score] <= 1
         assert 0 <= row["flagged_unseen"] <= 1 and 0 <= row["flagged_known"] <= 1
+        assert 0 <= row["scbert_flagged_unseen"] <= 1 and 0 <= row["scbert_flagged_known"] <= 1
     for score in scores:
         assert results["summary"]["auroc"][score]["n"] == 2
         assert 0 <= results["summary"]["accuracy_at_80"][score]["mean"] <= 1
