@@ -749,7 +749,7 @@ def collect_features(model: BayesianSparseTransformer, loader: Iterable, layer: 
     return torch.cat(outputs).numpy()
 
 
-def fit_novelty(features: np.ndarray, labels: np.ndarray, more: Iterable[tuple[np.ndarray, np.ndarray]] = (),
+def fit_novelty(features: np.ndarray, labels: np.ndarray, *, more: Iterable[tuple[np.ndarray, np.ndarray]] = (),
                 layer: str = NOVELTY_LAYER, pcs: int = NOVELTY_PCS) -> dict:
     """Class means and one shared (tied) covariance of the training cells' features, shrunk by Ledoit-Wolf.
 
@@ -796,7 +796,9 @@ def fit_input_neighbours(binned: np.ndarray, pcs: int = NOVELTY_PCS, k: int = NO
 def _principal_axes(rows: np.ndarray, pcs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-column centre and scale, the top principal axes (pcs, width) of the standardized rows, the projection."""
     rows = np.array(rows, dtype=np.float64)  # a copy, standardized in place: one float64 copy of the rows at a time
-    center, scale = rows.mean(axis=0), rows.std(axis=0)
+    # std of 1,024 columns at a time: on all of them at once numpy builds a second full-size temporary
+    center = rows.mean(axis=0)
+    scale = np.concatenate([rows[:, start : start + 1024].std(axis=0) for start in range(0, rows.shape[1], 1024)])
     scale[scale < 1e-6] = 1.0  # genes or ReLU units that are constant over the training cells
     rows -= center
     rows /= scale

@@ -1079,7 +1079,9 @@ def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.nda
                         more=((fold_features(fold, model, rest[b]), labels[rest[b]]) for b in blocks(len(rest))))
     stats |= fit_training_cells(expression_bins(dataset.tokens(train_idx[b])) for b in blocks(len(train_idx)))
     if "input_knn" in config.novelty_parts:
-        stats |= fit_input_neighbours(np.concatenate([expression_bins(dataset.tokens(subset[b])) for b in blocks(len(subset))]))
+        # bins are small integers: int16 until _principal_axes makes its one float64 copy
+        bins = [expression_bins(dataset.tokens(subset[b])).astype(np.int16) for b in blocks(len(subset))]
+        stats |= fit_input_neighbours(np.concatenate(bins))
     views = stats | {"parts": config.novelty_parts}
     parts = [novelty_parts(fold_features(fold, model, val_idx[b]), dataset.tokens(val_idx[b]), val_probs[b], views)
              for b in blocks(len(val_idx))]

@@ -53,8 +53,8 @@ SCORE_LABELS = {"novelty": "novelty", "view_mahalanobis": "view: Mahalanobis", "
 SCBERT_CONFIDENCE = 0.5  # scBERT's rule: Unassigned below this top probability
 
 # The demo preset's Stage A (pipeline_common.sh) on 2 cross-fitted folds instead of 5, so that 7 types x 5 splits
-# run in ~10 minutes on 2 idle CPU cores (624 s measured; 1272 s sharing them with a test run); on 7 inner cases 5 folds gave the same novelty AUROC (0.854
-# against 0.858 for 2).
+# run in ~10 minutes on 2 CPU cores (624 s and 649 s measured with nothing else running; 1272 s sharing them with
+# a test run); on 7 inner cases 5 folds gave the same novelty AUROC (0.854 against 0.858 for 2).
 REAL = preset_config(("DIM", "DEPTH", "HEADS", "DIM_HEAD", "H_DIM", "BATCH_SIZE", "GRAD_ACC", "LEARNING_RATE", "EPOCHS_A",
                       "PATIENCE", "BIN_NUM", "BIN_WIDTH")) | dict(
     mc_samples=8, seeds=[101, 102, 103, 104, 105], cv_splits=2, test_size=0.2, min_type_cells=20, max_types=0, knn_k=15, knn_pcs=50,

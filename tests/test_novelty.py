@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.covariance import LedoitWolf
 from test_training import TINY, data_path, one_torch_thread, train  # noqa: F401  (fixtures)
 from torch.utils.data import DataLoader
 
@@ -284,6 +285,10 @@ def test_cells_passed_in_blocks_count_in_the_class_statistics_on_the_first_cells
     assert stats["classes"] == [0, 1, 2]
     expected = np.stack([projected[labels == c].mean(0) for c in (0, 1, 2)])  # every cell once, whichever block
     np.testing.assert_allclose(np.asarray(stats["means"]), expected, rtol=1e-4, atol=1e-5)
+    covariance = LedoitWolf(assume_centered=True).fit(projected - expected[labels]).covariance_  # all 60 cells too
+    covariance += 1e-6 * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
+    upper = np.asarray(stats["precision_cholesky"], np.float64)
+    np.testing.assert_allclose(upper @ upper.T, np.linalg.inv(covariance), rtol=1e-4, atol=1e-5)
 
 
 def test_a_large_training_set_fits_axes_on_a_subset_and_the_class_statistics_on_every_cell(
