@@ -47,9 +47,11 @@ NOVELTY_KNN_K = 15
 # the stored coordinates; the nearest other cell of the bundled data lies at >= ~50, measured on a demo fold model).
 TRAINED_CELL_TOLERANCE = 1e-4
 NOVELTY_NEIGHBOURS = 5000  # training cells a checkpoint keeps as its input view's neighbour index (a random subset beyond)
-# The views a novelty score combines (see calibrate_novelty); chosen on leave-one-type-out runs of splits that the
-# benchmark does not use (benchmarks/novel_type.py).
-NOVELTY_PARTS = ("mahalanobis", "input_knn", "entropy")
+# The views a novelty score combines (see calibrate_novelty): every one there is. Measured on leave-one-type-out
+# runs of splits that the benchmark does not use (benchmarks/novel_type.py); no subset was better beyond noise.
+NOVELTY_PARTS = ("mahalanobis", "input_knn", "input_mahalanobis", "input_likelihood", "entropy")
+INPUT_VIEWS = frozenset({"input_knn", "input_mahalanobis", "input_likelihood"})  # measured in the expression's PCs
+MIN_CLASS_COVARIANCE_CELLS = 3  # fewer training cells of a type: the input_likelihood view uses the shared covariance
 LOG_SIGMA_RANGE = (-12.0, 0.0)  # sigma in [6e-6, 1]: no collapse to a point mass, no noise swamping the mean
 
 
@@ -716,12 +718,12 @@ def predict_samples(
             if novelty is not None:
                 hidden = model.head.novelty_features(features, novelty["layer"]).float().cpu().numpy()
                 binned = expression_bins(tokens)
-                # One neighbour search per batch serves the input view (and older statistics' trained-cell check).
-                nearest = input_neighbours(binned, novelty) if "neighbours" in novelty else None
-                parts = novelty_parts(hidden, tokens, probs.float().mean(0).cpu().numpy(), novelty, nearest)
+                # One projection per batch serves every input view (and older statistics' trained-cell check).
+                projected = input_projection(binned, novelty) if "input_components" in novelty else None
+                parts = novelty_parts(hidden, tokens, probs.float().mean(0).cpu().numpy(), novelty, projected)
                 evidence.append(novelty_evidence(parts, novelty) if "calibration" in novelty else None)
                 scores.append(novelty_score(parts, novelty, evidence[-1]))
-                trained.append(training_cells(binned, novelty, nearest))
+                trained.append(training_cells(binned, novelty, projected))
         outputs.append(probs.float().cpu())
     if novelty is None:
         return torch.cat(outputs, dim=1).numpy(), None
@@ -763,34 +765,80 @@ def fit_novelty(features: np.ndarray, labels: np.ndarray, *, more: Iterable[tupl
     product; the shrinkage keeps it invertible on few cells.
     """
     center, scale, components, projected = _principal_axes(features, pcs)
+    projected, labels = _project_blocks(projected, labels, more, center, scale, components)
+    present, means, whiten = _class_statistics(projected, labels)
+    return {"layer": layer, "classes": [int(c) for c in present], "center": _float_tensor(center),
+            "scale": _float_tensor(scale), "components": _float_tensor(components), "means": _float_tensor(means),
+            "precision_cholesky": _float_tensor(whiten)}
+
+
+def _project_blocks(projected: np.ndarray, labels: np.ndarray, more: Iterable[tuple[np.ndarray, np.ndarray]],
+                    center: np.ndarray, scale: np.ndarray, components: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Projected cells (cells, pcs) and their labels, followed by the `more` blocks of (rows, labels) projected as
+    they come: only one block is ever held at full width."""
     blocks, block_labels = [projected], [np.asarray(labels)]
     for block, block_label in more:
         blocks.append(_project(block, center, scale, components))
         block_labels.append(np.asarray(block_label))
-    projected, labels = np.concatenate(blocks), np.concatenate(block_labels)
+    return np.concatenate(blocks), np.concatenate(block_labels)
+
+
+def _class_statistics(projected: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The classes present, their means (classes, pcs) and the Cholesky factor U (pcs, pcs) of the inverse of the
+    Ledoit-Wolf-shrunk covariance they share (precision = U U^T), from projected cells (cells, pcs)."""
     present = np.unique(labels)  # a class without training cells has no mean; the minimum skips it
     means = np.stack([projected[labels == c].mean(axis=0) for c in present])  # (classes present, pcs)
     centered = projected - means[np.searchsorted(present, labels)]
     covariance = LedoitWolf(assume_centered=True).fit(centered).covariance_
     covariance += 1e-6 * max(np.trace(covariance) / len(covariance), 1e-12) * np.eye(len(covariance))  # round-off
     lower = np.linalg.cholesky(covariance)  # covariance = L L^T, so precision = L^-T L^-1 = U U^T with U = L^-T
-    return {"layer": layer, "classes": [int(c) for c in present], "center": _float_tensor(center),
-            "scale": _float_tensor(scale), "components": _float_tensor(components), "means": _float_tensor(means),
-            "precision_cholesky": _float_tensor(np.linalg.inv(lower).T)}
+    return present, means, np.linalg.inv(lower).T
 
 
-def fit_input_neighbours(binned: np.ndarray, pcs: int = NOVELTY_PCS, k: int = NOVELTY_KNN_K) -> dict:
-    """A neighbour index of training cells in the top `pcs` principal components of their binned expression.
+def fit_input_neighbours(binned: np.ndarray, pcs: int = NOVELTY_PCS, k: int = NOVELTY_KNN_K, *,
+                         labels: np.ndarray | None = None, more: Iterable[tuple[np.ndarray, np.ndarray]] = ()) -> dict:
+    """A neighbour index of training cells in the top `pcs` principal components of their binned expression, and
+    with `labels` each training type's mean and covariance in the same axes.
 
     binned (cells, genes): the cells' expression bins (tokens without the appended one); pass a subset of at most
-    a few thousand training cells, they are stored. The model-free view: a cell of a new type can be far from
+    a few thousand training cells, they are stored. The model-free views: a cell of a new type can be far from
     every training cell in expression while the head's features, trained to tell the known types apart, map it
-    close to one of them.
+    close to one of them. labels (cells,): their class indices, for the class statistics of the input_mahalanobis
+    and input_likelihood views, which also see the further training cells in `more`, blocks of (binned, labels)
+    projected as they come.
     """
     center, scale, components, projected = _principal_axes(binned, pcs)
-    return {"input_center": _float_tensor(center), "input_scale": _float_tensor(scale),
-            "input_components": _float_tensor(components), "neighbours": _float_tensor(projected),
-            "knn_k": int(min(k, len(projected)))}
+    stats = {"input_center": _float_tensor(center), "input_scale": _float_tensor(scale),
+             "input_components": _float_tensor(components), "neighbours": _float_tensor(projected),
+             "knn_k": int(min(k, len(projected)))}
+    if labels is None:
+        return stats
+    projected, labels = _project_blocks(projected, labels, more, center, scale, components)
+    _, means, whiten = _class_statistics(projected, labels)
+    own_whiten, log_det = _class_covariances(projected, labels, whiten)
+    return stats | {"input_means": _float_tensor(means), "input_precision_cholesky": _float_tensor(whiten),
+                    "input_class_precision_cholesky": _float_tensor(own_whiten),
+                    "input_class_log_det": _float_tensor(log_det)}
+
+
+def _class_covariances(projected: np.ndarray, labels: np.ndarray, shared_whiten: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each class's own Ledoit-Wolf-shrunk covariance, as the Cholesky factor of its inverse (classes, pcs, pcs),
+    and its log-determinant (classes,), classes in `np.unique(labels)` order.
+
+    A class with fewer than MIN_CLASS_COVARIANCE_CELLS cells has no covariance of its own and takes the shared one
+    (its whitening `shared_whiten`). A ridge of 1e-3 of the shared covariance's mean variance keeps a few-cell
+    class's covariance, shrunk towards a small multiple of the identity, from claiming an absurdly high density.
+    """
+    shared = np.linalg.inv(shared_whiten @ shared_whiten.T)
+    ridge = 1e-3 * np.trace(shared) / len(shared) * np.eye(len(shared))
+    whitens, log_dets = [], []
+    for c in np.unique(labels):
+        rows = projected[labels == c]
+        covariance = LedoitWolf().fit(rows).covariance_ if len(rows) >= MIN_CLASS_COVARIANCE_CELLS else shared
+        lower = np.linalg.cholesky(covariance + ridge)
+        whitens.append(np.linalg.inv(lower).T)
+        log_dets.append(2 * np.log(np.diag(lower)).sum())
+    return np.stack(whitens), np.asarray(log_dets)
 
 
 def _principal_axes(rows: np.ndarray, pcs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -836,21 +884,45 @@ def numpy_statistics(stats: dict) -> dict:
 def novelty_distance(features: np.ndarray, stats: dict) -> np.ndarray:
     """Mahalanobis distance (cells,) of each cell's features to the nearest training class mean (see fit_novelty)."""
     projected = _project(features, _stat(stats, "center"), _stat(stats, "scale"), _stat(stats, "components"))
-    whiten = _stat(stats, "precision_cholesky")  # (pcs, pcs)
-    cells, centres = projected @ whiten, _stat(stats, "means") @ whiten  # (cells, pcs), (classes, pcs)
-    return np.sqrt(_min_squared_distances(cells, centres, 1).ravel())
+    return _nearest_class_distance(projected, _stat(stats, "means"), _stat(stats, "precision_cholesky"))
 
 
-def input_neighbours(binned: np.ndarray, stats: dict) -> np.ndarray:
-    """Squared distances (cells, knn_k) from cells' binned expression (cells, genes) to their `knn_k` nearest stored
-    training cells, in the neighbour index's principal components (see fit_input_neighbours)."""
-    cells = _project(binned, _stat(stats, "input_center"), _stat(stats, "input_scale"), _stat(stats, "input_components"))
-    return _min_squared_distances(cells, _stat(stats, "neighbours"), int(stats["knn_k"]))
+def _nearest_class_distance(projected: np.ndarray, means: np.ndarray, whiten: np.ndarray) -> np.ndarray:
+    """Mahalanobis distance (cells,) of projected cells (cells, pcs) to the nearest class mean (see _class_statistics)."""
+    return np.sqrt(_min_squared_distances(projected @ whiten, means @ whiten, 1).ravel())
+
+
+def input_projection(binned: np.ndarray, stats: dict) -> np.ndarray:
+    """Cells' binned expression (cells, genes) in the neighbour index's principal components (cells, pcs), where
+    every input view measures (see fit_input_neighbours)."""
+    return _project(binned, _stat(stats, "input_center"), _stat(stats, "input_scale"), _stat(stats, "input_components"))
+
+
+def input_neighbours(projected: np.ndarray, stats: dict) -> np.ndarray:
+    """Squared distances (cells, knn_k) from `input_projection`s of cells to their `knn_k` nearest stored training
+    cells."""
+    return _min_squared_distances(projected, _stat(stats, "neighbours"), int(stats["knn_k"]))
 
 
 def input_knn_distance(nearest: np.ndarray) -> np.ndarray:
-    """The input view's score (cells,): the mean distance to the nearest training cells (`input_neighbours`)."""
+    """The input_knn view's score (cells,): the mean distance to the nearest training cells (`input_neighbours`)."""
     return np.sqrt(nearest).mean(axis=1)
+
+
+def input_mahalanobis_distance(projected: np.ndarray, stats: dict) -> np.ndarray:
+    """The input_mahalanobis view's score (cells,): the Mahalanobis distance of `input_projection`s to the nearest
+    training type's mean under the types' shared covariance."""
+    return _nearest_class_distance(projected, _stat(stats, "input_means"), _stat(stats, "input_precision_cholesky"))
+
+
+def input_likelihood_distance(projected: np.ndarray, stats: dict) -> np.ndarray:
+    """The input_likelihood view's score (cells,): -2 log density (up to a constant) of `input_projection`s under
+    the most likely training type's own Gaussian (each type's covariance: a type that varies little is a tight
+    ellipsoid, one that varies much a broad one, where the shared covariance treats them alike)."""
+    means, whitens = _stat(stats, "input_means"), _stat(stats, "input_class_precision_cholesky")
+    log_dets = _stat(stats, "input_class_log_det")
+    return np.min([(((projected - mean) @ whiten) ** 2).sum(axis=1) + log_det
+                   for mean, whiten, log_det in zip(means, whitens, log_dets)], axis=0)
 
 
 class MemberNovelty(NamedTuple):
@@ -863,7 +935,7 @@ class MemberNovelty(NamedTuple):
     evidence: dict[str, np.ndarray] | None = None
 
 
-def training_cells(binned: np.ndarray, stats: dict, nearest: np.ndarray | None = None) -> np.ndarray | None:
+def training_cells(binned: np.ndarray, stats: dict, projected: np.ndarray | None = None) -> np.ndarray | None:
     """Whether each cell (cells,) is one of the model's training cells: its expression bins (cells, genes) have a
     stored fingerprint (see `fit_training_cells`). Statistics written before fingerprints existed fall back on the
     cells' `input_neighbours` (a cell that coincides with one in the neighbour index: found only among the up to
@@ -875,7 +947,10 @@ def training_cells(binned: np.ndarray, stats: dict, nearest: np.ndarray | None =
     """
     if "trained_fingerprints" in stats:
         return np.isin(cell_fingerprints(binned), np.asarray(stats["trained_fingerprints"]))
-    return None if nearest is None else nearest.min(axis=1) < TRAINED_CELL_TOLERANCE
+    if "neighbours" not in stats:
+        return None
+    projected = input_projection(binned, stats) if projected is None else projected
+    return input_neighbours(projected, stats).min(axis=1) < TRAINED_CELL_TOLERANCE
 
 
 def fit_training_cells(chunks: Iterable[np.ndarray]) -> dict:
@@ -905,10 +980,10 @@ def _min_squared_distances(cells: np.ndarray, references: np.ndarray, k: int) ->
 
 
 def novelty_parts(features: np.ndarray, tokens: Tensor | np.ndarray, probs: np.ndarray, stats: dict,
-                  nearest: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  projected: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Each view's raw score (cells,) that `stats` was fitted for: features as `collect_features` gives them,
     tokens (cells, genes+1) the model's input, probs (cells, classes) the model's predictive probabilities;
-    nearest the cells' `input_neighbours` when the caller has them already.
+    projected the cells' `input_projection` when the caller has it already.
 
     Statistics written before the views were combined hold only the Mahalanobis view.
     """
@@ -916,8 +991,14 @@ def novelty_parts(features: np.ndarray, tokens: Tensor | np.ndarray, probs: np.n
     parts = {}
     if "mahalanobis" in names:
         parts["mahalanobis"] = novelty_distance(features, stats)
+    if projected is None and INPUT_VIEWS & set(names):
+        projected = input_projection(expression_bins(tokens), stats)
     if "input_knn" in names:
-        parts["input_knn"] = input_knn_distance(input_neighbours(expression_bins(tokens), stats) if nearest is None else nearest)
+        parts["input_knn"] = input_knn_distance(input_neighbours(projected, stats))
+    if "input_mahalanobis" in names:
+        parts["input_mahalanobis"] = input_mahalanobis_distance(projected, stats)
+    if "input_likelihood" in names:
+        parts["input_likelihood"] = input_likelihood_distance(projected, stats)
     if "entropy" in names:
         parts["entropy"] = entropy(np.asarray(probs, dtype=np.float64))
     return parts

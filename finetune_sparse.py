@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from bayesian_sparse_transformer import (
     CHECKPOINT_FORMAT,
+    INPUT_VIEWS,
     NOVELTY_LAYER,
     NOVELTY_NEIGHBOURS,
     NOVELTY_PARTS,
@@ -214,8 +215,10 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
     train.add_argument("--novelty_parts", type=novelty_parts_option, default=NOVELTY_PARTS, metavar="VIEW[,VIEW…]",
                        help="views combined into the novelty score, each calibrated on the validation cells: mahalanobis "
                             "(distance to the nearest training type in the head's gene features), input_knn (distance to "
-                            "the nearest training cells in principal components of the expression), entropy (the model's "
-                            f"doubt between known types); default {','.join(NOVELTY_PARTS)}")
+                            "the nearest training cells in principal components of the expression), input_mahalanobis "
+                            "(distance to the nearest training type's mean there, shared covariance), input_likelihood "
+                            "(unlikeliness under the most likely training type's own Gaussian there), entropy (the "
+                            f"model's doubt between known types); default {','.join(NOVELTY_PARTS)}")
     train.add_argument("--patience", type=int, default=10, help="stop after this many validations without a better SELECT_METRIC")
     train.add_argument("--select_metric", default="nll", choices=tuple(SELECTION_METRICS),
                        help="validation metric for early stopping and the best checkpoint: nll (smooth, every cell counts) "
@@ -1062,13 +1065,15 @@ def set_temperature(model: BayesianSparseTransformer, temperature: float) -> Non
 
 def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.ndarray) -> dict:
     """Novelty statistics of the final model (see `calibrate_novelty`): its training cells' class means and shrunk
-    covariance, their fingerprints, a neighbour index of (up to NOVELTY_NEIGHBOURS of) them in expression space,
-    and each view's scores on the validation cells (known types it never trained on) with the threshold that
-    `--novelty_fpr` of them exceed. val_probs (validation cells, classes): the final model's probabilities.
+    covariances in the head's features and in expression space, their fingerprints, a neighbour index of (up to
+    NOVELTY_NEIGHBOURS of) them in expression space, and each view's scores on the validation cells (known types
+    it never trained on) with the threshold that `--novelty_fpr` of them exceed. val_probs (validation cells,
+    classes): the final model's probabilities.
 
-    One random subset of up to NOVELTY_NEIGHBOURS training cells fits the principal axes of both distance views
-    and is the neighbour index; the other cells pass a block at a time, so that no cells x genes array of the
-    whole training or validation set is built.
+    One random subset of up to NOVELTY_NEIGHBOURS training cells fits the principal axes of the head-feature and
+    the expression views and is the neighbour index; every training cell counts in the class statistics, the
+    other cells passing a block at a time, so that no cells x genes array of the whole training or validation set
+    is built.
     """
     config, dataset, labels = fold.run.config, fold.train_set.dataset, fold.run.labels
     train_idx, val_idx = np.asarray(fold.train_set.indices), np.asarray(fold.val_idx)
@@ -1078,10 +1083,12 @@ def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.nda
     stats = fit_novelty(fold_features(fold, model, subset), labels[subset],
                         more=((fold_features(fold, model, rest[b]), labels[rest[b]]) for b in blocks(len(rest))))
     stats |= fit_training_cells(expression_bins(dataset.tokens(train_idx[b])) for b in blocks(len(train_idx)))
-    if "input_knn" in config.novelty_parts:
+    if INPUT_VIEWS & set(config.novelty_parts):
         # bins are small integers: int16 until _principal_axes makes its one float64 copy
         bins = [expression_bins(dataset.tokens(subset[b])).astype(np.int16) for b in blocks(len(subset))]
-        stats |= fit_input_neighbours(np.concatenate(bins))
+        stats |= fit_input_neighbours(np.concatenate(bins), labels=labels[subset],
+                                      more=((expression_bins(dataset.tokens(rest[b])), labels[rest[b]])
+                                            for b in blocks(len(rest))))
     views = stats | {"parts": config.novelty_parts}
     parts = [novelty_parts(fold_features(fold, model, val_idx[b]), dataset.tokens(val_idx[b]), val_probs[b], views)
              for b in blocks(len(val_idx))]

@@ -46,8 +46,10 @@ from utils import (
 )
 
 NAME = "novel_type"
-SCORES = ("novelty", "view_mahalanobis", "view_input_knn", "entropy", "mutual_info", "one_minus_confidence", "pca_knn")
+VIEWS = ("mahalanobis", "input_knn", "input_mahalanobis", "input_likelihood")  # scored alone too (entropy is below)
+SCORES = ("novelty", *(f"view_{view}" for view in VIEWS), "entropy", "mutual_info", "one_minus_confidence", "pca_knn")
 SCORE_LABELS = {"novelty": "novelty", "view_mahalanobis": "view: Mahalanobis", "view_input_knn": "view: input kNN",
+                "view_input_mahalanobis": "view: input Mahalanobis", "view_input_likelihood": "view: input likelihood",
                 "entropy": "entropy", "mutual_info": "mutual information", "one_minus_confidence": "1 − confidence",
                 "pca_knn": "PCA-kNN baseline"}
 SCBERT_CONFIDENCE = 0.5  # scBERT's rule: Unassigned below this top probability
@@ -131,9 +133,8 @@ def run_case(config: dict, data, x: np.ndarray, left_out: str, seed: int, work: 
     unseen = is_left_out[eval_rows]
     trained = train(config, write_h5ad(data, train_rows, work / "train.h5ad"), work, seed)
     table = predict(work / "stageA", write_h5ad(data, eval_rows, work / "eval.h5ad"), work / "predictions")
-    views = view_scores(work / "stageA", work / "eval.h5ad", ("mahalanobis", "input_knn"))
-    scores = {"novelty": table["pred_novelty"].to_numpy(),
-              "view_mahalanobis": views["mahalanobis"], "view_input_knn": views["input_knn"],
+    views = view_scores(work / "stageA", work / "eval.h5ad", VIEWS)
+    scores = {"novelty": table["pred_novelty"].to_numpy(), **{f"view_{view}": views[view] for view in VIEWS},
               "entropy": table["pred_entropy"].to_numpy(),
               "mutual_info": table["pred_mutual_info"].to_numpy(),
               "one_minus_confidence": 1 - table["pred_confidence"].to_numpy(),

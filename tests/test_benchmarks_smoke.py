@@ -129,7 +129,8 @@ def test_accuracy_calibration_smoke_summarises_every_method(tmp_path):
 def test_novel_type_smoke_scores_each_left_out_type(tmp_path):
     results = run_smoke("novel_type", tmp_path)
     assert len(results["per_case"]) == 2  # two left-out types, one split
-    scores = ("novelty", "view_mahalanobis", "view_input_knn", "entropy", "mutual_info", "one_minus_confidence", "pca_knn")
+    scores = ("novelty", "view_mahalanobis", "view_input_knn", "view_input_mahalanobis", "view_input_likelihood", "entropy",
+              "mutual_info", "one_minus_confidence", "pca_knn")
     for row in results["per_case"]:
         for score in scores:
             assert 0 <= row["auroc"][score] <= 1

@@ -25,7 +25,10 @@ from bayesian_sparse_transformer import (
     fit_novelty,
     fit_training_cells,
     input_knn_distance,
+    input_likelihood_distance,
+    input_mahalanobis_distance,
     input_neighbours,
+    input_projection,
     load_checkpoint,
     load_ensemble,
     novelty_distance,
@@ -40,8 +43,10 @@ from utils import BinnedDataset, align_genes, collate_batch, load_dataset
 
 FPR = 0.1
 NOVELTY_KEYS = {"layer", "classes", "center", "scale", "components", "means", "precision_cholesky",
-                "input_center", "input_scale", "input_components", "neighbours", "knn_k", "parts", "calibration",
-                "threshold", "fpr", "trained_fingerprints"}
+                "input_center", "input_scale", "input_components", "neighbours", "knn_k", "input_means",
+                "input_precision_cholesky", "input_class_precision_cholesky", "input_class_log_det", "parts",
+                "calibration", "threshold", "fpr", "trained_fingerprints"}
+VIEWS = ["mahalanobis", "input_knn", "input_mahalanobis", "input_likelihood", "entropy"]  # the default
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +95,7 @@ def test_novelty_statistics_survive_a_checkpoint_round_trip(stage_a, tmp_path):
                     novelty=checkpoint.novelty)
     reloaded = load_checkpoint(copy).novelty  # torch.load(weights_only=True) reads it: plain data and tensors only
     assert_same_statistics(reloaded, checkpoint.novelty)
-    assert checkpoint.novelty["parts"] == ["mahalanobis", "input_knn", "entropy"]  # the default views
+    assert checkpoint.novelty["parts"] == VIEWS
 
 
 def assert_same_statistics(actual, expected) -> None:
@@ -169,7 +174,7 @@ def test_predictions_csv_and_h5ad_obs_have_pred_novelty_and_novelty_is_the_defau
     assert adata.uns["prediction"]["unassign_by"] == "novelty" and adata.uns["prediction"]["unassign_thres"] == 1.0
     # each view's p-value, in obsm and the CSV: in (0, 1], and the novelty's ranking follows their product
     pvalues = adata.obsm["pred_novelty_pvalues"]
-    assert list(pvalues.columns) == ["mahalanobis", "input_knn", "entropy"] and (pvalues.index == adata.obs_names).all()
+    assert list(pvalues.columns) == VIEWS and (pvalues.index == adata.obs_names).all()
     np.testing.assert_allclose(pvalues.to_numpy(), table[[f"novelty_p_{v}" for v in pvalues.columns]].to_numpy())
     assert ((pvalues > 0) & (pvalues <= 1)).all().all()
     checkpoint = load_checkpoint(stage_a.best)  # one member: novelty = -sum(log p) / its threshold
@@ -236,11 +241,11 @@ def test_prediction_finds_a_models_training_cells_and_not_its_validation_cells(s
 def test_training_cells_are_found_by_fingerprint_beyond_the_neighbour_index():
     bins = np.random.default_rng(0).integers(0, 7, (60, 30)).astype(np.float64)  # 40 training cells, 20 new ones
     stats = fit_training_cells([bins[:25], bins[25:40]]) | fit_input_neighbours(bins[:5], pcs=3, k=2)  # index: 5 of 40
-    nearest = input_neighbours(bins, stats)
-    np.testing.assert_array_equal(training_cells(bins, stats, nearest), np.arange(60) < 40)
+    np.testing.assert_array_equal(training_cells(bins, stats), np.arange(60) < 40)
     # statistics without fingerprints (older checkpoints) find only the cells in the neighbour index
     older = {key: value for key, value in stats.items() if key != "trained_fingerprints"}
-    np.testing.assert_array_equal(training_cells(bins, older, nearest), np.arange(60) < 5)
+    np.testing.assert_array_equal(training_cells(bins, older), np.arange(60) < 5)
+    np.testing.assert_array_equal(training_cells(bins, older, input_projection(bins, stats)), np.arange(60) < 5)
     assert training_cells(bins, {}) is None
 
 
@@ -331,7 +336,46 @@ def test_input_knn_distance_is_the_mean_distance_to_the_nearest_training_cells_i
     mean, std = training.mean(0), training.std(0)
     cells = rng.poisson(2.5, (9, 12)).astype(float)
     distances, _ = NearestNeighbors(n_neighbors=4).fit((training - mean) / std).kneighbors((cells - mean) / std)
-    np.testing.assert_allclose(input_knn_distance(input_neighbours(cells, stats)), distances.mean(1), rtol=1e-4)
+    np.testing.assert_allclose(input_knn_distance(input_neighbours(input_projection(cells, stats), stats)),
+                               distances.mean(1), rtol=1e-4)
+
+
+def test_input_class_views_are_the_mahalanobis_distance_and_the_gaussian_log_density_of_the_nearest_type():
+    from scipy.stats import multivariate_normal
+
+    rng = np.random.default_rng(4)
+    training = rng.poisson(2.0, (90, 6)).astype(float)
+    labels = np.repeat([0, 1, 2], 30)
+    training[labels == 1] += 3  # three types, the second and third farther out and broader
+    training[labels == 2] *= 2.0
+    # 30 cells fit the axes and are the neighbour index; 60 more come in two blocks and count in the class statistics
+    index = np.r_[0:90:3]
+    rest = np.setdiff1d(np.arange(90), index)
+    stats = fit_input_neighbours(training[index], pcs=6, k=3, labels=labels[index],
+                                 more=[(training[rest[:30]], labels[rest[:30]]), (training[rest[30:]], labels[rest[30:]])])
+    cells = rng.poisson(3.0, (12, 6)).astype(float)
+    projected, train_projected = input_projection(cells, stats), input_projection(training, stats)  # all axes
+    groups = [train_projected[labels == c] for c in range(3)]
+    shared = LedoitWolf(assume_centered=True).fit(np.concatenate([g - g.mean(0) for g in groups])).covariance_
+    distances = [np.einsum("ij,jk,ik->i", projected - g.mean(0), np.linalg.inv(shared), projected - g.mean(0)) for g in groups]
+    np.testing.assert_allclose(input_mahalanobis_distance(projected, stats), np.sqrt(np.min(distances, 0)), rtol=1e-3)
+    ridge = 1e-3 * np.trace(shared) / 6 * np.eye(6)
+    log_density = [multivariate_normal(g.mean(0), LedoitWolf().fit(g).covariance_ + ridge).logpdf(projected) for g in groups]
+    constant = 6 * np.log(2 * np.pi)  # -2 log N(x; m, S) = d^2 + log det S + k log 2 pi
+    np.testing.assert_allclose(input_likelihood_distance(projected, stats), -2 * np.max(log_density, 0) - constant,
+                               rtol=1e-3)
+
+
+def test_a_type_with_too_few_cells_for_its_own_covariance_takes_the_shared_one():
+    rng = np.random.default_rng(5)
+    training = rng.normal(0, 1, (42, 4))
+    labels = np.r_[np.zeros(40, int), [1, 1]]  # the second type: 2 cells
+    stats = fit_input_neighbours(training, pcs=4, k=3, labels=labels)
+    whitens = np.asarray(stats["input_class_precision_cholesky"], np.float64)
+    shared = np.linalg.inv(np.asarray(stats["input_precision_cholesky"], np.float64) @ np.asarray(stats["input_precision_cholesky"], np.float64).T)
+    ridge = 1e-3 * np.trace(shared) / 4 * np.eye(4)
+    np.testing.assert_allclose(np.linalg.inv(whitens[1] @ whitens[1].T), shared + ridge, rtol=1e-3, atol=1e-5)
+    assert np.isfinite(input_likelihood_distance(input_projection(training, stats), stats)).all()
 
 
 def test_novelty_score_is_fishers_combination_of_the_views_tail_shares():
@@ -341,7 +385,7 @@ def test_novelty_score_is_fishers_combination_of_the_views_tail_shares():
     tokens = np.concatenate([rng.integers(0, 5, (50, 8)), np.zeros((50, 1), int)], axis=1)  # (cells, genes+1)
     probs = rng.dirichlet(np.ones(3), 50)
     stats = fit_novelty(features[:30], labels[:30], pcs=4) | fit_input_neighbours(tokens[:30, :-1], pcs=4, k=3)
-    views = ("mahalanobis", "input_knn", "entropy")
+    views = ("mahalanobis", "input_knn", "entropy")  # statistics without labels: no input class views
     validation = novelty_parts(features[30:], tokens[30:], probs[30:], stats | {"parts": views})
     stats = calibrate_novelty(stats, validation, fpr=0.1)
     parts = novelty_parts(features, tokens, probs, stats)
