@@ -766,10 +766,10 @@ def fit_novelty(features: np.ndarray, labels: np.ndarray, *, more: Iterable[tupl
     """
     center, scale, components, projected = _principal_axes(features, pcs)
     projected, labels = _project_blocks(projected, labels, more, center, scale, components)
-    present, means, whiten = _class_statistics(projected, labels)
+    present, means, covariance = _class_statistics(projected, labels)
     return {"layer": layer, "classes": [int(c) for c in present], "center": _float_tensor(center),
             "scale": _float_tensor(scale), "components": _float_tensor(components), "means": _float_tensor(means),
-            "precision_cholesky": _float_tensor(whiten)}
+            "precision_cholesky": _float_tensor(_whitening(covariance))}
 
 
 def _project_blocks(projected: np.ndarray, labels: np.ndarray, more: Iterable[tuple[np.ndarray, np.ndarray]],
@@ -784,15 +784,20 @@ def _project_blocks(projected: np.ndarray, labels: np.ndarray, more: Iterable[tu
 
 
 def _class_statistics(projected: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The classes present, their means (classes, pcs) and the Cholesky factor U (pcs, pcs) of the inverse of the
-    Ledoit-Wolf-shrunk covariance they share (precision = U U^T), from projected cells (cells, pcs)."""
+    """The classes present, their means (classes, pcs) and the Ledoit-Wolf-shrunk covariance (pcs, pcs) they share,
+    from projected cells (cells, pcs)."""
     present = np.unique(labels)  # a class without training cells has no mean; the minimum skips it
     means = np.stack([projected[labels == c].mean(axis=0) for c in present])  # (classes present, pcs)
     centered = projected - means[np.searchsorted(present, labels)]
     covariance = LedoitWolf(assume_centered=True).fit(centered).covariance_
     covariance += 1e-6 * max(np.trace(covariance) / len(covariance), 1e-12) * np.eye(len(covariance))  # round-off
+    return present, means, covariance
+
+
+def _whitening(covariance: np.ndarray) -> np.ndarray:
+    """The Cholesky factor U (pcs, pcs) of a covariance's inverse (precision = U U^T), as checkpoints store it."""
     lower = np.linalg.cholesky(covariance)  # covariance = L L^T, so precision = L^-T L^-1 = U U^T with U = L^-T
-    return present, means, np.linalg.inv(lower).T
+    return np.linalg.inv(lower).T
 
 
 def fit_input_neighbours(binned: np.ndarray, pcs: int = NOVELTY_PCS, k: int = NOVELTY_KNN_K, *,
@@ -814,30 +819,28 @@ def fit_input_neighbours(binned: np.ndarray, pcs: int = NOVELTY_PCS, k: int = NO
     if labels is None:
         return stats
     projected, labels = _project_blocks(projected, labels, more, center, scale, components)
-    _, means, whiten = _class_statistics(projected, labels)
-    own_whiten, log_det = _class_covariances(projected, labels, whiten)
-    return stats | {"input_means": _float_tensor(means), "input_precision_cholesky": _float_tensor(whiten),
+    _, means, covariance = _class_statistics(projected, labels)
+    own_whiten, log_det = _class_covariances(projected, labels, covariance)
+    return stats | {"input_means": _float_tensor(means), "input_precision_cholesky": _float_tensor(_whitening(covariance)),
                     "input_class_precision_cholesky": _float_tensor(own_whiten),
                     "input_class_log_det": _float_tensor(log_det)}
 
 
-def _class_covariances(projected: np.ndarray, labels: np.ndarray, shared_whiten: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _class_covariances(projected: np.ndarray, labels: np.ndarray, shared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each class's own Ledoit-Wolf-shrunk covariance, as the Cholesky factor of its inverse (classes, pcs, pcs),
     and its log-determinant (classes,), classes in `np.unique(labels)` order.
 
-    A class with fewer than MIN_CLASS_COVARIANCE_CELLS cells has no covariance of its own and takes the shared one
-    (its whitening `shared_whiten`). A ridge of 1e-3 of the shared covariance's mean variance keeps a few-cell
-    class's covariance, shrunk towards a small multiple of the identity, from claiming an absurdly high density.
+    A class with fewer than MIN_CLASS_COVARIANCE_CELLS cells has no covariance of its own and takes the `shared`
+    one. A ridge of 1e-3 of the shared covariance's mean variance keeps a few-cell class's covariance, shrunk
+    towards a small multiple of the identity, from claiming an absurdly high density.
     """
-    shared = np.linalg.inv(shared_whiten @ shared_whiten.T)
     ridge = 1e-3 * np.trace(shared) / len(shared) * np.eye(len(shared))
     whitens, log_dets = [], []
     for c in np.unique(labels):
         rows = projected[labels == c]
-        covariance = LedoitWolf().fit(rows).covariance_ if len(rows) >= MIN_CLASS_COVARIANCE_CELLS else shared
-        lower = np.linalg.cholesky(covariance + ridge)
-        whitens.append(np.linalg.inv(lower).T)
-        log_dets.append(2 * np.log(np.diag(lower)).sum())
+        covariance = (LedoitWolf().fit(rows).covariance_ if len(rows) >= MIN_CLASS_COVARIANCE_CELLS else shared) + ridge
+        whitens.append(_whitening(covariance))
+        log_dets.append(np.linalg.slogdet(covariance)[1])
     return np.stack(whitens), np.asarray(log_dets)
 
 
