@@ -298,7 +298,10 @@ def write_report(report: Report, config: dict, rows: list[dict]) -> None:
         "nearest in the fold's training cells and the query (0.886; 0.93 with every training cell) falls to 0.688 "
         "with the unseen type thinned to a quarter, and nulls that adjust for the query's composition by predicted "
         "type fall below chance (0.22–0.41): it measures this benchmark's geometry (every unseen cell in the query, "
-        "a fifth of each known type), not novelty.",
+        "a fifth of each known type), not novelty. Spectral normalization of the encoder's attention output and "
+        "feed-forward layers during training (the remedy for feature collapse in distance-aware uncertainty): the "
+        "five views 0.870 (-0.001 ± 0.005 paired, higher on 9 of 21), the head-feature Mahalanobis view 0.804 "
+        "against 0.817, known-type accuracy 0.806 against 0.814.",
         f"Baseline: mean distance to the {config['knn_k']} nearest training cells in {config['knn_pcs']} PCs of "
         "standardized log-expression (no model).",
     ]
