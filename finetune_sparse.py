@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from bayesian_sparse_transformer import (
     CHECKPOINT_FORMAT,
     INPUT_VIEWS,
+    NOVELTY_INPUT_PCS,
     NOVELTY_LAYER,
     NOVELTY_NEIGHBOURS,
     NOVELTY_PARTS,
@@ -219,6 +220,9 @@ def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentPar
                             "(distance to the nearest training type's mean there, shared covariance), input_likelihood "
                             "(unlikeliness under the most likely training type's own Gaussian there), entropy (the "
                             f"model's doubt between known types); default {','.join(NOVELTY_PARTS)}")
+    train.add_argument("--novelty_input_pcs", type=int, default=NOVELTY_INPUT_PCS,
+                       help="principal components of the binned expression that the input_* views measure in (fewer "
+                            "when the fold has fewer training cells or genes)")
     train.add_argument("--patience", type=int, default=10, help="stop after this many validations without a better SELECT_METRIC")
     train.add_argument("--select_metric", default="nll", choices=tuple(SELECTION_METRICS),
                        help="validation metric for early stopping and the best checkpoint: nll (smooth, every cell counts) "
@@ -323,6 +327,7 @@ class TrainConfig(DataOptions):
     temperature_scaling: bool
     novelty_fpr: float
     novelty_parts: tuple[str, ...]
+    novelty_input_pcs: int
     patience: int
     select_metric: str
     class_weight: str
@@ -383,6 +388,7 @@ def validate_config(config: TrainConfig) -> None:
          "networks; use one of the two"),
         (config.patience >= 1, "--patience must be at least 1"),
         (0 < config.novelty_fpr < 1, "--novelty_fpr must be in (0, 1), e.g. 0.05 for 5 % of known cells flagged"),
+        (config.novelty_input_pcs >= 1, "--novelty_input_pcs must be at least 1, e.g. 100"),
         (config.valid_every >= 1, "--valid_every must be at least 1"),
         (config.learning_rate > 0, "--learning_rate must be positive"),
         (config.head_lr_mult > 0, "--head_lr_mult must be positive"),
@@ -1086,7 +1092,7 @@ def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.nda
     if INPUT_VIEWS & set(config.novelty_parts):
         # bins are small integers: int16 until _principal_axes makes its one float64 copy
         bins = [expression_bins(dataset.tokens(subset[b])).astype(np.int16) for b in blocks(len(subset))]
-        stats |= fit_input_neighbours(np.concatenate(bins), labels=labels[subset],
+        stats |= fit_input_neighbours(np.concatenate(bins), config.novelty_input_pcs, labels=labels[subset],
                                       more=((expression_bins(dataset.tokens(rest[b])), labels[rest[b]])
                                             for b in blocks(len(rest))))
     views = stats | {"parts": config.novelty_parts}

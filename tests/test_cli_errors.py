@@ -438,6 +438,7 @@ BAD_TRAINING_OPTIONS = [
     (["--mc_samples_eval", "0"], ["--mc_samples_eval", "at least 1"]),
     (["--bayes_mc_samples", "0"], ["--bayes_mc_samples", "at least 1"]),
     (["--cv_splits", "0"], ["--cv_splits", "at least 1"]),
+    (["--novelty_input_pcs", "0"], ["--novelty_input_pcs", "at least 1"]),
     (["--learning_rate", "0"], ["--learning_rate", "positive"]),
     (["--dropout", "1"], ["--dropout", "[0, 1)"]),
     (["--min_cells_per_class", "-1"], ["--min_cells_per_class", "at least 0"]),

@@ -302,9 +302,11 @@ def test_a_large_training_set_fits_axes_on_a_subset_and_the_class_statistics_on_
 
     monkeypatch.setattr(finetune_sparse, "NOVELTY_NEIGHBOURS", 40)  # of 128 training cells: axes and index cells
     monkeypatch.setattr(finetune_sparse, "BLOCK_CELLS", 16)  # several blocks of training and validation cells
-    run = train(data_path, tmp_path, "blocks", "--epoch", "1", "--prune_target", "0", "--novelty_fpr", str(FPR))
+    run = train(data_path, tmp_path, "blocks", "--epoch", "1", "--prune_target", "0", "--novelty_fpr", str(FPR),
+                "--novelty_input_pcs", "7")
     checkpoint = load_checkpoint(run.best)
     stats = checkpoint.novelty
+    assert np.asarray(stats["input_components"]).shape[0] == 7 and np.asarray(stats["neighbours"]).shape[1] == 7
     validation = run.val_cells()
     training = [cell for cell in load_dataset(data_path, label_key="cell_type").cell_ids if cell not in set(validation)]
     assert np.asarray(stats["neighbours"]).shape[0] == 40 and len(stats["trained_fingerprints"]) == len(training)
