@@ -109,6 +109,9 @@ SELECTION_METRICS = {"nll": lambda metrics: -metrics["nll"], "macro_f1": lambda 
 # Settings that may differ between the interrupted run and its --resume (another device changes results only at
 # float round-off; --amp stays fixed because the gradient scaler's state depends on it).
 RESUME_FREE_ARGS = {"resume", "overwrite", "device", "num_workers"}
+# Settings added after runs were already being written, with the value those older runs used: a run interrupted
+# before the upgrade resumes when given that value (its saved settings simply lack the key).
+SETTINGS_ADDED_LATER = {"novelty_input_pcs": 50}
 BLOCK_CELLS = 1024  # cells whose tokens or gene features the novelty fit holds at once (see `blocks`)
 
 
@@ -493,10 +496,12 @@ def check_outputs(config: TrainConfig, files: RunFiles) -> list[Path]:
     if config.resume:
         if not files.config.exists():
             raise UserError(f"nothing to resume: {files.config} does not exist; run without --resume")
-        saved = {k: v for k, v in read_json(files.config)["args"].items() if k not in RESUME_FREE_ARGS}
+        saved = SETTINGS_ADDED_LATER | read_json(files.config)["args"]
+        saved = {k: v for k, v in saved.items() if k not in RESUME_FREE_ARGS}
         changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
         if changed:
-            raise UserError(f"--resume needs the settings of the interrupted run; these differ: {', '.join(changed)}")
+            differences = ", ".join(f"{k} (interrupted run: {saved.get(k)!r}, now: {settings.get(k)!r})" for k in changed)
+            raise UserError(f"--resume needs the settings of the interrupted run; these differ: {differences}")
     elif existing and not config.overwrite:
         raise UserError(f"{existing[0]} exists from an earlier run; pass --overwrite, --resume or another --model_name/--ckpt_dir")
     return existing

@@ -420,3 +420,20 @@ def test_resume_removes_this_runs_leftover_temporary_files(tmp_path):
     config = finetune_sparse.default_config(ckpt_dir=str(tmp_path), model_name="run", resume=True)
     finetune_sparse.create_outputs(config, files, finetune_sparse.Dist(), existing=[])
     assert not ours.exists() and theirs.exists()
+
+
+def test_resume_of_a_run_written_before_a_setting_existed(tmp_path):
+    """An interrupted run's saved settings may lack a later option: its old value resumes, and a mismatch names both."""
+    from utils import UserError
+
+    files = finetune_sparse.RunFiles(tmp_path, "run")
+    old_settings = finetune_sparse.default_config(ckpt_dir=str(tmp_path), model_name="run").as_dict()
+    for key in finetune_sparse.SETTINGS_ADDED_LATER:
+        del old_settings[key]
+    files.config.write_text(json.dumps({"args": old_settings}))
+    resumed = finetune_sparse.default_config(ckpt_dir=str(tmp_path), model_name="run", resume=True,
+                                             **finetune_sparse.SETTINGS_ADDED_LATER)
+    assert finetune_sparse.check_outputs(resumed, files) == [files.config]
+    with pytest.raises(UserError, match=r"novelty_input_pcs \(interrupted run: 50, now: 100\)"):
+        finetune_sparse.check_outputs(finetune_sparse.default_config(ckpt_dir=str(tmp_path), model_name="run",
+                                                                     resume=True), files)
