@@ -32,10 +32,12 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
 import predict_updated
-from bayesian_sparse_transformer import calibrate_novelty, ensemble_novelty, load_ensemble, predict_samples
+from bayesian_sparse_transformer import predict_samples
 from benchmarks.common import Report, mean_std, parse_config
 from benchmarks.pipeline import preset_config
 from benchmarks.training import load_pbmc, run_finetune, write_h5ad
+from checkpoints import load_ensemble
+from novelty import calibrate_novelty, ensemble_novelty
 from utils import (
     BinnedDataset,
     accuracy_at_coverage,

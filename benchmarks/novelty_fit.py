@@ -5,7 +5,7 @@ The Mahalanobis view's statistics are fitted on the head's gene features, one va
 genes for scBERT's gene list). Holding every training cell's features at once costs cells x genes x 4 bytes
 (3.7 GB for Zheng68K's 55,000 training cells of a 5-fold split) before the float64 work on them; the fold's way
 fits the axes on NOVELTY_NEIGHBOURS random cells and projects the others BLOCK_CELLS at a time, so its peak
-should not grow with the training set. Each point runs `bayesian_sparse_transformer.fit_novelty` in a fresh
+should not grow with the training set. Each point runs `novelty.fit_novelty` in a fresh
 process on random float32 features (the cost does not depend on their values) and 10 classes; the encoder that
 produces the features in training is not part of it (benchmarks/memory.py measures the encoder).
 
@@ -45,7 +45,7 @@ SMOKE = REAL | dict(cells=[300, 600], genes=200, axis_cells=100, block_cells=64,
 def measure(way: str, spec: dict) -> dict:
     """Peak extra resident memory and wall time of one fit, features included (they are made as training makes
     them: all before the fit, or block by block during it)."""
-    from bayesian_sparse_transformer import fit_novelty
+    from novelty import fit_novelty
 
     rng = np.random.default_rng(spec["seed"])
     cells, genes = spec["cells"], spec["genes"]

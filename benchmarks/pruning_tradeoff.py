@@ -29,18 +29,11 @@ import torch
 from matplotlib.figure import Figure
 from sklearn.model_selection import StratifiedShuffleSplit
 
-from bayesian_sparse_transformer import (
-    PRUNABLE_LAYERS,
-    BayesianSparseTransformer,
-    HeadConfig,
-    ModelConfig,
-    checkpoint_paths,
-    load_checkpoint,
-    save_checkpoint,
-)
+from bayesian_sparse_transformer import PRUNABLE_LAYERS, BayesianSparseTransformer, HeadConfig, ModelConfig
 from benchmarks.common import Report, mean_std, parse_config, time_call
 from benchmarks.pipeline import predict_stage, preset_settings, run_script, settings, stage_info
 from benchmarks.training import load_pbmc, write_h5ad
+from checkpoints import checkpoint_paths, load_checkpoint, save_checkpoint
 from performer_pytorch import PerformerConfig
 from utils import classification_metrics
 

@@ -8,14 +8,8 @@ import pickle
 import pytest
 import torch
 
-from bayesian_sparse_transformer import (
-    BayesianSparseTransformer,
-    HeadConfig,
-    ModelConfig,
-    load_checkpoint,
-    load_pretrained_encoder,
-    save_checkpoint,
-)
+from bayesian_sparse_transformer import BayesianSparseTransformer, HeadConfig, ModelConfig
+from checkpoints import load_checkpoint, load_pretrained_encoder, save_checkpoint
 from performer_pytorch import PerformerConfig
 from utils import UserError, package_versions
 
@@ -184,6 +178,16 @@ def test_damaged_state_dict_is_a_user_error(tmp_path):
     del payload["state_dict"]["head.fc3.weight"]
     torch.save(payload, path)
     with pytest.raises(UserError, match="damaged or built for another architecture"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_of_an_earlier_version_is_refused_with_a_call_to_retrain(tmp_path):
+    path = tmp_path / "model.pth"
+    save(path, pruned_bayesian_model())
+    payload = torch.load(path, weights_only=True)
+    del payload["bin_width"]  # as written before --bin_width existed
+    torch.save(payload, path)
+    with pytest.raises(UserError, match=r"earlier version of this project \(it lacks bin_width\); retrain"):
         load_checkpoint(path)
 
 

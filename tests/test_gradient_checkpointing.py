@@ -9,14 +9,8 @@ import torch
 
 import finetune_sparse
 import performer_pytorch.model as performer_model
-from bayesian_sparse_transformer import (
-    BayesianSparseTransformer,
-    Checkpoint,
-    HeadConfig,
-    ModelConfig,
-    load_checkpoint,
-    save_checkpoint,
-)
+from bayesian_sparse_transformer import BayesianSparseTransformer, HeadConfig, ModelConfig
+from checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from performer_pytorch import PerformerConfig, PerformerLM
 
 SEQ_LEN = 24

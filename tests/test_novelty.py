@@ -16,7 +16,9 @@ from test_training import TINY, data_path, one_torch_thread, train  # noqa: F401
 from torch.utils.data import DataLoader
 
 import predict_updated
-from bayesian_sparse_transformer import (
+from bayesian_sparse_transformer import predict_samples
+from checkpoints import load_checkpoint, load_ensemble, save_checkpoint
+from novelty import (
     calibrate_novelty,
     cell_fingerprints,
     collect_features,
@@ -29,17 +31,14 @@ from bayesian_sparse_transformer import (
     input_mahalanobis_distance,
     input_neighbours,
     input_projection,
-    load_checkpoint,
-    load_ensemble,
+    missing_statistics,
     novelty_distance,
     novelty_evidence,
     novelty_parts,
     novelty_score,
-    predict_samples,
-    save_checkpoint,
     training_cells,
 )
-from utils import BinnedDataset, align_genes, collate_batch, load_dataset
+from utils import BinnedDataset, UserError, align_genes, collate_batch, load_dataset
 
 FPR = 0.1
 NOVELTY_KEYS = {"layer", "classes", "center", "scale", "components", "means", "precision_cholesky",
@@ -166,16 +165,15 @@ def test_training_cells_score_lower_than_cells_of_an_unseen_type(stage_a, data_p
 
 
 def test_predictions_csv_and_h5ad_obs_have_pred_novelty_and_novelty_is_the_default(stage_a, data_path, tmp_path):  # noqa: F811
-    assert predict_updated.build_parser().parse_args(["--model_path", "m"]).unassign_by == "novelty"
+    assert predict_updated.default_config("m").unassign_by == "novelty"
     table = predict(stage_a.directory, data_path, tmp_path / "out")
     adata = anndata.read_h5ad(tmp_path / "out" / "predictions.h5ad")
     assert predict_updated.CELL_COLUMNS["novelty"] == "pred_novelty"
     np.testing.assert_allclose(adata.obs["pred_novelty"].to_numpy(), table["pred_novelty"].to_numpy())
-    assert adata.uns["prediction"]["unassign_by"] == "novelty" and adata.uns["prediction"]["unassign_thres"] == 1.0
-    # each view's p-value, in obsm and the CSV: in (0, 1], and the novelty's ranking follows their product
-    pvalues = adata.obsm["pred_novelty_pvalues"]
-    assert list(pvalues.columns) == VIEWS and (pvalues.index == adata.obs_names).all()
-    np.testing.assert_allclose(pvalues.to_numpy(), table[[f"novelty_p_{v}" for v in pvalues.columns]].to_numpy())
+    assert adata.uns["pred"]["unassign_by"] == "novelty" and adata.uns["pred"]["unassign_thres"] == 1.0
+    # each view's p-value, in obs and the CSV: in (0, 1], and the novelty's ranking follows their product
+    pvalues = adata.obs[[f"pred_novelty_p_{v}" for v in VIEWS]]
+    np.testing.assert_allclose(pvalues.to_numpy(), table[[f"pred_novelty_p_{v}" for v in VIEWS]].to_numpy())
     assert ((pvalues > 0) & (pvalues <= 1)).all().all()
     checkpoint = load_checkpoint(stage_a.best)  # one member: novelty = -sum(log p) / its threshold
     np.testing.assert_allclose(-np.log(pvalues.to_numpy()).sum(1) / checkpoint.novelty["threshold"],
@@ -192,9 +190,9 @@ def test_checkpoints_without_statistics_fall_back_to_confidence(stage_a, data_pa
                     bin_width=checkpoint.bin_width, stage=checkpoint.stage)
     with pytest.warns(UserWarning, match="no novelty statistics"):
         table = predict(old, data_path, tmp_path / "out", "--bayes_mc_samples", "1")
-    assert table["pred_novelty"].isna().all() and not any(c.startswith("novelty_p_") for c in table.columns)
+    assert table["pred_novelty"].isna().all() and not any(c.startswith("pred_novelty_p_") for c in table.columns)
     pd.testing.assert_series_equal(table["pred_unassigned"], table["pred_confidence"] < 0.5, check_names=False)
-    assert anndata.read_h5ad(tmp_path / "out" / "predictions.h5ad").uns["prediction"]["unassign_by"] == "confidence"
+    assert anndata.read_h5ad(tmp_path / "out" / "predictions.h5ad").uns["pred"]["unassign_by"] == "confidence"
 
 
 def test_ensemble_novelty_averages_distances_relative_to_each_threshold():
@@ -234,19 +232,12 @@ def test_prediction_finds_a_models_training_cells_and_not_its_validation_cells(s
     without = {key: value for key, value in checkpoint.novelty.items() if key not in ("neighbours", "knn_k")
                and not key.startswith("input_")} | {"parts": ["mahalanobis", "entropy"]}
     np.testing.assert_array_equal(predict_samples(checkpoint.model, loader, 1, novelty=without)[1].trained, trained)
-    unmarked = {key: value for key, value in without.items() if key != "trained_fingerprints"}
-    assert predict_samples(checkpoint.model, loader, 1, novelty=unmarked)[1].trained is None
 
 
 def test_training_cells_are_found_by_fingerprint_beyond_the_neighbour_index():
     bins = np.random.default_rng(0).integers(0, 7, (60, 30)).astype(np.float64)  # 40 training cells, 20 new ones
     stats = fit_training_cells([bins[:25], bins[25:40]]) | fit_input_neighbours(bins[:5], pcs=3, k=2)  # index: 5 of 40
     np.testing.assert_array_equal(training_cells(bins, stats), np.arange(60) < 40)
-    # statistics without fingerprints (older checkpoints) find only the cells in the neighbour index
-    older = {key: value for key, value in stats.items() if key != "trained_fingerprints"}
-    np.testing.assert_array_equal(training_cells(bins, older), np.arange(60) < 5)
-    np.testing.assert_array_equal(training_cells(bins, older, input_projection(bins, stats)), np.arange(60) < 5)
-    assert training_cells(bins, {}) is None
 
 
 def test_a_cell_fingerprint_changes_with_any_bin_and_not_with_the_dtype():
@@ -404,10 +395,24 @@ def test_novelty_score_is_fishers_combination_of_the_views_tail_shares():
     assert (novelty_score(validation, stats) > stats["threshold"]).sum() == 2
 
 
-def test_statistics_without_combined_views_score_the_plain_mahalanobis_distance():
-    rng = np.random.default_rng(3)
-    features, labels = rng.normal(0, 1, (30, 5)), np.repeat([0, 1, 2], 10)
-    stats = fit_novelty(features, labels, pcs=3)  # what checkpoints written before the views were combined hold
-    parts = novelty_parts(features, np.zeros((30, 6), int), np.full((30, 3), 1 / 3), stats)
-    assert list(parts) == ["mahalanobis"]
-    np.testing.assert_allclose(novelty_score(parts, stats), novelty_distance(features, stats))
+@pytest.mark.parametrize("dropped", [("parts", "calibration"), ("trained_fingerprints",), ("input_class_log_det",)])
+def test_a_checkpoint_with_an_earlier_versions_statistics_is_refused_with_a_call_to_retrain(stage_a, tmp_path, dropped):
+    """Statistics from before the views were combined, the cells fingerprinted or the input types' own covariances."""
+    checkpoint = load_checkpoint(stage_a.best)
+    older = {key: value for key, value in checkpoint.novelty.items() if key not in dropped}
+    assert missing_statistics(checkpoint.novelty) == [] and missing_statistics(older)
+    path = tmp_path / "older.pth"
+    save_checkpoint(path, checkpoint.model, genes=checkpoint.genes, classes=checkpoint.classes,
+                    bin_num=checkpoint.bin_num, bin_width=checkpoint.bin_width, stage=checkpoint.stage, novelty=older)
+    with pytest.raises(UserError, match=f"earlier version of this project .*{dropped[0]}.*retrain"):
+        load_checkpoint(path)
+
+
+def test_statistics_without_an_input_view_need_no_expression_statistics():
+    """--novelty_parts without an input view stores none of the expression's statistics: still the current format."""
+    expression_keys = {"neighbours", "knn_k"} | {key for key in NOVELTY_KEYS if key.startswith("input_")}
+    stats = {key: None for key in NOVELTY_KEYS - expression_keys}
+    stats |= {"parts": ["mahalanobis", "entropy"], "calibration": {"mahalanobis": None, "entropy": None}}
+    assert missing_statistics(stats) == []
+    with_view = stats | {"parts": ["mahalanobis", "input_knn"]}
+    assert missing_statistics(with_view) == [*sorted(expression_keys), "calibration[input_knn]"]

@@ -14,13 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from bayesian_sparse_transformer import (
-    BayesianSparseTransformer,
-    HeadConfig,
-    ModelConfig,
-    load_gene_vectors,
-    load_pretrained_encoder,
-)
+from bayesian_sparse_transformer import BayesianSparseTransformer, HeadConfig, ModelConfig
+from checkpoints import load_gene_vectors, load_pretrained_encoder
 from performer_pytorch import (
     FastAttention,
     PerformerConfig,
