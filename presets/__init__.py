@@ -1,0 +1,1 @@
+"""Tuned option values per stage, as JSON files beside this one (read by options.load_preset)."""
