@@ -7,7 +7,10 @@ Data flows one way: AnnData -> validated log-normalized csr matrix (cells, genes
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import importlib.metadata
+import io
 import json
 import math
 import os
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import anndata
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -36,18 +40,33 @@ from sklearn.metrics import (
 )
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
+try:
+    from anndata.io import write_elem
+except ImportError:  # anndata < 0.11
+    from anndata.experimental import write_elem
+
 
 class UserError(Exception):
     """A problem the user can fix (bad input, wrong setting); CLIs print it as one line and exit with status 2.
 
-    Model and data code say what is wrong in their own terms; `options` names the settings that fix it by their
-    Python names, with the value to try where there is one ({"layer": None, "device": "cpu", "normalize": True}),
-    and `run_cli` adds them in the command line's spelling (--layer, --device cpu, --normalize).
+    Messages name settings in the command line's spelling (--overwrite, --cv_splits 3); raised inside Python (`fit`,
+    `annotate`, `pipeline`) the same error reads in Python's (overwrite=True, cv_splits=3). `options` names the
+    settings that fix it by their Python names, with the value to try where there is one ({"layer": None,
+    "device": "cpu"}), shown in the caller's spelling.
     """
 
     def __init__(self, message: str, options: dict[str, Any] | None = None):
         super().__init__(message)
         self.options = options or {}
+
+    @property
+    def cli_message(self) -> str:
+        """The message as the command line says it: flags and a '(command line: ...)' hint."""
+        return f"{_one_line(self.args[0], limit=2000)}{option_hint(self.options)}"
+
+    def __str__(self) -> str:
+        hint = ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+        return python_spelling(str(self.args[0])) + (f" (Python: {hint})" if hint else "")
 
 
 class OutputError(UserError):
@@ -55,6 +74,7 @@ class OutputError(UserError):
 
     def __init__(self, path: str | os.PathLike, cause: OSError):
         self.path = Path(path)
+        self.cause = cause
         super().__init__(f"cannot write {path}: {_os_cause(cause)}; check free space and write permission there, "
                          "or choose another output directory")
 
@@ -65,6 +85,8 @@ LOG_SCALE_MAX = 30.0  # log1p of a normalized value cannot reach 30 (that is e^3
 NORMALIZE_TARGET = 1e4  # counts per cell after normalize_total, as in scanpy tutorials and scBERT
 UNLABELLED = -1  # label a BinnedDataset returns for cells without labels
 PROB_EPS = 1e-12  # floor for probabilities inside logarithms
+UNASSIGNED = "Unassigned"  # prediction's label for cells too uncertain to name, so no cell type may be called that
+BACKED_CHUNK_CELLS = 10_000  # cells read at a time from a backed (on-disk) AnnData
 
 
 def _one_line(text: object, limit: int = 300) -> str:
@@ -115,7 +137,7 @@ def load_dataset(
     *,
     label_key: str | None = DEFAULT_LABEL_KEY,
     layer: str | None = None,
-    use_raw: bool = False,
+    use_raw: bool | None = None,
     normalize: bool = False,
     require_labels: bool = True,
     min_cells_per_class: int = 0,
@@ -131,7 +153,8 @@ def load_dataset(
         source = "the bundled pbmc68k_reduced example"
         if label_key in (None, DEFAULT_LABEL_KEY):
             label_key = BUNDLED_LABEL_KEY
-        use_raw = use_raw or layer is None
+        if use_raw is None and layer is None:
+            use_raw = True  # its .X is scaled: read its log-normalized .raw, without a warning for our own example
     else:
         adata = _read_h5ad(Path(data_path))
         source = str(data_path)
@@ -153,7 +176,7 @@ def dataset_from_anndata(
     *,
     label_key: str | None = DEFAULT_LABEL_KEY,
     layer: str | None = None,
-    use_raw: bool = False,
+    use_raw: bool | None = None,
     normalize: bool = False,
     require_labels: bool = True,
     min_cells_per_class: int = 0,
@@ -162,7 +185,8 @@ def dataset_from_anndata(
 ) -> ExpressionData:
     """Validate an in-memory AnnData and return its log-normalized matrix as csr float32 (the user's is untouched).
 
-    Picks `.X`, `adata.layers[layer]` or `adata.raw` (`use_raw`); raises UserError for zero cells/genes,
+    Picks `.X`, `adata.layers[layer]` or `adata.raw` (`use_raw`; None: .raw only where .X is unusable and .raw
+    is not, with a warning, see `_select_matrix`); raises UserError for zero cells/genes,
     duplicated gene names, non-numeric, NaN/inf, negative (scaled) or not-log-transformed values (raw counts),
     and for a missing or incomplete label column. `normalize=True` applies normalize_total(1e4) + log1p to a copy
     when values are not log-transformed. Without `require_labels`, absent or incomplete labels give `labels=None`.
@@ -170,7 +194,8 @@ def dataset_from_anndata(
     or by the var column `gene_symbols` (e.g. symbols when var_names are Ensembl IDs). `source` names the data in
     messages.
     """
-    matrix, genes = _select_matrix(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, source=source)
+    matrix, genes = _select_matrix(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, source=source,
+                                   normalize=normalize)
     labels = _read_labels(adata, label_key, require_labels=require_labels, source=source)
     matrix = _as_log_normalized(matrix, normalize=normalize, source=source)
     data = ExpressionData(matrix, genes, [str(c) for c in adata.obs_names], labels, adata,
@@ -204,8 +229,50 @@ def _read_h5ad(path: Path) -> anndata.AnnData:
         ) from e
 
 
-def _select_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, gene_symbols: str | None, source: str):
-    """Pick .X, a layer or .raw; check shape and gene names; return (csr float32 copy, genes)."""
+def _select_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool | None, gene_symbols: str | None,
+                   source: str, normalize: bool = False):
+    """Pick .X, a layer or .raw; check shape and gene names; return (csr float32 copy, genes).
+
+    `use_raw=None` (automatic, without a layer) reads .X unless .X cannot be used as it is (negative values of
+    scaled data, NaN, or values beyond log scale without `normalize`) while .raw can: then .raw, with a warning
+    naming use_raw. scanpy's own pbmc68k_reduced is such data: scaled .X, log-normalized .raw.
+    """
+    if use_raw is not None or layer is not None or adata.raw is None:
+        return _read_matrix(adata, layer=layer, use_raw=bool(use_raw), gene_symbols=gene_symbols, source=source)
+    if adata.X is not None:
+        x = _read_matrix(adata, layer=None, use_raw=False, gene_symbols=gene_symbols, source=source)
+        problem = _log_scale_problem(x[0], normalize=normalize)
+        if problem is None:
+            return x
+    else:
+        x, problem = None, "is empty"
+    try:
+        raw = _read_matrix(adata, layer=None, use_raw=True, gene_symbols=gene_symbols, source=source)
+    except UserError:
+        raw = None
+    if raw is None or _log_scale_problem(raw[0], normalize=normalize) is not None:
+        # .raw cannot help either: .X's own error, naming use_raw and layer, follows
+        return x if x is not None else _read_matrix(adata, layer=None, use_raw=False, gene_symbols=gene_symbols,
+                                                    source=source)
+    warnings.warn(f".X of {source} {problem}; reading adata.raw instead, as use_raw=True (--use_raw) does",
+                  stacklevel=4)
+    return raw
+
+
+def _log_scale_problem(matrix: sp.csr_matrix, *, normalize: bool) -> str | None:
+    """Why `_as_log_normalized` would refuse the matrix ('has negative values (scaled data)', ...), or None."""
+    values = matrix.data
+    if not np.isfinite(values).all():
+        return "has NaN or infinite values"
+    if values.size and values.min() < 0:
+        return f"has negative values (min {values.min():.3g}: scaled data)"
+    if not normalize and values.size and values.max() > LOG_SCALE_MAX:
+        return f"is not log-normalized (values up to {values.max():.3g})"
+    return None
+
+
+def _read_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, gene_symbols: str | None, source: str):
+    """Read .X, a layer or .raw as asked; check shape and gene names; return (csr float32 copy, genes)."""
     if use_raw and layer is not None:
         raise UserError("both adata.raw and a layer were asked for; choose one of them", {"use_raw": None, "layer": None})
     if use_raw:
@@ -234,13 +301,28 @@ def _select_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, 
     dtype = np.dtype(x.dtype)
     if dtype.kind not in "biuf":
         raise UserError(f"{where} of {source} has non-numeric dtype {dtype}; store expression values as numbers")
-    # Always copy: validation and normalization must never change the user's AnnData.
-    if sp.issparse(x):
-        matrix = sp.csr_matrix(x, dtype=np.float32, copy=True)
+    if isinstance(x, np.ndarray) or sp.issparse(x):
+        matrix = _as_csr(x)
     else:
-        matrix = sp.csr_matrix(np.asarray(x, dtype=np.float32))
+        matrix = _read_backed(x)
     matrix.sum_duplicates()  # canonical form, so checks on .data see one value per entry
     return matrix, genes
+
+
+def _as_csr(x: np.ndarray | sp.spmatrix) -> sp.csr_matrix:
+    """A csr float32 copy of an in-memory matrix: validation and normalization must never change the user's."""
+    if sp.issparse(x):
+        return sp.csr_matrix(x, dtype=np.float32, copy=True)
+    return sp.csr_matrix(np.asarray(x, dtype=np.float32))
+
+
+def _read_backed(x: Any) -> sp.csr_matrix:
+    """The matrix of a backed AnnData (an h5py dataset, or anndata's on-disk csr/csc matrix) as csr float32, read
+    BACKED_CHUNK_CELLS cells at a time so a dense file is never densified whole; equal to reading it in memory."""
+    if getattr(x, "format", None) == "csc":  # a column-compressed file has no cheap row blocks: read it once
+        return _as_csr(x.to_memory())
+    blocks = (x[start:start + BACKED_CHUNK_CELLS] for start in range(0, x.shape[0], BACKED_CHUNK_CELLS))
+    return sp.vstack([_as_csr(block) for block in blocks], format="csr", dtype=np.float32)
 
 
 def _gene_names(var: pd.DataFrame, gene_symbols: str | None, *, var_label: str, source: str) -> list[str]:
@@ -262,14 +344,25 @@ def _gene_names(var: pd.DataFrame, gene_symbols: str | None, *, var_label: str, 
         genes = column.astype(str).tolist()
         fix = (f"set adata.var_names = adata.var[{gene_symbols!r}], run adata.var_names_make_unique() and name "
                "genes by var_names")
+    genes, padded = _strip_names(genes)
+    if padded:
+        warnings.warn(f"{len(padded)} gene names in {source} have surrounding whitespace (e.g. {padded[0]!r}); "
+                      "they are matched without it", stacklevel=4)
     duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
     if duplicated:
         where = "" if gene_symbols is None else f" (by {var_label}[{gene_symbols!r}])"
+        stripped = " once surrounding whitespace is removed" if padded else ""
         raise UserError(
-            f"{len(duplicated)} gene names occur more than once in {source}{where} ({_preview(duplicated)}); "
-            f"make them unique first, e.g. {fix}"
+            f"{len(duplicated)} gene names occur more than once in {source}{where}{stripped} "
+            f"({_preview(duplicated)}); make them unique first, e.g. {fix}"
         )
     return genes
+
+
+def _strip_names(names: Iterable[object]) -> tuple[list[str], list[str]]:
+    """Names without surrounding whitespace ('CD3E ' is CD3E), and the names that had some."""
+    names = [str(n) for n in names]
+    return [n.strip() for n in names], [n for n in names if n != n.strip()]
 
 
 def _read_labels(adata: anndata.AnnData, label_key: str | None, *, require_labels: bool, source: str):
@@ -365,6 +458,32 @@ def _drop_small_classes(data: ExpressionData, min_cells: int) -> ExpressionData:
     return replace(data, matrix=data.matrix[keep], cell_ids=cell_ids, labels=data.labels[keep])
 
 
+def check_training_labels(data: ExpressionData, min_cells_per_class: int = 0) -> None:
+    """Training needs at least two cell types, none of them named like prediction's UNASSIGNED; UserError else."""
+    key = data.label_key
+    column = f"obs[{key!r}]" if key is not None else "the labels"
+    classes = np.unique(data.labels).tolist()
+    check_class_names(classes, column, f"rename it in {column} (e.g. to 'Unlabelled') or drop those cells")
+    if len(classes) >= 2:
+        return
+    in_data = data.adata.obs[key].astype(str).nunique() if key in data.adata.obs.columns else len(classes)
+    if min_cells_per_class > 0 and in_data > len(classes):
+        raise UserError(f"only one cell type ({classes[0]!r}) in {column} has at least {min_cells_per_class} cells, "
+                        "and a classifier needs two or more; lower the minimum cells per class",
+                        {"min_cells_per_class": None})
+    raise UserError(f"{column} holds only one cell type ({classes[0]!r}), and a classifier needs two or more; "
+                    "name the obs column with the cell types, or add cells of other types", {"label_key": None})
+
+
+def check_class_names(classes: Iterable[object], where: str, fix: str) -> None:
+    """UserError when a class would read as prediction's UNASSIGNED (in any letter case, with or without surrounding
+    whitespace), so predictions could not tell it from uncertain cells; the message names it, `where` it is and `fix`."""
+    clashing = [str(c) for c in classes if str(c).strip().casefold() == UNASSIGNED.casefold()]
+    if clashing:
+        raise UserError(f"cell type {clashing[0]!r} in {where} clashes with {UNASSIGNED!r}, the label prediction "
+                        f"gives cells it cannot name; {fix}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data: genes, tokens, labels, splits
 
@@ -378,27 +497,34 @@ def align_genes(
     of the reference genes are present unless `allow_missing`.
     """
     reference_genes = [str(g) for g in reference_genes]
-    source_column = pd.Index(data.genes).get_indexer(reference_genes)  # (ref genes,) -1 where missing
+    wanted, padded = _strip_names(reference_genes)  # the data's names were stripped when it was read
+    if padded:
+        warnings.warn(f"{len(padded)} of the model's gene names have surrounding whitespace (e.g. {padded[0]!r}); "
+                      "they are matched without it", stacklevel=2)
+    source_column = pd.Index(data.genes).get_indexer(wanted)  # (ref genes,) -1 where missing
     present = np.flatnonzero(source_column >= 0)
     n_ref, n_missing = len(reference_genes), len(reference_genes) - present.size
+    case_hint = _letter_case_hint(data.genes, wanted, source_column) if n_missing else ""
     if present.size == 0:
-        column_hint, column_option = _gene_column_hint(data.adata, reference_genes, present.size)
+        column_hint, column_option = _gene_column_hint(data.adata, wanted, present.size)
         raise UserError(
             f"none of the {n_ref} model genes are in the data (e.g. {_preview(reference_genes, k=3)}); check "
-            "that both use the same gene naming (symbols vs Ensembl IDs, species)" + column_hint, column_option
+            "that both use the same gene naming (symbols vs Ensembl IDs, species)" + case_hint + column_hint,
+            column_option,
         )
     overlap = present.size / n_ref
     if overlap < min_overlap and not allow_missing:
-        column_hint, column_option = _gene_column_hint(data.adata, reference_genes, present.size)
+        column_hint, column_option = _gene_column_hint(data.adata, wanted, present.size)
         raise UserError(
             f"only {present.size} of {n_ref} model genes ({overlap:.0%}) are in the data; check the gene naming, "
-            "or allow missing genes (filled with zeros)" + column_hint, {"allow_missing_genes": True} | column_option
+            "or allow missing genes (filled with zeros)" + case_hint + column_hint,
+            {"allow_missing_genes": True} | column_option,
         )
     if n_missing:
         n_extra = len(data.genes) - present.size
         warnings.warn(
             f"{n_missing} of {n_ref} model genes are missing from the data and were filled with zeros "
-            f"({n_extra} data genes not used by the model were dropped)",
+            f"({n_extra} data genes not used by the model were dropped)" + case_hint,
             stacklevel=2,
         )
     # A 0/1 selection matrix (data genes, ref genes) moves columns while keeping everything sparse.
@@ -408,6 +534,23 @@ def align_genes(
     )
     matrix = sp.csr_matrix(data.matrix @ selection)  # (cells, ref genes)
     return replace(data, matrix=matrix, genes=reference_genes)
+
+
+def _letter_case_hint(genes: Sequence[str], wanted: Sequence[str], source_column: np.ndarray) -> str:
+    """'; 132 genes differ only in letter case (e.g. 'cd3e' in the data vs 'CD3E' in the model) ...' for missing
+    model genes that an unused data gene spells in another case; '' when there are none. Not matched on purpose:
+    case also tells species apart (mouse Cd3e, human CD3E)."""
+    unused = set(genes) - {genes[i] for i in source_column[source_column >= 0]}
+    by_case = {}
+    for gene in sorted(unused):
+        by_case.setdefault(gene.casefold(), gene)
+    pairs = [(by_case[gene.casefold()], gene) for gene, column in zip(wanted, source_column)
+             if column < 0 and gene.casefold() in by_case]
+    if not pairs:
+        return ""
+    ours, theirs = pairs[0]
+    return (f"; {len(pairs)} genes differ only in letter case (e.g. {ours!r} in the data vs {theirs!r} in the model): "
+            "if both are the same species, rename them to the model's spelling")
 
 
 def _gene_column_hint(adata: anndata.AnnData, reference_genes: Sequence[str], n_matched: int) -> tuple[str, dict]:
@@ -421,7 +564,7 @@ def _gene_column_hint(adata: anndata.AnnData, reference_genes: Sequence[str], n_
             if not (pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column)
                     or isinstance(column.dtype, pd.CategoricalDtype)):
                 continue  # numbers and flags cannot hold gene names
-            count = int(wanted.isin(column.astype(str)).sum())
+            count = int(wanted.isin(column.astype(str).str.strip()).sum())
             if count > best_count:
                 best, best_count = name, count
     if best is None:
@@ -766,6 +909,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     OSError (disk full, no permission) becomes an OutputError naming `path`, so the CLIs print one line.
     """
     path = Path(path)
+    _remove_leftovers(path)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)  # named after its target
         os.close(fd)
@@ -781,6 +925,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, OSError):
             raise OutputError(path, e) from e
         raise
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temp files (.tmp-NAME-XXXXXXXX) that killed writes of `path` left: they hold nothing anyone needs,
+    and a rerun must not trip over them. Best effort."""
+    prefix = f".tmp-{path.name}-"
+    with contextlib.suppress(OSError):
+        for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
+            if "-" not in leftover.name[len(prefix):]:  # mkstemp's suffix has none; '.tmp-NAME-x-XXXX' is another's
+                leftover.unlink(missing_ok=True)
+
+
+def _check_free_space(path: Path, size: int) -> None:
+    """OutputError (no space left) when the filesystem of `path` has clearly less room than `size` bytes, so a write
+    that cannot fit fails before it fills the disk; a write that fails anyway is still reported by atomic_path."""
+    try:
+        stats = os.statvfs(path.parent)
+    except (OSError, AttributeError):  # no statvfs (Windows) or an odd filesystem: let the write tell
+        return
+    blocks = stats.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else stats.f_bavail  # root may use reserve
+    free = blocks * stats.f_frsize
+    if size > free:
+        cause = OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({_size(size)} needed, {_size(free)} free)")
+        raise OutputError(path, cause)
+
+
+def _size(n: int) -> str:
+    """A byte count for people: '950 bytes', '56.5 kB', '3.2 GB'."""
+    for power, unit in ((9, "GB"), (6, "MB"), (3, "kB")):
+        if n >= 10**power:
+            return f"{n / 10**power:.1f} {unit}"
+    return f"{n} bytes"
 
 
 @contextlib.contextmanager
@@ -819,6 +995,33 @@ def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return _nan_to_none(obj.tolist())
     return obj
+
+
+def write_bytes(path: str | os.PathLike, content: bytes | memoryview) -> None:
+    """Write `content` atomically, refusing up front (OutputError) when the disk clearly lacks room for it."""
+    _check_free_space(Path(path), len(content) if isinstance(content, bytes) else content.nbytes)
+    with atomic_write(path, "wb") as handle:
+        handle.write(content)
+
+
+def write_h5ad(path: str | os.PathLike, adata: anndata.AnnData) -> None:
+    """`adata.write_h5ad(path)`, atomic and safe on a full disk: the HDF5 file is built in memory, then written as
+    plain bytes (`write_bytes`).
+
+    HDF5 writing to a disk that fills mid-file fails in its deallocators (pages of tracebacks, even a bus error)
+    and leaves a torn file; from memory a full disk is one OSError from write(), reported as an OutputError.
+    Like `AnnData.write_h5ad`, string columns of obs and var become categoricals (in `adata` too).
+    """
+    adata.strings_to_categoricals()
+    if adata.raw is not None:
+        adata.strings_to_categoricals(adata.raw.var)
+    buffer = io.BytesIO()
+    try:
+        with h5py.File(buffer, "w") as handle:
+            write_elem(handle, "/", adata)
+    except OSError as e:  # nothing touches the disk here, but keep the one-line contract for any h5py failure
+        raise OutputError(path, e) from e
+    write_bytes(path, buffer.getbuffer())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -913,6 +1116,28 @@ def option_hint(options: dict[str, Any]) -> str:
     return f" (command line: {', '.join(flags)})" if flags else ""
 
 
+
+# Option names of the CLIs, True for on/off flags: registered by options.py, read by `python_spelling`.
+_OPTION_IS_FLAG: dict[str, bool] = {}
+_FLAG_PATTERN = re.compile(r"--(no[_-])?([a-z][a-z0-9_]*)(?:[ =]('[^']*'|\"[^\"]*\"|-?[0-9][^\s,;)]*))?")
+
+
+def register_option_names(names: dict[str, bool]) -> None:
+    _OPTION_IS_FLAG.update(names)
+
+
+def python_spelling(text: str) -> str:
+    """A message's command-line flags as Python arguments: --overwrite -> overwrite=True, --cv_splits 3 ->
+    cv_splits=3, --no_pos_embed -> pos_embed=False, --dim -> dim; unknown flags stay as they are."""
+    def spell(match: re.Match) -> str:
+        negated, name, value = match.groups()
+        if name not in _OPTION_IS_FLAG or (negated and not _OPTION_IS_FLAG[name]):
+            return match.group(0)
+        if _OPTION_IS_FLAG[name]:
+            return f"{name}={not negated}" + (f" {value}" if value else "")
+        return f"{name}={value}" if value else name
+    return _FLAG_PATTERN.sub(spell, text)
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
@@ -970,16 +1195,20 @@ def add_run_options(parser: Any, *, output_help: str) -> Any:
     return run
 
 
-def run_cli(job: Any) -> int:
+def run_cli(job: Any, *, interrupted: str = "interrupted; rerun the command") -> int:
     """Run a CLI's job; a UserError becomes one line on stderr and exit status 2 (no traceback).
 
-    Warnings (e.g. missing genes filled with zeros) print as one 'warning: ...' line each.
+    Warnings (e.g. missing genes filled with zeros) print as one 'warning: ...' line each. Ctrl-C prints the one
+    line `interrupted` (what to do next) and exits with status 130, as shells do for SIGINT.
     """
     warnings.formatwarning = _format_warning
     try:
         job()
+    except KeyboardInterrupt:
+        print(("\n" if sys.stderr.isatty() else "") + interrupted, file=sys.stderr)  # past a terminal's ^C echo
+        return 130
     except UserError as e:
-        print(f"error: {_one_line(e, limit=2000)}{option_hint(e.options)}", file=sys.stderr)
+        print(f"error: {e.cli_message}", file=sys.stderr)
         return 2
     except OSError as e:
         # Safety net for file errors outside atomic_write (e.g. opening the log file); an OSError without a file

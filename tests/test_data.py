@@ -212,7 +212,7 @@ def test_use_raw_selects_raw_matrix_and_genes():
     assert data.genes == [f"g{j}" for j in range(8)]
     np.testing.assert_array_equal(data.matrix.toarray(), full.X)
     with pytest.raises(UserError, match="scaled"):
-        dataset_from_anndata(adata, require_labels=False)
+        dataset_from_anndata(adata, use_raw=False, require_labels=False)  # by default .raw would be read instead
 
 
 def test_use_raw_without_raw_is_user_error():

@@ -14,10 +14,7 @@ from test_cli_errors import tiny_model  # the same 20 genes (GENE0..GENE19) and 
 
 import finetune_sparse
 import predict_updated
-from bayesian_sparse_transformer import (
-    load_checkpoint,
-    save_checkpoint,
-)
+from checkpoints import load_checkpoint, save_checkpoint
 from utils import UserError, align_genes, dataset_from_anndata
 
 pytestmark = pytest.mark.filterwarnings("ignore:the checkpoint's head is deterministic")  # Stage A checkpoints

@@ -17,7 +17,7 @@ from test_cli_errors import BIN_NUM, CLASSES, GENES, TINY, make_adata, tiny_mode
 import finetune_sparse
 import predict_updated
 import utils
-from bayesian_sparse_transformer import save_checkpoint
+from checkpoints import save_checkpoint
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:the checkpoint's head is deterministic"),  # Stage A checkpoints
