@@ -11,7 +11,7 @@ from test_training import CELLS_PER_CLASS, CLASSES_KEPT, data_path, one_torch_th
 
 import finetune_sparse
 import predict_updated
-from bayesian_sparse_transformer import load_checkpoint
+from checkpoints import load_checkpoint
 
 TINY_OPTIONS = dict(dim=16, depth=1, heads=2, dim_head=8, h_dim=16, batch_size=16, grad_acc=1, learning_rate=1e-3,
                     device="cpu", seed=7, label_key="cell_type", prune_target=0.0)
@@ -40,16 +40,18 @@ def test_annotate_returns_what_the_cli_writes(fitted, data_path, tmp_path):  # n
     directory, _ = fitted
     adata = anndata.read_h5ad(data_path)
     before = adata.copy()
-    annotated = predict_updated.annotate(adata, directory, bayes_mc_samples=3, seed=5, label_key="cell_type")
+    result = predict_updated.annotate(adata, directory, bayes_mc_samples=3, seed=5, label_key="cell_type")
     assert predict_updated.main(["--model_path", str(directory), "--data_path", str(data_path), "--bayes_mc_samples", "3",
                                  "--seed", "5", "--label_key", "cell_type", "--output_dir", str(tmp_path / "cli")]) == 0
     written = anndata.read_h5ad(tmp_path / "cli" / "predictions.h5ad")
-    assert list(annotated.obs.columns) == list(written.obs.columns)
-    pd.testing.assert_frame_equal(annotated.obs, written.obs, check_dtype=False, check_categorical=False)
-    np.testing.assert_allclose(annotated.obsm["pred_probabilities"], written.obsm["pred_probabilities"])
-    assert annotated.uns["prediction"]["ensemble_size"] == 2
-    assert 0 <= annotated.uns["prediction"]["metrics"]["accuracy"] <= 1
-    assert annotated.n_obs == CLASSES_KEPT * CELLS_PER_CLASS
+    new_columns = [c for c in written.obs.columns if c not in before.obs.columns]
+    assert new_columns == list(result.predicted_labels.columns)
+    pd.testing.assert_frame_equal(result.predicted_labels, written.obs[new_columns], check_dtype=False,
+                                  check_categorical=False, check_names=False)
+    np.testing.assert_allclose(result.probability_matrix, written.obsm["pred_probabilities"], rtol=1e-6)
+    assert result.uns["ensemble_size"] == 2 and written.uns["pred"]["ensemble_size"] == 2
+    assert 0 <= result.metrics["accuracy"] <= 1 and result.uns["metrics"]["accuracy"] == result.metrics["accuracy"]
+    assert len(result.predicted_labels) == CLASSES_KEPT * CELLS_PER_CLASS
     # The user's AnnData is left as it was.
     assert list(adata.obs.columns) == list(before.obs.columns) and "pred_probabilities" not in adata.obsm
 

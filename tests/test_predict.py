@@ -19,14 +19,8 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 
 import predict_updated
-from bayesian_sparse_transformer import (
-    BayesianSparseTransformer,
-    HeadConfig,
-    ModelConfig,
-    load_checkpoint,
-    predict_proba_samples,
-    save_checkpoint,
-)
+from bayesian_sparse_transformer import BayesianSparseTransformer, HeadConfig, ModelConfig, predict_proba_samples
+from checkpoints import load_checkpoint, save_checkpoint
 from performer_pytorch import PerformerConfig
 from utils import BinnedDataset, align_genes, bin_expression, collate_batch, load_dataset, uncertainty_summary
 
@@ -123,7 +117,7 @@ def test_cli_equals_python_api_and_repeats_exactly(setup, tmp_path):
     for key in ("confidence", "entropy", "expected_entropy", "mutual_info", "pred_std"):
         np.testing.assert_allclose(predictions[predict_updated.CELL_COLUMNS[key]].to_numpy(), api[key], rtol=0,
                                    atol=1e-12)
-    assert predictions["top_label"].tolist() == [CLASSES[i] for i in api["pred"]]
+    assert predictions["pred_top_label"].tolist() == [CLASSES[i] for i in api["pred"]]
     assert api["mutual_info"].max() > 1e-4  # the head really is sampled, so the comparison means something
 
 
@@ -180,7 +174,7 @@ def test_unassigned_rule_extremes(setup, tmp_path, rule, threshold, expected):
     predictions, _ = read_outputs(run_cli(setup, tmp_path / "out", "--unassign_by", rule, "--unassign_thres", threshold))
     assert predictions["pred_confidence"].max() < 1  # else confidence < 1.0 could not hold for every cell
     assert (predictions["pred_unassigned"] == expected).all()
-    expected_labels = "Unassigned" if expected else predictions["top_label"]
+    expected_labels = "Unassigned" if expected else predictions["pred_top_label"]
     assert (predictions["pred_label"] == expected_labels).all()
 
 
@@ -215,8 +209,8 @@ def test_outputs_have_promised_columns_and_annotations(default_run):
     assert isinstance(adata.obs["pred_label"].dtype, pd.CategoricalDtype)
     assert adata.obs["pred_label"].astype(str).tolist() == predictions["pred_label"].tolist()
     np.testing.assert_allclose(adata.obsm["pred_probabilities"], probabilities[CLASSES], atol=1e-6)
-    assert list(adata.uns["pred_classes"]) == CLASSES
-    meta = adata.uns["prediction"]
+    assert list(adata.uns["pred"]["classes"]) == CLASSES
+    meta = adata.uns["pred"]
     assert meta["bayes_mc_samples"] == 8 and meta["seed"] == 2021 and meta["unassign_by"] == "confidence"
     assert "torch" in meta["versions"]
     run = json.loads((default_run / "run.json").read_text())
@@ -226,7 +220,7 @@ def test_outputs_have_promised_columns_and_annotations(default_run):
 def test_metrics_agree_with_sklearn_and_plots_are_pngs(default_run):
     predictions, _ = read_outputs(default_run)
     metrics = json.loads((default_run / "metrics.json").read_text())
-    truth, predicted = predictions["true_label"], predictions["top_label"]
+    truth, predicted = predictions["true_label"], predictions["pred_top_label"]
     assert metrics["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
     assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"))
     assert 0.5 < metrics["accuracy"] < 1  # a fitted model with some errors, so the AUROCs below are defined
@@ -250,7 +244,7 @@ def test_unseen_labels_are_left_out_of_metrics_and_flagged(setup, tmp_path):
     assert metrics["n_unseen_label_cells"] == (~known).sum() == N_CELLS // 5
     assert metrics["unseen_labels"] == {"Plasma": N_CELLS // 5}
     assert metrics["n_cells"] == known.sum()
-    assert metrics["accuracy"] == pytest.approx(accuracy_score(predictions["true_label"][known], predictions["top_label"][known]))
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(predictions["true_label"][known], predictions["pred_top_label"][known]))
     assert set(metrics["unseen_type_auroc"]) == {"1-confidence", "entropy", "mutual_info", "pred_std"}
 
 
