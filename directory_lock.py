@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from utils import UserError
+from utils import OutputError, UserError
 
 LOCK_NAME = ".lock"
 STAGING_PREFIX = ".staging-"
@@ -124,6 +124,11 @@ def staged_replacement(target: str | os.PathLike) -> Iterator[Path]:
             yield staging
             os.chmod(staging, 0o777 & ~_umask())
             _swap_in(staging, target)
+    except OutputError as err:  # name the file the user asked for, not its staging copy
+        shutil.rmtree(staging, ignore_errors=True)
+        if not err.path.is_relative_to(staging):
+            raise
+        raise OutputError(target / err.path.relative_to(staging), err.cause) from err.cause
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -25,7 +25,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anndata
@@ -38,51 +38,61 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from tqdm.auto import tqdm
 
+import options
 from bayesian_sparse_transformer import (
-    CHECKPOINT_FORMAT,
-    INPUT_VIEWS,
-    NOVELTY_INPUT_PCS,
-    NOVELTY_LAYER,
-    NOVELTY_NEIGHBOURS,
-    NOVELTY_PARTS,
     PRUNABLE_LAYERS,
-    PRUNE_MODES,
-    PRUNE_SCORES,
     BayesianSparseTransformer,
     HeadConfig,
     ModelConfig,
-    calibrate_novelty,
+    head_noise_for_widths,
+    predict_proba_samples,
+    slice_head_noise,
+    unit_widths,
+)
+from checkpoints import (
+    CHECKPOINT_FORMAT,
     checkpoint_from_payload,
     checkpoint_paths,
+    load_checkpoint,
+    load_ensemble,
+    load_gene_vectors,
+    load_pretrained_encoder,
+    read_checkpoint_file,
+    save_checkpoint,
+)
+from directory_lock import locked
+from novelty import (
+    INPUT_VIEWS,
+    NOVELTY_LAYER,
+    NOVELTY_NEIGHBOURS,
+    calibrate_novelty,
     collect_features,
     expression_bins,
     fit_input_neighbours,
     fit_novelty,
     fit_training_cells,
-    head_noise_for_widths,
-    load_checkpoint,
-    load_ensemble,
-    load_gene_vectors,
-    load_pretrained_encoder,
     novelty_parts,
-    predict_proba_samples,
-    read_checkpoint_file,
-    save_checkpoint,
-    slice_head_noise,
-    unit_widths,
 )
+from options import TrainConfig, with_changes
 from performer_pytorch import PerformerConfig
+from run_manifest import (
+    MANIFEST,
+    config_files,
+    data_fingerprint,
+    fingerprint_changes,
+    mark_incomplete,
+    read_run,
+    write_manifest,
+)
 from utils import (
     BinnedDataset,
-    DataOptions,
     ExpressionData,
+    OutputError,
     UserError,
-    add_data_options,
-    add_run_options,
     align_genes,
     atomic_write,
     autocast,
-    check_api_options,
+    check_training_labels,
     classification_metrics,
     collate_batch,
     dataset_from_anndata,
@@ -96,7 +106,6 @@ from utils import (
     run_cli,
     set_seed,
     stratified_splits,
-    with_options,
     write_json,
 )
 
@@ -106,12 +115,6 @@ DEFAULT_BIN_NUM = 5  # scBERT's
 DEFAULT_BIN_WIDTH = 1.0  # scBERT's
 # Validation metrics that choose the best checkpoint, each as a score where higher is better.
 SELECTION_METRICS = {"nll": lambda metrics: -metrics["nll"], "macro_f1": lambda metrics: metrics["macro_f1"]}
-# Settings that may differ between the interrupted run and its --resume (another device changes results only at
-# float round-off; --amp stays fixed because the gradient scaler's state depends on it).
-RESUME_FREE_ARGS = {"resume", "overwrite", "device", "num_workers"}
-# Settings added after runs were already being written, with the value those older runs used: a run interrupted
-# before the upgrade resumes when given that value (its saved settings simply lack the key).
-SETTINGS_ADDED_LATER = {"novelty_input_pcs": 50}
 BLOCK_CELLS = 1024  # cells whose tokens or gene features the novelty fit holds at once (see `blocks`)
 
 
@@ -121,306 +124,23 @@ BLOCK_CELLS = 1024  # cells whose tokens or gene features the novelty fit holds 
 
 
 def build_parser(description: str = __doc__, **defaults) -> argparse.ArgumentParser:
-    """All options of scBERT's fine-tuning and of the sparse pipeline; `defaults` override (finetune_updated.py)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = add_data_options(p, label_key="cell_type", label_help="obs column with cell types")
-    data.add_argument("--min_cells_per_class", type=int, default=0, help="drop cell types with fewer cells (a split needs at least 2)")
-    data.add_argument("--gene_num", type=int, default=None, help="number of genes (scBERT default 166; taken from the data unless given, and then checked against it)")
-    data.add_argument("--bin_num", type=int, default=None, help="expression bins: tokens are floor(log-expression / BIN_WIDTH) clipped to BIN_NUM (default: 5, or the --model_path checkpoint's)")
-    data.add_argument("--bin_width", type=float, default=None, help="width of an expression bin in log-expression units; 1 = scBERT's binning (default: 1, or the --model_path checkpoint's). "
-                      "0.25 with --bin_num 28 resolves the 0.7-2 range where most non-zero values lie")
-
-    model = p.add_argument_group("model")
-    model.add_argument("--model_path", default=None, help="start from a checkpoint: scBERT's pretrained PerformerLM (encoder init), a Stage A checkpoint (Stage B) or a Stage B checkpoint (round 2); "
-                       "or the run directory of a --cv_splits K run, whose fold k model fold k continues")
-    model.add_argument("--dim", type=int, default=200, help="encoder width")
-    model.add_argument("--depth", type=int, default=6, help="Performer layers")
-    model.add_argument("--heads", type=int, default=10, help="attention heads")
-    model.add_argument("--dim_head", type=int, default=64, help="width of each attention head")
-    model.add_argument("--nb_features", type=int, default=None, help="FAVOR+ random features (default dim_head*ln(dim_head))")
-    model.add_argument("--feature_redraw_interval", type=int, default=1000, help="redraw the random features every N training forward passes (micro-batches)")
-    model.add_argument("--local_attn_heads", type=int, default=0, help="heads using windowed softmax attention instead of FAVOR+")
-    model.add_argument("--pos_embed", action="store_true", default=True, help="add a gene embedding (gene2vec from --gene2vec_path, else learned)")
-    model.add_argument("--no_pos_embed", "--no-pos_embed", dest="pos_embed", action="store_false", default=argparse.SUPPRESS, help="no gene embedding")
-    model.add_argument("--gene2vec_path", default=None, help="gene2vec vectors: .npy in the data's gene order, or text 'SYMBOL v1 ... vDIM'")
-    model.add_argument("--h_dim", type=int, default=128, help="width of the head's fc2")
-    model.add_argument("--dropout", type=float, default=0.0, help="dropout in the head (and the encoder's feed-forward)")
-    model.add_argument("--gradient_checkpointing", action="store_true", help="recompute each encoder block's activations in backward instead of storing them: "
-                       "~30%% more time per step for much less activation memory (e.g. all 16,907 genes on a small GPU); also applies to a continued --model_path")
-    model.add_argument("--trainable_layers", type=int, default=None, help="train only the last N encoder layers (+ final norm and head); -1 = all; default: all, or 1 with a scBERT pretrained encoder as scBERT does")
-
-    bayes = p.add_argument_group("Bayesian head (Stage B)")
-    bayes.add_argument("--bayes_head", action="store_true", help="make fc1/fc2 Bayesian (variational inference)")
-    bayes.add_argument("--kl_weight", type=kl_weight_option, default=1e-6,
-                       help="final weight of the KL term per training step; 'elbo' = 1 / training cells, the evidence lower "
-                            "bound's own weight (the loss is then the negative ELBO per cell)")
-    bayes.add_argument("--kl_anneal_steps", type=int, default=10000, help="optimizer steps over which the KL weight rises linearly from 0")
-    bayes.add_argument("--bayes_mc_samples", type=int, default=1, help="head samples per training step")
-    bayes.add_argument("--mc_samples_eval", type=int, default=8, help="head samples for validation")
-    bayes.add_argument("--pre_warm_epochs", type=int, default=1, help="first epochs of Stage B with the posterior means only (no KL)")
-    bayes.add_argument("--prior_sigma", type=float, default=0.1, help="standard deviation of the Gaussian prior")
-    bayes.add_argument("--init_log_sigma", type=float, default=-5.0, help="initial log standard deviation of ported weights")
-    bayes.add_argument("--local_reparam", action="store_true", help="local reparameterization trick in training")
-
-    prune = p.add_argument_group("structured pruning (Stage B)")
-    prune.add_argument("--prune_target", type=float, default=0.3, help="fraction of fc1/fc2 slices to remove in the end (0 = no pruning)")
-    prune.add_argument("--prune_step", type=float, default=0.1, help="fraction removed per pruning step")
-    prune.add_argument("--prune_ft_epochs", type=int, default=4, help="fine-tuning epochs after each pruning step")
-    prune.add_argument("--prune_rule", default="paired", choices=("paired", "f1"),
-                       help="when to stop pruning. paired: compare the pruned and the unpruned model cell by cell on the same "
-                            "validation cells and keep a level while the 95%% bootstrap upper bound of the mean NLL increase is at "
-                            "most PRUNE_NLL_TOL and at most PRUNE_MAX_CHANGED of the cells change their predicted type (the "
-                            "type of the posterior means: Monte Carlo noise alone changes a few percent of the calls); "
-                            "f1: keep it while validation macro-F1 stays within PRUNE_F1_TOL (noisy on small validation sets)")
-    prune.add_argument("--prune_nll_tol", type=float, default=0.02, help="paired rule: largest tolerated mean increase of the per-cell validation NLL")
-    prune.add_argument("--prune_max_changed", type=float, default=0.05, help="paired rule: largest tolerated share of validation cells whose predicted type changes")
-    prune.add_argument("--prune_f1_tol", type=float, default=0.01, help="f1 rule: stop pruning when validation macro-F1 drops more than this below the unpruned model's")
-    prune.add_argument("--prune_dim", type=int, default=0, choices=(0, 1), help="0: prune output neurons (rows), 1: inputs (columns)")
-    prune.add_argument("--prune_layers", default="fc1,fc2", help="comma-separated layers to prune")
-    prune.add_argument("--prune_mode", default="physical", choices=PRUNE_MODES, help="physical: rebuild smaller layers; mask: zero in place")
-    prune.add_argument("--prune_score", default="l2", choices=PRUNE_SCORES,
-                       help="which slices go first. l2: smallest norm of the posterior means; snr: smallest mean |mu|/sigma "
-                            "(the posterior's signal-to-noise; Bayesian head only)")
-    prune.add_argument("--prune_refit", action=argparse.BooleanOptionalAction, default=True,
-                       help="after each pruning step, refit the layer that reads the removed neurons (least squares on the "
-                            "training cells' activations, weighted like the loss (--class_weight), shrunk toward its old "
-                            "weights) so it computes what it did before")
-    prune.add_argument("--prune_refit_ridge", type=float, default=0.01,
-                       help="refit: shrinkage toward the old weights, relative to the activations' mean second moment")
-    prune.add_argument("--prune_refit_cells", type=int, default=4096,
-                       help="refit: at most this many training cells (a fixed random subset) supply the activations")
-    prune.add_argument("--prune_distill", type=float, default=0.0, metavar="ALPHA",
-                       help="fine-tune pruned models toward the unpruned model's predicted probabilities on the training cells: "
-                            "loss = (1 - ALPHA) cross-entropy + ALPHA KL(unpruned || pruned); 0 = labels only")
-
-    train = p.add_argument_group("training")
-    train.add_argument("--epoch", type=int, default=100, help="training epochs (one shuffled pass over the training cells each)")
-    train.add_argument("--batch_size", type=int, default=3, help="cells per batch and device")
-    train.add_argument("--grad_acc", type=int, default=60, help="batches per optimizer step")
-    train.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate of the encoder")
-    train.add_argument("--head_lr_mult", type=float, default=1.0, help="head learning rate = LEARNING_RATE * HEAD_LR_MULT")
-    train.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (0 = Adam)")
-    train.add_argument("--warmup_ratio", type=float, default=0.05, help="share of steps with linear learning-rate warm-up before the cosine decay")
-    train.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
-    train.add_argument("--l1_lambda", type=float, default=0.0, help="L1 penalty on fc1/fc2 weights (encourages prunable neurons)")
-    train.add_argument("--group_lasso", type=float, default=0.0, metavar="LAMBDA",
-                       help="group-lasso penalty LAMBDA * sum of the L2 norms of fc1/fc2's slices along --prune_dim: drives "
-                            "whole neurons to zero before pruning removes them (0 = off)")
-    train.add_argument("--sample_with_replacement", action="store_true", help="draw training cells with replacement (the original scBERT loader)")
-    train.add_argument("--cv_splits", type=int, default=1, help="1: one stratified 80/20 train/validation split; K >= 2: stratified K-fold "
-                       "cross-fitting, every cell validates one fold model, and the run directory is a K-model ensemble for predict_updated.py")
-    train.add_argument("--temperature_scaling", action="store_true",
-                       help="after training, fit a temperature to each fold's validation cells (minimum NLL) and store it "
-                            "in the checkpoint: calibrated probabilities, the same predicted types")
-    train.add_argument("--novelty_fpr", type=float, default=0.05,
-                       help="after training, fit class statistics of each fold model's features to its training cells and "
-                            "set the novelty threshold so this share of its validation cells (known types) lies above it; "
-                            "predict_updated.py flags cells beyond it as possible unseen types")
-    train.add_argument("--novelty_parts", type=novelty_parts_option, default=NOVELTY_PARTS, metavar="VIEW[,VIEW…]",
-                       help="views combined into the novelty score, each calibrated on the validation cells: mahalanobis "
-                            "(distance to the nearest training type in the head's gene features), input_knn (distance to "
-                            "the nearest training cells in principal components of the expression), input_mahalanobis "
-                            "(distance to the nearest training type's mean there, shared covariance), input_likelihood "
-                            "(unlikeliness under the most likely training type's own Gaussian there), entropy (the "
-                            f"model's doubt between known types); default {','.join(NOVELTY_PARTS)}")
-    train.add_argument("--novelty_input_pcs", type=int, default=NOVELTY_INPUT_PCS,
-                       help="principal components of the binned expression that the input_* views measure in (fewer "
-                            "when the fold has fewer training cells or genes)")
-    train.add_argument("--patience", type=int, default=10, help="stop after this many validations without a better SELECT_METRIC")
-    train.add_argument("--select_metric", default="nll", choices=tuple(SELECTION_METRICS),
-                       help="validation metric for early stopping and the best checkpoint: nll (smooth, every cell counts) "
-                            "or macro_f1 (scBERT's; with 1-2 validation cells in a class it moves by hundredths per cell)")
-    train.add_argument("--class_weight", default="balanced", choices=("balanced", "none"),
-                       help="cross-entropy class weights: balanced (n / (classes * n_class), favours rare types' recall) "
-                            "or none (calibrated to the training cells' type frequencies)")
-    train.add_argument("--valid_every", type=int, default=1, help="validate every N epochs")
-    train.add_argument("--seed", type=int, default=2021, help="random seed")
-
-    run = add_run_options(p, output_help="replace the outputs of an earlier run with the same MODEL_NAME")
-    run.add_argument("--ckpt_dir", default="./ckpts/", help="output directory")
-    run.add_argument("--model_name", default="finetune", help="prefix of the output files")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run in CKPT_DIR from its last checkpoint")
-    p.set_defaults(**defaults)
-    return p
+    """The command line, generated from TrainConfig's fields; `defaults` override (finetune_updated.py)."""
+    return options.build_parser(TrainConfig, description, defaults=defaults)
 
 
-def novelty_parts_option(text: str) -> tuple[str, ...]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(NOVELTY_PARTS))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(NOVELTY_PARTS)}, got {text!r}")
-    return tuple(dict.fromkeys(names))
+def stage_of(values: dict) -> str:
+    """The preset stage a run is: --stage if given; else A from scratch (or from a foreign encoder), B2 when
+    --model_path is a Bayesian model (round 2 continues pruning), B1 from a deterministic one."""
+    if values.get("stage"):
+        return values["stage"]
+    path = values.get("model_path")
+    return "A" if not path else {"none": "A", "deterministic": "B1", "bayesian": "B2"}[model_kind(path)]
 
 
-def kl_weight_option(text: str) -> float | str:
-    """--kl_weight: a number, or 'elbo' for 1 / training cells."""
-    if text == "elbo":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'elbo', got {text!r}") from None
-
-
-@dataclass(frozen=True)
-class TrainConfig(DataOptions):
-    """Every option of one training run, as the command line defines them (build_parser holds the defaults and
-    the help); built and checked once by `make_config`, then read-only. Recorded as `args` in the run's
-    config.json and in every checkpoint."""
-
-    # data (after DataOptions' fields)
-    min_cells_per_class: int
-    gene_num: int | None
-    bin_num: int | None  # None until resolved: 5, or the --model_path checkpoint's (adopt_checkpoint_binning)
-    bin_width: float | None
-    # model
-    model_path: str | None
-    dim: int
-    depth: int
-    heads: int
-    dim_head: int
-    nb_features: int | None
-    feature_redraw_interval: int
-    local_attn_heads: int
-    pos_embed: bool
-    gene2vec_path: str | None
-    h_dim: int
-    dropout: float
-    gradient_checkpointing: bool
-    trainable_layers: int | None
-    # Bayesian head
-    bayes_head: bool
-    kl_weight: float | str  # a number or "elbo"
-    kl_anneal_steps: int
-    bayes_mc_samples: int
-    mc_samples_eval: int
-    pre_warm_epochs: int
-    prior_sigma: float
-    init_log_sigma: float
-    local_reparam: bool
-    # structured pruning
-    prune_target: float
-    prune_step: float
-    prune_ft_epochs: int
-    prune_rule: str
-    prune_nll_tol: float
-    prune_max_changed: float
-    prune_f1_tol: float
-    prune_dim: int
-    prune_layers: str  # comma-separated, normalised by make_config
-    prune_mode: str
-    prune_score: str
-    prune_refit: bool
-    prune_refit_ridge: float
-    prune_refit_cells: int
-    prune_distill: float
-    # training
-    epoch: int
-    batch_size: int
-    grad_acc: int
-    learning_rate: float
-    head_lr_mult: float
-    weight_decay: float
-    warmup_ratio: float
-    grad_clip: float
-    l1_lambda: float
-    group_lasso: float
-    sample_with_replacement: bool
-    cv_splits: int
-    temperature_scaling: bool
-    novelty_fpr: float
-    novelty_parts: tuple[str, ...]
-    novelty_input_pcs: int
-    patience: int
-    select_metric: str
-    class_weight: str
-    valid_every: int
-    seed: int
-    # run
-    device: str
-    amp: bool
-    num_workers: int
-    overwrite: bool
-    ckpt_dir: str
-    model_name: str
-    resume: bool
-
-    @property
-    def layers_to_prune(self) -> tuple[str, ...]:
-        return tuple(self.prune_layers.split(","))
-
-    def as_dict(self) -> dict:
-        """Plain values as the run's JSON holds them (tuples as lists), so a resumed run compares like with like."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
-
-
-def make_config(args: argparse.Namespace) -> TrainConfig:
-    """The run's configuration from the parsed command line: checked, then frozen."""
-    config = TrainConfig(**vars(args))
-    validate_config(config)
-    layers = [name.strip() for name in config.prune_layers.split(",") if name.strip()]
-    return replace(config, prune_layers=",".join(layers))
-
-
-def default_config(**options) -> TrainConfig:
-    """The command line's defaults with `options` by name (the Python API's way to a config)."""
-    return make_config(with_options(build_parser().parse_args([]), options, "finetune_sparse.py"))
-
-
-def validate_config(config: TrainConfig) -> None:
-    """Reject out-of-range options before any data is read or any model is built."""
-    checks = [
-        (0 <= config.prune_target < 1, "--prune_target must be in [0, 1)"),
-        (config.prune_step > 0, "--prune_step must be positive"),
-        (config.prune_f1_tol >= 0, "--prune_f1_tol must be at least 0"),
-        (config.prune_nll_tol >= 0, "--prune_nll_tol must be at least 0"),
-        (0 <= config.prune_max_changed <= 1, "--prune_max_changed must be in [0, 1]"),
-        (config.prune_ft_epochs >= 0, "--prune_ft_epochs must be at least 0"),
-        (config.bin_num is None or config.bin_num >= 1, "--bin_num must be at least 1"),
-        (config.bin_width is None or config.bin_width > 0, "--bin_width must be positive"),
-        (config.batch_size >= 1, "--batch_size must be at least 1"),
-        (config.grad_acc >= 1, "--grad_acc must be at least 1"),
-        (config.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1"),
-        (config.mc_samples_eval >= 1, "--mc_samples_eval must be at least 1"),
-        (config.epoch >= 0, "--epoch must be at least 0"),
-        (config.epoch >= 1 or bool(config.model_path),
-         "--epoch 0 trains nothing: a model from scratch needs --epoch 1 or more (--epoch 0 only evaluates or prunes a --model_path checkpoint)"),
-        (config.cv_splits >= 1, "--cv_splits must be at least 1"),
-        (not (config.local_reparam and config.bayes_mc_samples > 1),
-         "--local_reparam samples pre-activations of one network per step and cannot average --bayes_mc_samples "
-         "networks; use one of the two"),
-        (config.patience >= 1, "--patience must be at least 1"),
-        (0 < config.novelty_fpr < 1, "--novelty_fpr must be in (0, 1), e.g. 0.05 for 5 % of known cells flagged"),
-        (config.novelty_input_pcs >= 1, "--novelty_input_pcs must be at least 1, e.g. 100"),
-        (config.valid_every >= 1, "--valid_every must be at least 1"),
-        (config.learning_rate > 0, "--learning_rate must be positive"),
-        (config.head_lr_mult > 0, "--head_lr_mult must be positive"),
-        (config.weight_decay >= 0, "--weight_decay must be at least 0"),
-        (0 <= config.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (config.kl_weight == "elbo" or config.kl_weight >= 0, "--kl_weight must be at least 0 (or 'elbo')"),
-        (config.kl_anneal_steps >= 0, "--kl_anneal_steps must be at least 0"),
-        (config.pre_warm_epochs >= 0, "--pre_warm_epochs must be at least 0"),
-        (config.prior_sigma > 0, "--prior_sigma must be positive"),
-        (0 <= config.dropout < 1, "--dropout must be in [0, 1)"),
-        (config.l1_lambda >= 0, "--l1_lambda must be at least 0"),
-        (config.group_lasso >= 0, "--group_lasso must be at least 0"),
-        (0 <= config.prune_distill <= 1, "--prune_distill must be in [0, 1]"),
-        (config.prune_refit_ridge > 0, "--prune_refit_ridge must be positive"),
-        (config.prune_refit_cells >= 1, "--prune_refit_cells must be at least 1"),
-        (min(config.dim, config.depth, config.heads, config.dim_head, config.h_dim) >= 1, "--dim, --depth, --heads, --dim_head and --h_dim must be at least 1"),
-        (0 <= config.local_attn_heads <= config.heads, "--local_attn_heads must be between 0 and --heads"),
-        (config.min_cells_per_class >= 0, "--min_cells_per_class must be at least 0"),
-        (config.num_workers >= 0, "--num_workers must be at least 0"),
-        (config.gene_num is None or config.gene_num >= 1, "--gene_num must be at least 1"),
-        (not (config.resume and config.overwrite), "--resume and --overwrite exclude each other: pick one"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    layers = [name.strip() for name in config.prune_layers.split(",") if name.strip()]
-    unknown = sorted(set(layers) - set(PRUNABLE_LAYERS))
-    if unknown or not layers:
-        raise UserError(f"--prune_layers: unknown layer(s) {unknown or config.prune_layers!r}; choose from {','.join(PRUNABLE_LAYERS)}")
+def default_config(**given) -> TrainConfig:
+    """The configuration of `given` options by name (the Python API's way to a config): the same conversion and
+    checks as the command line, a preset's values where `preset=` names one."""
+    return options.make(TrainConfig, given, stage_of=stage_of)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -474,7 +194,7 @@ class RunFiles:
 
     def outputs(self, folds: int) -> list[Path]:
         """Every file a run with this many folds writes."""
-        paths = [self.config, self.summary, self.log]
+        paths = [self.directory / MANIFEST, self.config, self.summary, self.log]
         for fold in range(folds):
             suffixes = ("best.pth", "last.pth", "metrics.csv", "val_cells.txt", "val_predictions.csv")
             paths += [self.fold(fold, s) for s in suffixes]
@@ -484,36 +204,56 @@ class RunFiles:
         return [path for path in self.outputs(folds) if path.exists()]
 
 
-def check_outputs(config: TrainConfig, files: RunFiles) -> list[Path]:
-    """Refuse to clobber an earlier run; on --resume insist on the same settings. Writes nothing."""
-    for folder in (files.directory, *files.directory.parents):
+def check_directory_path(directory: Path) -> None:
+    """--ckpt_dir must be creatable: no file where it or a folder above it should be."""
+    for folder in (directory, *directory.parents):
         if folder.exists():
             if not folder.is_dir():
-                raise UserError(f"--ckpt_dir {files.directory} cannot be created: {folder} is a file; choose another --ckpt_dir")
+                raise UserError(f"--ckpt_dir {directory} cannot be created: {folder} is a file; choose another --ckpt_dir")
             break
+
+
+def check_outputs(config: TrainConfig, files: RunFiles) -> list[Path]:
+    """Refuse to clobber an earlier run or to share its directory; on --resume insist on the same settings.
+    Writes nothing."""
+    others = sorted(set(config_files(files.directory)) - {config.model_name}) if files.directory.is_dir() else []
+    if others:
+        raise UserError(f"{files.directory} already holds the run {others[0]!r}; a run directory holds one run: choose "
+                        "another --ckpt_dir")
     existing = files.existing(config.cv_splits)
-    settings = {k: v for k, v in config.as_dict().items() if k not in RESUME_FREE_ARGS}
     if config.resume:
         if not files.config.exists():
             raise UserError(f"nothing to resume: {files.config} does not exist; run without --resume")
-        saved = SETTINGS_ADDED_LATER | read_json(files.config)["args"]
-        saved = {k: v for k, v in saved.items() if k not in RESUME_FREE_ARGS}
+        saved = {k: v for k, v in read_json(files.config)["args"].items() if k not in TrainConfig.RUNTIME}
+        settings = {k: v for k, v in config.as_dict().items() if k not in TrainConfig.RUNTIME}
         changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
         if changed:
             differences = ", ".join(f"{k} (interrupted run: {saved.get(k)!r}, now: {settings.get(k)!r})" for k in changed)
             raise UserError(f"--resume needs the settings of the interrupted run; these differ: {differences}")
     elif existing and not config.overwrite:
-        raise UserError(f"{existing[0]} exists from an earlier run; pass --overwrite, --resume or another --model_name/--ckpt_dir")
+        raise UserError(f"{existing[0]} exists from an earlier run; pass --overwrite, --resume or another --ckpt_dir")
     return existing
 
 
-def create_outputs(config: TrainConfig, files: RunFiles, ctx: Dist, existing: list[Path]) -> None:
+def check_resumed_data(config: TrainConfig, files: RunFiles, fingerprint: dict) -> None:
+    """--resume continues training on the very cells the run started with: a changed input is refused."""
+    if not config.resume:
+        return
+    saved = read_json(files.config).get("data_fingerprint")
+    changes = fingerprint_changes(saved or {}, fingerprint)
+    if changes:
+        raise UserError(f"--resume: the training data changed since the run started ({', '.join(changes)}); resume "
+                        "with the original data, or start over with --overwrite")
+
+
+def create_outputs(config: TrainConfig, files: RunFiles, ctx: Dist, existing: list[Path], fingerprint: dict) -> None:
     """Only once every input has been checked: create the run directory and record the configuration."""
     if ctx.main:
         files.directory.mkdir(parents=True, exist_ok=True)
+        mark_incomplete(files.directory)  # from here on the directory is an unfinished run until the manifest says so
         if config.overwrite:
             for path in existing:
-                path.unlink()
+                path.unlink(missing_ok=True)
         # A kill during an atomic write leaves its temporary file (.tmp-<target>-<random>) behind; remove this
         # run's, which hold nothing it still needs, and leave other runs' alone.
         ours = {path.name for path in files.outputs(config.cv_splits)}
@@ -521,22 +261,43 @@ def create_outputs(config: TrainConfig, files: RunFiles, ctx: Dist, existing: li
             if leftover.name[len(".tmp-"):].rsplit("-", 1)[0] in ours:
                 leftover.unlink(missing_ok=True)
         if not config.resume:
-            write_json(files.config, {"args": config.as_dict(), "versions": package_versions()})
+            write_json(files.config, {"args": config.as_dict(), "data_fingerprint": fingerprint,
+                                      "versions": package_versions()})
     if ctx.world > 1:
         dist.barrier()
 
 
-def setup_logging(files: RunFiles, ctx: Dist) -> None:
-    """The run's log: the console, and on the main process CKPT_DIR/MODEL_NAME.log; `close_logging` ends it."""
+def setup_logging(files: RunFiles, ctx: Dist, verbose: bool = True) -> None:
+    """The run's log: the console (unless not `verbose`), and on the main process CKPT_DIR/MODEL_NAME.log;
+    `close_logging` ends it."""
     log.setLevel(logging.INFO if ctx.main else logging.WARNING)
     log.propagate = False
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)]
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)] if verbose else []
     if ctx.main:
-        handlers.append(logging.FileHandler(files.log, encoding="utf-8"))
+        handlers.append(RunLogFile(files.log))
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
+
+
+class RunLogFile(logging.FileHandler):
+    """The run's log file; a write that fails (a full disk) stops the run with one line instead of logging's own
+    traceback, and the checkpoints written so far stay for --resume."""
+
+    def __init__(self, path: Path):
+        try:
+            super().__init__(path, encoding="utf-8")
+        except OSError as err:
+            raise OutputError(path, err) from err
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        raise OutputError(self.baseFilename, error if isinstance(error, OSError) else OSError(str(error)))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # closing flushes; on a full disk the error was already reported
+            super().close()
 
 
 def close_logging() -> None:
@@ -601,12 +362,12 @@ def read_sources(config: TrainConfig) -> list[Source]:
     """
     if not config.model_path:
         return [Source()]
-    paths = checkpoint_paths(config.model_path)
+    paths = checkpoint_paths(config.model_path, purpose="continue it")
     if len(paths) > 1:
         if len(paths) != config.cv_splits:
             raise UserError(f"--model_path {config.model_path} holds {len(paths)} fold models; pass --cv_splits {len(paths)} "
                             "so that each fold continues its own model")
-        members = load_ensemble(config.model_path)
+        members = load_ensemble(config.model_path, purpose="continue it")
         for member in members:
             if (member.args.get("seed"), member.args.get("cv_splits")) != (config.seed, config.cv_splits):
                 raise UserError(f"the fold models in {config.model_path} were trained with --seed {member.args.get('seed')} "
@@ -633,7 +394,7 @@ def adopt_checkpoint_binning(config: TrainConfig, source: Source) -> TrainConfig
             raise UserError(f"--{name} {given} differs from the checkpoint's {saved}; "
                             f"drop --{name} to keep the binning the model was trained with")
         binning[name] = saved
-    return replace(config, **binning)
+    return with_changes(config, **binning)
 
 
 def check_fixed_options(config: TrainConfig, source: Source) -> None:
@@ -643,7 +404,7 @@ def check_fixed_options(config: TrainConfig, source: Source) -> None:
     if source.checkpoint is None:
         return
     saved = source.checkpoint.model.config
-    if config.gene2vec_path is not None or not config.pos_embed:
+    if config.gene2vec_path is not None or ("pos_embed" in config.given and not config.pos_embed):
         flag = "--gene2vec_path" if config.gene2vec_path is not None else "--no_pos_embed"
         raise UserError(f"{config.model_path} brings its own gene embedding ({saved.encoder.gene_embedding}), part of "
                         f"its encoder's weights; drop {flag}")
@@ -655,9 +416,7 @@ def check_fixed_options(config: TrainConfig, source: Source) -> None:
     if source.continues_model and saved.head.bayes:
         fixed |= {"prior_sigma": saved.head.prior_sigma, "init_log_sigma": saved.head.init_log_sigma,
                   "local_reparam": saved.head.local_reparam}
-    defaults = build_parser()
-    given = sorted(name for name, value in fixed.items()
-                   if getattr(config, name) != defaults.get_default(name) and getattr(config, name) != value)
+    given = sorted(name for name, value in fixed.items() if name in config.given and getattr(config, name) != value)
     if given:
         settings = ", ".join(f"--{name} {'(default)' if fixed[name] is None else fixed[name]}" for name in given)
         raise UserError(f"{config.model_path} fixes {settings}; drop {', '.join('--' + n for n in given)} (they cannot "
@@ -933,8 +692,8 @@ def batch_loss(fold: Fold, training: Training, state: FoldState, tokens: torch.T
     None). The loss adds the annealed KL term of a sampled Bayesian head and the --l1_lambda/--group_lasso penalties."""
     config, model = fold.run.config, training.model
     forward = training.ddp or model
-    if model.is_bayesian and not deterministic and config.bayes_mc_samples > 1:
-        logits = forward(tokens, noise=model.head.draw_noise(config.bayes_mc_samples))  # (S, batch, classes)
+    if model.is_bayesian and not deterministic and config.mc_samples > 1:
+        logits = forward(tokens, noise=model.head.draw_noise(config.mc_samples))  # (S, batch, classes)
     else:
         logits = forward(tokens).unsqueeze(0)
     ce, loss = data_loss(logits, labels, fold.class_weights, state.teacher_probs, rows, config.prune_distill)
@@ -1495,22 +1254,35 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
 
 
 def run(config: TrainConfig, adata: anndata.AnnData | None = None) -> dict:
-    """One training run (every fold) on `adata`, or on --data_path; returns the summary (per fold and mean ± std)."""
+    """One training run (every fold) on `adata`, or on --data_path; returns the summary (per fold and mean ± std).
+
+    The run directory is locked for the whole run (one writer at a time); its manifest, written last, makes it a
+    complete run that prediction and the next stage accept.
+    """
     ctx, device = init_distributed(config.device)
     files = RunFiles(Path(config.ckpt_dir), config.model_name)
+    check_directory_path(files.directory)
+    with locked(files.directory, "run directory") if ctx.main else contextlib.nullcontext():
+        return _run_locked(config, adata, ctx, device, files)
+
+
+def _run_locked(config: TrainConfig, adata: anndata.AnnData | None, ctx: Dist, device: torch.device,
+                files: RunFiles) -> dict:
     # Every input is read and checked before the first output is written: a bad input leaves nothing behind.
     sources = read_sources(config)
     source = sources[0]  # every member of an ensemble has the same genes, classes and binning
     config = adopt_checkpoint_binning(config, source)
     existing = check_outputs(config, files)
     data, labels, classes = read_data(config, sources, adata)
+    fingerprint = data_fingerprint(data.matrix, data.cell_ids, data.genes, labels)
+    check_resumed_data(config, files, fingerprint)
     splits = stratified_splits(labels, config.cv_splits, test_size=0.2, seed=config.seed, class_names=classes)
     if source.checkpoint is None and config.pos_embed and config.gene2vec_path:
         source.gene_vectors = load_gene_vectors(config.gene2vec_path, data.genes, config.dim)
     if config.model_path and source.checkpoint is None:
         build_model(config, source, data.genes, len(classes))  # a foreign encoder must fit before anything is written
-    create_outputs(config, files, ctx, existing)
-    setup_logging(files, ctx)
+    create_outputs(config, files, ctx, existing, fingerprint)
+    setup_logging(files, ctx, config.verbose)
     try:
         log.info("data: %d cells, %d genes, %d classes; %d fold(s); device %s x %d", len(labels), len(data.genes),
                  len(classes), len(splits), device, ctx.world)
@@ -1520,6 +1292,11 @@ def run(config: TrainConfig, adata: anndata.AnnData | None = None) -> dict:
         summary = summarise(results)
         if ctx.main:
             write_json(files.summary, summary)
+            members = [{"fold": k, "checkpoint": files.fold(k, "best.pth").name,
+                        "val_cells": files.fold(k, "val_cells.txt").name,
+                        "val_predictions": files.fold(k, "val_predictions.csv").name} for k in range(len(splits))]
+            write_manifest(files.directory, name=config.model_name, stage=run_stage(config), options=config.as_dict(),
+                           members=members, fingerprint=fingerprint, classes=classes, genes=len(data.genes))
             log.info("summary over %d fold(s): accuracy %.4f ± %.4f, macro-F1 %.4f ± %.4f, ECE %.4f ± %.4f", len(results),
                      summary["accuracy"]["mean"], summary["accuracy"]["std"], summary["macro_f1"]["mean"],
                      summary["macro_f1"]["std"], summary["ece"]["mean"], summary["ece"]["std"])
@@ -1530,6 +1307,25 @@ def run(config: TrainConfig, adata: anndata.AnnData | None = None) -> dict:
     return summary
 
 
+def run_stage(config: TrainConfig) -> str:
+    """The stage a finished run is, as its manifest records it: A deterministic, B1 Bayesian, B2 Bayesian and pruned."""
+    if not config.bayes_head:
+        return "A"
+    return "B2" if config.prune_target > 0 else "B1"
+
+
+def model_kind(path: str | os.PathLike) -> str:
+    """What --model_path holds: 'bayesian' or 'deterministic' (one of our models, a run directory or a checkpoint
+    file), or 'none' (a foreign encoder such as scBERT's pretrained weights)."""
+    path = Path(path)
+    if path.is_dir():
+        return "bayesian" if read_run(path, purpose="continue it").options.get("bayes_head") else "deterministic"
+    payload = read_checkpoint_file(path)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        return "none"
+    return "bayesian" if checkpoint_from_payload(path, payload).model.is_bayesian else "deterministic"
+
+
 def read_data(config: TrainConfig, sources: list[Source], adata: anndata.AnnData | None) -> tuple[ExpressionData, np.ndarray, list[str]]:
     """The labelled cells (of `adata`, else --data_path), genes aligned to a checkpoint's; their class indices and
     the class names. Data with cell types the checkpoint lacks gets a new head (Stage A only)."""
@@ -1537,6 +1333,7 @@ def read_data(config: TrainConfig, sources: list[Source], adata: anndata.AnnData
     options = dict(label_key=config.label_key, layer=config.layer, use_raw=config.use_raw, normalize=config.normalize,
                    min_cells_per_class=config.min_cells_per_class, gene_symbols=config.gene_symbols)
     data = dataset_from_anndata(adata, **options) if adata is not None else load_dataset(config.data_path, **options)
+    check_training_labels(data, config.min_cells_per_class)
     if source.genes is not None:
         data = align_genes(data, source.genes)
     elif config.gene_num is not None and config.gene_num != len(data.genes):
@@ -1564,20 +1361,197 @@ def summarise(results: list[dict]) -> dict:
     return summary
 
 
-def fit(adata: anndata.AnnData, ckpt_dir: str | os.PathLike, **options) -> dict:
-    """Train from an in-memory AnnData, as `finetune_sparse.py` does from a file: the same options by name, the
-    same outputs in `ckpt_dir`; returns the run summary. E.g. Stage A then Stage B over 5 cross-fitted folds:
+def fit(adata: anndata.AnnData, ckpt_dir: str | os.PathLike, **given) -> dict:
+    """Train from an in-memory AnnData, as `finetune_sparse.py` does from a file: the same options by name (checked
+    the same way), the same outputs in `ckpt_dir`; returns the run summary. Quiet unless `verbose=True` (the log
+    file in `ckpt_dir` has every line). E.g. Stage A then Stage B over 5 cross-fitted folds:
 
-        fit(adata, "runs/a", label_key="cell_type", cv_splits=5, bin_width=0.25, bin_num=28, epoch=12)
-        fit(adata, "runs/b", label_key="cell_type", cv_splits=5, model_path="runs/a", bayes_head=True, epoch=4)
+        fit(adata, "runs/a", label_key="cell_type", preset="demo")
+        fit(adata, "runs/b", label_key="cell_type", preset="demo", model_path="runs/a")   # stage B1 of the preset
     """
-    check_api_options("fit", options, (f.name for f in fields(TrainConfig)), {"data_path", "ckpt_dir"}, "finetune_sparse.py")
-    return run(default_config(ckpt_dir=str(ckpt_dir), **options), adata)
+    file_only = sorted({"data_path", "ckpt_dir"} & set(given))
+    if file_only:
+        raise TypeError(f"fit() takes the data and the run directory as arguments, not {file_only}")
+    return run(default_config(ckpt_dir=str(ckpt_dir), **{"verbose": False, **given}), adata)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pipeline: Stage A -> Stage B round 1 -> round 2 (-> prediction), resumable stage by stage
+# --------------------------------------------------------------------------------------------------------------
+
+
+PIPELINE_STAGES = {"A": "stageA", "B1": "stageB1", "B2": "stageB2"}
+# Environment variables of the shell pipeline (train_sparse.sh): each sets an option of every training stage by the
+# option's name in capitals; these few set one stage's option or a prediction option instead.
+STAGE_ENV = {"EPOCHS_A": ("A", "epoch"), "EPOCHS_B": ("B1", "epoch"), "LEARNING_RATE_B": (("B1", "B2"), "learning_rate"),
+             "MC_SAMPLES": (("A", "B1", "B2"), "mc_samples_eval"), "INIT_LOG_SIGMA": ("B1", "init_log_sigma"),
+             "PRIOR_SIGMA": ("B1", "prior_sigma"), "PRE_WARM_EPOCHS": ("B1", "pre_warm_epochs")}
+ENV_OPTIONS = ("DIM", "DEPTH", "HEADS", "DIM_HEAD", "H_DIM", "BATCH_SIZE", "GRAD_ACC", "LEARNING_RATE", "KL_ANNEAL_STEPS",
+               "KL_WEIGHT", "PRUNE_TARGET", "PRUNE_STEP", "PRUNE_FT_EPOCHS", "PATIENCE", "SEED", "DEVICE", "BIN_NUM",
+               "BIN_WIDTH", "PRUNE_F1_TOL", "PRUNE_MODE", "PRUNE_DIM", "PRUNE_LAYERS", "CV_SPLITS", "SELECT_METRIC",
+               "CLASS_WEIGHT", "TEMPERATURE_SCALING", "DROPOUT", "PRUNE_RULE", "PRUNE_NLL_TOL", "PRUNE_MAX_CHANGED",
+               "PRUNE_SCORE", "PRUNE_DISTILL", "GROUP_LASSO", "PRUNE_REFIT", "LABEL_KEY")
+
+
+def stage_options_from_env(environ: dict[str, str]) -> dict[str, dict]:
+    """The shell pipeline's environment variables as options per stage ({'A': {...}, 'B1': ..., 'predict': ...})."""
+    per_stage: dict[str, dict] = {stage: {} for stage in (*PIPELINE_STAGES, "predict")}
+    for name in ENV_OPTIONS:
+        if environ.get(name, "") != "":
+            for stage in PIPELINE_STAGES:
+                per_stage[stage][name.lower()] = environ[name]
+    for name, (stages, option) in STAGE_ENV.items():
+        if environ.get(name, "") != "":
+            for stage in (stages,) if isinstance(stages, str) else stages:
+                per_stage[stage][option] = environ[name]
+    if environ.get("MC_SAMPLES", "") != "":
+        per_stage["predict"]["bayes_mc_samples"] = environ["MC_SAMPLES"]
+    if environ.get("DEVICE", "") != "":
+        per_stage["predict"]["device"] = environ["DEVICE"]
+    if environ.get("PREDICT_LABEL_KEY", "") != "":
+        per_stage["predict"]["label_key"] = environ["PREDICT_LABEL_KEY"]
+    return per_stage
+
+
+def stage_state(directory: Path) -> str:
+    """'complete' (its manifest is there), 'started' (an interrupted run to --resume) or 'new'."""
+    if (directory / MANIFEST).exists():
+        return "complete"
+    return "started" if config_files(directory) else "new"
+
+
+def pipeline(data: anndata.AnnData | str | os.PathLike | None, run_dir: str | os.PathLike, preset: str | None = "demo", *,
+             stages: tuple[str, ...] = ("A", "B1", "B2"), start: str | os.PathLike | None = None,
+             predict: str | os.PathLike | None = None,
+             stage_options: dict[str, dict] | None = None, overwrite: bool = False, **overrides) -> dict:
+    """The method end to end: Stage A (deterministic) -> Stage B round 1 (Bayesian head) -> round 2 (pruning), each
+    over the preset's cross-fitted folds in `run_dir/stageA`, `stageB1`, `stageB2`; then, with `predict` (an .h5ad),
+    the final model annotates those cells into `run_dir/predictions`.
+
+    `data` is an AnnData, an .h5ad path, or None for the bundled PBMC cells. `start` is the model the first of
+    `stages` continues (a run directory or checkpoint; default: the previous stage's directory in `run_dir`). `overrides` are options of every training
+    stage (e.g. `label_key="cell_type"`, `seed=1`); `stage_options={"B2": {...}, "predict": {...}}` one stage's. Run
+    again, it continues where it stopped: complete stages are kept, an interrupted one resumes fold by fold
+    (`overwrite=True` starts over). Returns {stage: its summary, "final_model": path, "predictions": summary or None}.
+    """
+    import predict_updated  # imported here: prediction imports this module's neighbours, not the other way round
+
+    run_dir = Path(run_dir)
+    stage_options = {key: dict(value) for key, value in (stage_options or {}).items()}
+    unknown = sorted(set(stages) - set(PIPELINE_STAGES))
+    if unknown or not stages:
+        raise UserError(f"stages must be some of {', '.join(PIPELINE_STAGES)}, got {', '.join(stages) or 'none'}")
+    adata = data if isinstance(data, anndata.AnnData) else None
+    data_path = None if data is None or adata is not None else os.fspath(data)
+    predict_config = None
+    if predict is not None:  # checked before hours of training: a wrong file fails now
+        predict_given = {"data_path": os.fspath(predict), "output_dir": str(run_dir / "predictions"), "overwrite": True,
+                         "preset": preset, **stage_options.get("predict", {})}
+        predict_config = predict_updated.default_config(run_dir / PIPELINE_STAGES[stages[-1]], **predict_given)
+        predict_updated.check_input(predict_config)
+    results: dict = {}
+    previous = Path(start) if start is not None else None
+    for stage in PIPELINE_STAGES:
+        directory = run_dir / PIPELINE_STAGES[stage]
+        if stage not in stages:
+            if start is None and stage_state(directory) == "complete":
+                previous = directory
+            continue
+        state = "new" if overwrite else stage_state(directory)
+        given = {"preset": preset, "stage": stage, "ckpt_dir": str(directory), "model_name": PIPELINE_STAGES[stage],
+                 "data_path": data_path, **overrides, **stage_options.get(stage, {})}
+        if previous is not None:
+            given["model_path"] = str(previous)
+        if state == "complete":
+            log.info("%s: complete in %s, kept", stage, directory)
+            results[stage] = read_json(directory / f"{PIPELINE_STAGES[stage]}_summary.json")
+        else:
+            given |= {"resume": True} if state == "started" else {"overwrite": overwrite}
+            results[stage] = run(default_config(**given), adata)
+        previous = directory
+    results["final_model"] = str(previous)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    results["predictions"] = predict_updated.run(predict_config) if predict_config is not None and main_process else None
+    return results
+
+
+def pipeline_summary(run_dir: str | os.PathLike) -> str:
+    """A table of every complete stage's out-of-fold validation (each cell predicted by the fold model that never
+    trained on it): cells, accuracy, macro-F1, NLL, ECE, parameters, head sparsity and checkpoint size."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    lines = [f"{'stage':<10}{'cells':>7}{'accuracy':>10}{'macro-F1':>10}{'NLL':>8}{'ECE':>8}{'params':>10}"
+             f"{'head sparsity':>15}{'ckpt MB':>9}"]
+    for name in PIPELINE_STAGES.values():
+        directory = Path(run_dir) / name
+        if stage_state(directory) != "complete":
+            continue
+        run_info = read_run(directory)
+        summary = read_json(directory / f"{name}_summary.json")
+        true, pred = [], []
+        for member in run_info.manifest["members"]:
+            with open(directory / member["val_predictions"], encoding="utf-8") as handle:
+                for row in csv.DictReader(handle):
+                    true.append(row["true_label"])
+                    pred.append(row["pred_label"])
+        megabytes = sum(path.stat().st_size for path in run_info.members) / 2**20
+        lines.append(f"{name:<10}{len(true):>7}{accuracy_score(true, pred):>10.4f}"
+                     f"{f1_score(true, pred, average='macro'):>10.4f}{summary['nll']['mean']:>8.4f}"
+                     f"{summary['ece']['mean']:>8.4f}{int(summary['total_params']['mean']):>10d}"
+                     f"{summary['head_sparsity']['mean']:>15.1%}{megabytes:>9.2f}")
+    return "\n".join(lines)
+
+
+def pipeline_main(argv: list[str]) -> int:
+    """`finetune_sparse.py pipeline`: the shell pipeline's entry point (train_sparse.sh and the stage scripts)."""
+    parser = argparse.ArgumentParser(prog="finetune_sparse.py pipeline", description=pipeline.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=os.environ.get("PRESET", "full"), help="demo or full (env PRESET)")
+    parser.add_argument("--run_dir", default=os.environ.get("RUN_DIR"), help="the run's directory (env RUN_DIR; "
+                        "default runs/PRESET)")
+    parser.add_argument("--data_path", default=os.environ.get("DATA_PATH") or None, help="training .h5ad (env DATA_PATH; "
+                        "default: the bundled PBMC cells)")
+    parser.add_argument("--stages", default="A,B1,B2", help="which stages to run, in order (earlier complete ones are "
+                        "kept and continued from)")
+    parser.add_argument("--start", default=os.environ.get("START_CKPT") or None, help="the model the first stage "
+                        "continues (env START_CKPT; default: the previous stage in RUN_DIR)")
+    parser.add_argument("--predict_path", default=os.environ.get("PREDICT_PATH") or None, help="annotate these cells with "
+                        "the final model (env PREDICT_PATH; PREDICT_LABEL_KEY evaluates on them)")
+    parser.add_argument("--overwrite", action="store_true", help="start every stage over")
+    parser.add_argument("--resume", action="store_true", help="accepted for the shell scripts' old spelling; the "
+                        "pipeline always continues an interrupted stage")
+    parser.add_argument("--print_preset", action="store_true", help="print the preset's values per stage and exit")
+    args, extra = parser.parse_known_args(argv)
+
+    def job() -> None:
+        if args.print_preset:
+            print(options.describe_preset(args.preset))
+            return
+        per_stage = stage_options_from_env(dict(os.environ))
+        extra_given = options.parse_given(TrainConfig, extra, "") if extra else {}
+        for stage in PIPELINE_STAGES:
+            per_stage[stage] |= extra_given
+        run_dir = args.run_dir or f"runs/{args.preset}"
+        stages = tuple(name.strip() for name in args.stages.split(",") if name.strip())
+        results = pipeline(args.data_path, run_dir, args.preset, stages=stages, start=args.start, predict=args.predict_path,
+                           stage_options=per_stage, overwrite=args.overwrite, verbose=True)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        print("== Summary: out-of-fold validation (each cell predicted by the fold model that never trained on it) ==")
+        print(pipeline_summary(run_dir))
+        print(f"final model: {results['final_model']}")
+        print(f"predict new cells with: python predict_updated.py --model_path '{results['final_model']}' "
+              "--data_path NEW.h5ad --bayes_mc_samples 8")
+
+    return run_cli(job, interrupted="interrupted; rerun the same command to continue where it stopped")
 
 
 def main(argv: list[str] | None = None, description: str = __doc__, **defaults) -> int:
-    args = build_parser(description, **defaults).parse_args(argv)
-    return run_cli(lambda: run(make_config(args)))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pipeline"]:
+        return pipeline_main(argv[1:])
+    return run_cli(lambda: run(options.cli_config(TrainConfig, argv, description, defaults=defaults, stage_of=stage_of)),
+                   interrupted="interrupted; rerun the same command with --resume to continue where it stopped")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,22 @@
 """Predict cell types with Bayesian uncertainty from a checkpoint of finetune_sparse.py.
 
 load the checkpoint -> read the data and align its genes to the model's -> encode each batch once and sample the
-head S times -> per-cell predictions and uncertainties -> CSV tables, an annotated .h5ad and, when the data has
-labels, metrics and plots. Everything is computed before the first file is written.
+head S times -> per-cell predictions and uncertainties (and, with --majority_voting, each cluster's majority label)
+-> CSV tables, an annotated .h5ad and, when the data has labels, metrics and plots. Everything is computed before
+the first file is written. In Python, `annotate(adata, model)` returns the same results as an `AnnotationResult`.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import math
 import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import anndata
@@ -24,20 +26,24 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure  # the object API needs no pyplot and no GUI backend
 from torch.utils.data import DataLoader
 
-from bayesian_sparse_transformer import Checkpoint, ensemble_novelty, load_ensemble, predict_samples
+import options
+from annotation import DEFAULT_KEY, UNCERTAINTY_COLUMNS, AnnotationResult, cell_table
+from bayesian_sparse_transformer import predict_samples
+from checkpoints import Checkpoint, load_ensemble
+from directory_lock import LOCK_NAME, locked, staged_replacement
+from majority_voting import clusters_from_column, leiden_over_clustering, majority_vote
+from novelty import ensemble_novelty
+from options import DEFAULT_THRESHOLDS, PredictConfig
+from progress import progress
 from utils import (
     BUNDLED_LABEL_KEY,
     BinnedDataset,
-    DataOptions,
     ExpressionData,
     UserError,
     accuracy_at_coverage,
-    add_data_options,
-    add_run_options,
     align_genes,
-    atomic_path,
     atomic_write,
-    check_api_options,
+    check_class_names,
     classification_metrics,
     collate_batch,
     dataset_from_anndata,
@@ -45,124 +51,75 @@ from utils import (
     misclassification_auroc,
     package_versions,
     pool_members,
-    prepare_output_dir,
     reliability_bins,
     resolve_device,
     run_cli,
     set_seed,
     uncertainty_summary,
-    with_options,
+    write_h5ad,
     write_json,
 )
 
 UNASSIGNED = "Unassigned"
-UNASSIGN_RULES = ("novelty", "confidence", "entropy", "mutual_info")
-# Default --unassign_thres per rule: novelty is relative to the checkpoints' own thresholds (1.0 = theirs);
-# confidence < 0.5 is scBERT's novel-type rule.
-DEFAULT_THRESHOLDS = {"novelty": 1.0, "confidence": 0.5, "entropy": 0.5, "mutual_info": 0.5}
 COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.5)
 CURVE_COVERAGES = tuple(np.round(np.linspace(0.1, 1.0, 10), 2))
 OUTPUT_FILES = ("predictions.csv", "probabilities.csv", "predictions.h5ad", "metrics.json", "run.json")
-# Per-cell uncertainty columns of predictions.csv and of the .h5ad's obs, by uncertainty_summary key: one naming
-# (scanpy's obs convention) so a column means the same in both files.
-CELL_COLUMNS = {"confidence": "pred_confidence", "entropy": "pred_entropy", "expected_entropy": "pred_expected_entropy",
-                "mutual_info": "pred_mutual_info", "pred_std": "pred_std", "novelty": "pred_novelty"}
+# Per-cell uncertainty columns under the default key, by uncertainty_summary key (annotation.cell_table makes every
+# column; predictions.csv, the .h5ad's obs and AnnotationResult.predicted_labels share its names).
+CELL_COLUMNS = {key: f"{DEFAULT_KEY}_{name}" for key, name in UNCERTAINTY_COLUMNS.items()}
 PLOT_FILES = ("reliability.png", "confusion_matrix.png", "accuracy_coverage.png", "uncertainty_hist.png", "umap.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; options shared with finetune_sparse.py keep its names and meanings."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = add_data_options(p, label_key=None, label_help="obs column with true cell types; turns on evaluation")
-    data.add_argument("--cells", default=None, help="text file of cell ids (obs names), one per line: predict only these, e.g. {model_name}{fold}_val_cells.txt from training")
-    data.add_argument("--allow_missing_genes", action="store_true", help="predict even when fewer than half of the model's genes are in the data (missing genes are zeros)")
-
-    model = p.add_argument_group("model and prediction")
-    model.add_argument("--model_path", required=True, help="a checkpoint of finetune_sparse.py (e.g. ckpts/finetune0_best.pth), or its run "
-                       "directory (--ckpt_dir): every fold's *_best.pth is then one member of an ensemble whose probabilities are averaged")
-    model.add_argument("--bayes_mc_samples", type=int, default=8, help="head samples per cell and ensemble member; 1 = the posterior means only (deterministic)")
-    model.add_argument("--unassign_by", default="novelty", choices=UNASSIGN_RULES,
-                       help="score deciding which cells are Unassigned: novelty (how unlike the training cells, for cell "
-                            "types absent from training; checkpoints without its statistics fall back to confidence), or confidence, "
-                            "entropy, mutual_info")
-    model.add_argument("--unassign_thres", type=float, default=None,
-                       help="novelty: Unassigned above it (default 1.0 = the threshold stored at training, --novelty_fpr of known "
-                            "validation cells above it); confidence: below it (default 0.5, scBERT's rule); entropy/mutual_info: above it (default 0.5)")
-    model.add_argument("--batch_size", type=int, default=32, help="cells per batch")
-    model.add_argument("--seed", type=int, default=2021, help="seed of the head samples: same checkpoint + seed = same predictions")
-
-    run = add_run_options(p, output_help="replace outputs of an earlier run in OUTPUT_DIR")
-    run.add_argument("--output_dir", default="./predictions", help="directory for the outputs")
-    return p
+    """The command line, generated from PredictConfig's fields (options shared with finetune_sparse.py keep its
+    names and meanings)."""
+    return options.build_parser(PredictConfig, __doc__)
 
 
-@dataclass(frozen=True)
-class PredictConfig(DataOptions):
-    """Every option of one prediction run, as the command line defines them (build_parser holds the defaults and
-    the help); built and checked once by `make_config`, then read-only. Recorded as `args` in run.json."""
-
-    # data (after DataOptions' fields)
-    cells: str | None
-    allow_missing_genes: bool
-    # model and prediction
-    model_path: str
-    bayes_mc_samples: int
-    unassign_by: str
-    unassign_thres: float  # resolved by make_config: DEFAULT_THRESHOLDS[unassign_by] unless given
-    batch_size: int
-    seed: int
-    # run
-    device: str
-    amp: bool
-    num_workers: int
-    overwrite: bool
-    output_dir: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def make_config(args: argparse.Namespace) -> PredictConfig:
-    """The run's configuration from the parsed command line: the Unassigned rule's threshold resolved, checked,
-    then frozen."""
-    thres = DEFAULT_THRESHOLDS[args.unassign_by] if args.unassign_thres is None else args.unassign_thres
-    config = PredictConfig(**(vars(args) | {"unassign_thres": thres}))
-    validate_config(config)
-    return config
-
-
-def default_config(model_path: str | os.PathLike, **options) -> PredictConfig:
-    """The command line's defaults for the model at `model_path`, with `options` by name: the Python API's config."""
-    defaults = build_parser().parse_args(["--model_path", str(model_path)])
-    return make_config(with_options(defaults, options, "predict_updated.py"))
-
-
-def validate_config(config: PredictConfig) -> None:
-    """Reject out-of-range options before anything is read."""
-    checks = [
-        (config.batch_size >= 1, "--batch_size must be at least 1"),
-        (config.bayes_mc_samples >= 1, "--bayes_mc_samples must be at least 1 (1 = deterministic posterior means)"),
-        (config.num_workers >= 0, "--num_workers must be at least 0"),
-        (math.isfinite(config.unassign_thres), "--unassign_thres must be a finite number"),
-    ]
-    if config.unassign_by == "confidence":
-        checks.append((0 <= config.unassign_thres <= 1, "--unassign_thres must be in [0, 1] with --unassign_by confidence"))
-    else:
-        checks.append((config.unassign_thres >= 0, f"--unassign_thres must be at least 0 with --unassign_by {config.unassign_by}"))
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    resolve_device(config.device)  # an unusable --device fails here, before any data is read
+def default_config(model_path: str | os.PathLike, **given) -> PredictConfig:
+    """The configuration for the model at `model_path` with `given` options by name: the Python API's config,
+    converted and checked exactly as the command line's."""
+    return options.make(PredictConfig, {"model_path": os.fspath(model_path), **given})
 
 
 def validate_outputs(config: PredictConfig) -> None:
-    """The CLI's outputs must not replace an input or an earlier run (without --overwrite)."""
-    outputs = {(Path(config.output_dir) / name).resolve() for name in OUTPUT_FILES}
+    """The CLI's outputs must not replace an input, an earlier run (without --overwrite) or anything else.
+
+    --overwrite swaps the whole directory for the new outputs, so it may hold only an earlier run's outputs.
+    """
+    directory = Path(config.output_dir)
+    outputs = {(directory / name).resolve() for name in OUTPUT_FILES}
     for flag, path in (("--data_path", config.data_path), ("--model_path", config.model_path), ("--cells", config.cells)):
         if path is not None and Path(path).resolve() in outputs:
             raise UserError(f"{flag} {path} is one of the output files; choose another --output_dir")
-    if Path(config.output_dir).exists():  # refuse early so nothing is computed in vain; created only when writing
-        prepare_output_dir(config.output_dir, config.overwrite)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"output path {directory} is an existing file; choose a directory path for --output_dir")
+    present = sorted(path.name for path in directory.iterdir()
+                     if path.name != LOCK_NAME and not path.name.startswith(".tmp-")) if directory.is_dir() else []
+    if present and not config.overwrite:
+        raise UserError(f"output directory {directory} is not empty; pass --overwrite to replace its outputs, or choose "
+                        "another --output_dir")
+    foreign = [name for name in present if name not in {*OUTPUT_FILES, *PLOT_FILES}]
+    if foreign:
+        raise UserError(f"--overwrite replaces {directory} as a whole, but it also holds {', '.join(foreign[:3])}"
+                        f"{' ...' if len(foreign) > 3 else ''}, which are not prediction outputs; choose another --output_dir")
+
+
+def check_input(config: PredictConfig) -> None:
+    """Read and check --data_path as prediction will (before a pipeline trains for hours on a file it cannot use)."""
+    load_dataset(config.data_path, label_key=config.label_key, layer=config.layer, use_raw=config.use_raw,
+                 normalize=config.normalize, require_labels=config.label_key is not None, gene_symbols=config.gene_symbols)
+
+
+def check_model_flags(config: PredictConfig, checkpoint: Checkpoint) -> None:
+    """scBERT's --gene_num, --bin_num and --pos_embed: the model fixes them, so given ones must agree with it."""
+    has_embedding = checkpoint.model.config.encoder.gene_embedding != "none"
+    fixed = {"gene_num": len(checkpoint.genes), "bin_num": checkpoint.bin_num, "pos_embed": has_embedding}
+    for name, value in fixed.items():
+        given = getattr(config, name)
+        if given is not None and given != value:
+            raise UserError(f"--{name} {given} contradicts the model, which has {name} {value}; drop --{name} (the "
+                            "model fixes it)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -171,9 +128,10 @@ def validate_outputs(config: PredictConfig) -> None:
 
 
 def load_data(config: PredictConfig, checkpoint: Checkpoint,
-              adata: anndata.AnnData | None = None) -> tuple[ExpressionData, np.ndarray, str | None]:
-    """The requested cells (of `adata`, else --data_path), genes in the checkpoint's order; also their row
-    positions in the AnnData and the label column used."""
+              adata: anndata.AnnData | None = None) -> tuple[ExpressionData, ExpressionData, np.ndarray]:
+    """The requested cells (of `adata`, else --data_path) with genes in the checkpoint's order, the same cells
+    with the data's own genes (for over-clustering), and their row positions in the AnnData."""
+    check_class_names(checkpoint.classes, f"the model {config.model_path}", "retrain it with that class renamed in obs")
     options = dict(layer=config.layer, use_raw=config.use_raw, normalize=config.normalize,
                    require_labels=config.label_key is not None, gene_symbols=config.gene_symbols)
     if adata is not None:
@@ -183,9 +141,8 @@ def load_data(config: PredictConfig, checkpoint: Checkpoint,
         if config.data_path is None and label_key is None:
             label_key = BUNDLED_LABEL_KEY  # evaluation runs out of the box on the bundled example
         data = load_dataset(config.data_path, label_key=label_key, **options)
-    data, rows = select_cells(data, config.cells)
-    data = align_genes(data, checkpoint.genes, allow_missing=config.allow_missing_genes)
-    return data, rows, data.label_key
+    selected, rows = select_cells(data, config.cells)
+    return align_genes(selected, checkpoint.genes, allow_missing=config.allow_missing_genes), selected, rows
 
 
 def select_cells(data: ExpressionData, cells_file: str | None) -> tuple[ExpressionData, np.ndarray]:
@@ -228,6 +185,7 @@ class Prediction:
     true_labels: np.ndarray | None  # (cells,) str, may include types the model never saw
     seconds: float  # inference time
     rule: tuple[str, float] = ("confidence", 0.5)  # the Unassigned rule applied: score and threshold
+    voting: pd.DataFrame | None = None  # majority_voting.majority_vote's table (cells,) with --majority_voting
 
     @property
     def top_label(self) -> np.ndarray:
@@ -236,6 +194,10 @@ class Prediction:
     @property
     def pred_label(self) -> np.ndarray:
         return np.where(self.unassigned, UNASSIGNED, self.top_label)
+
+    def table(self, key_added: str = DEFAULT_KEY) -> pd.DataFrame:
+        """The per-cell table every output shares (annotation.cell_table), indexed by cell id."""
+        return cell_table(self.cell_ids, self.classes, self.summary, self.unassigned, self.voting, key_added)
 
     def scores(self) -> dict[str, np.ndarray]:
         """Uncertainty scores, higher = less sure, used to rank cells for error and novel-type detection."""
@@ -271,14 +233,18 @@ def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConf
     started = time.perf_counter()
     has_novelty = all(member.novelty is not None for member in members)
     samples, novelty = [], []
-    for index, member in enumerate(members):
-        model = member.model.to(device)
-        model.set_deterministic(config.bayes_mc_samples == 1)
-        probs, member_novelty = predict_samples(model, loader, config.bayes_mc_samples, seed=config.seed + index,
-                                          novelty=member.novelty if has_novelty else None, device=device, amp=config.amp,
-                                          progress=sys.stderr.isatty())
-        samples.append(probs)
-        novelty.append(member_novelty)
+    # One report for all members: a bar in a terminal or notebook, a line every 10 s in a log; none with verbose=False.
+    with progress(len(data.cell_ids) * len(members), desc="predicting", unit="cells", enabled=config.verbose) as bar:
+        for index, member in enumerate(members):
+            if len(members) > 1:
+                bar.set_description(f"predicting (model {index + 1}/{len(members)})")
+            model = member.model.to(device)
+            model.set_deterministic(config.bayes_mc_samples == 1)
+            probs, member_novelty = predict_samples(model, counting(loader, bar), config.bayes_mc_samples,
+                                                    seed=config.seed + index, novelty=member.novelty if has_novelty else None,
+                                                    device=device, amp=config.amp)
+            samples.append(probs)
+            novelty.append(member_novelty)
     seconds = time.perf_counter() - started
     summary = uncertainty_summary(np.concatenate(samples), pool_members([np.asarray(s, dtype=np.float64).mean(axis=0) for s in samples]))
     if has_novelty:
@@ -290,6 +256,13 @@ def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConf
     rule = unassign_rule(config, has_novelty)
     unassigned = unassigned_cells(summary, *rule)
     return Prediction(data.cell_ids, first.classes, summary, unassigned, data.labels, seconds, rule)
+
+
+def counting(batches: Iterable, bar) -> Iterator:
+    """The batches of `batches`, counting each one's cells on `bar` once it has been used."""
+    for batch in batches:
+        yield batch
+        bar.update(len(batch[0]))
 
 
 def view_pvalues(evidence: list[dict[str, np.ndarray] | None], trained: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -308,7 +281,7 @@ def unassign_rule(config: PredictConfig, has_novelty: bool) -> tuple[str, float]
         warnings.warn("the checkpoint has no novelty statistics (trained before they existed): Unassigned means "
                       "confidence < 0.5 instead; retrain, or pass --unassign_by confidence to silence this", stacklevel=3)
         return "confidence", DEFAULT_THRESHOLDS["confidence"]
-    return config.unassign_by, config.unassign_thres
+    return config.unassign_by, config.threshold
 
 
 def unassigned_cells(summary: dict[str, np.ndarray], rule: str, threshold: float) -> np.ndarray:
@@ -341,6 +314,11 @@ def evaluate(pred: Prediction) -> dict:
     metrics["accuracy_at_coverage"] = {name: accuracy_at_coverage(s[known], correct, COVERAGES) for name, s in scores.items()}
     assigned = ~pred.unassigned[known]
     metrics["accuracy_of_assigned"] = float(correct[assigned].mean()) if assigned.any() else float("nan")
+    if pred.voting is not None:  # the cluster's label instead of the cell's own (an Unassigned majority is wrong)
+        majority = pred.voting["majority_label"].to_numpy(dtype=object)[known]
+        right, named = majority == pred.true_labels[known], majority != UNASSIGNED
+        metrics["majority_voting"] = {"accuracy": float(right.mean()), "unassigned_share": float((~named).mean()),
+                                      "accuracy_of_assigned": float(right[named].mean()) if named.any() else float("nan")}
     return metrics
 
 
@@ -457,16 +435,12 @@ def make_plots(pred: Prediction, metrics: dict | None, umap: np.ndarray | None) 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def predictions_table(pred: Prediction) -> pd.DataFrame:
-    """One row per cell: label, Unassigned flag, uncertainties, the most probable class and the true label."""
-    table = pd.DataFrame({
-        "cell_id": pred.cell_ids, "pred_label": pred.pred_label, "pred_unassigned": pred.unassigned,
-        **{column: pred.summary[key] for key, column in CELL_COLUMNS.items()}, "top_label": pred.top_label,
-    })
-    for view, pvalues in pred.summary.get("novelty_pvalues", {}).items():
-        table[f"novelty_p_{view}"] = pvalues
-    if pred.true_labels is not None:
-        table["true_label"] = pred.true_labels
+def predictions_table(annotation: Annotation) -> pd.DataFrame:
+    """predictions.csv: cell_id, then the result's per-cell columns (those of `predicted_labels` and of the .h5ad's
+    obs, in the same order) and, when the data has labels, true_label."""
+    table = annotation.result.predicted_labels.rename_axis("cell_id").reset_index()
+    if annotation.prediction.true_labels is not None:
+        table["true_label"] = annotation.prediction.true_labels
     return table
 
 
@@ -477,40 +451,16 @@ def probabilities_table(pred: Prediction) -> pd.DataFrame:
     return table
 
 
-def annotated_anndata(adata: anndata.AnnData, rows: np.ndarray, pred: Prediction, metadata: dict) -> anndata.AnnData:
-    """A copy of the predicted cells with results where scanpy users look: obs, obsm and uns."""
-    out = adata[rows].copy()
-    s = pred.summary
-    out.obs["pred_label"] = pd.Categorical(pred.pred_label, categories=[*pred.classes, UNASSIGNED])
-    for key, column in CELL_COLUMNS.items():
-        out.obs[column] = s[key]
-    out.obs["pred_unassigned"] = pred.unassigned
-    out.obsm["pred_probabilities"] = s["mean_probs"].astype(np.float32)  # (cells, classes)
-    if s.get("novelty_pvalues"):  # which view makes a cell novel: one column per view
-        out.obsm["pred_novelty_pvalues"] = pd.DataFrame(s["novelty_pvalues"], index=out.obs_names)
-    out.uns["pred_classes"] = np.asarray(pred.classes, dtype=str)
-    out.uns["prediction"] = metadata
-    return out
-
-
 def write_h5ad_atomic(adata: anndata.AnnData, path: Path) -> None:
-    """anndata writes only to a path, so write a hidden file next to `path` and rename it into place.
-
-    h5py's errors (disk full) arrive as OSError, which atomic_path turns into a one-line error naming `path`.
-    """
-    with atomic_path(path) as temp:
-        adata.write_h5ad(temp)
+    """The .h5ad built in memory, then written to a hidden file next to `path` and renamed into place
+    (`utils.write_h5ad`): a full disk is a one-line error naming `path`, never HDF5 failing mid-file."""
+    write_h5ad(path, adata)
 
 
 def write_outputs(directory: Path, tables: dict[str, pd.DataFrame], adata: anndata.AnnData,
                   plots: dict[str, bytes], jsons: dict[str, dict]) -> None:
-    """Each file atomically; the .h5ad first (the likeliest to fail), run.json last (it marks a complete run)."""
-    directory = prepare_output_dir(directory, overwrite=True)  # emptiness was checked in validate_outputs
-    # With --overwrite, outputs this run does not produce (e.g. metrics of an earlier labelled run) would
-    # contradict the new ones: remove them.
-    for name in (*OUTPUT_FILES, *PLOT_FILES):
-        if name not in {"predictions.h5ad", *tables, *plots, *jsons}:
-            (directory / name).unlink(missing_ok=True)
+    """Every output into `directory` (a fresh staging directory swapped into place afterwards): the .h5ad first
+    (the likeliest to fail), run.json last."""
     write_h5ad_atomic(adata, directory / "predictions.h5ad")
     for name, table in tables.items():
         with atomic_write(directory / name) as handle:
@@ -527,6 +477,10 @@ def report(metrics: dict | None, pred: Prediction, label_key: str | None) -> Non
     name, threshold = pred.rule
     rule = f"{name} {'<' if name == 'confidence' else '>'} {threshold:g}"
     print(f"unassigned ({rule}): {pred.unassigned.mean():.1%} of {len(pred.cell_ids)} cells")
+    if pred.voting is not None:
+        changed = float((pred.voting["majority_label"].to_numpy() != pred.pred_label).mean())
+        print(f"majority voting over {pred.voting['cluster'].nunique()} clusters: {changed:.1%} of cells get another "
+              f"label from their cluster (mean agreement {pred.voting['majority_agreement'].mean():.2f})")
     if metrics is None:
         return
     if metrics["n_unseen_label_cells"]:
@@ -560,46 +514,101 @@ def run_summary(pred: Prediction, metrics: dict | None, label_key: str | None, s
 
 @dataclass
 class Annotation:
-    """Everything one prediction run produced, before anything is written."""
+    """Everything one prediction run produced, before anything is written: the user's result, and what the CLI
+    needs besides (the Prediction for plots and reports, the checkpoints' versions, the label column)."""
 
-    adata: anndata.AnnData  # the predicted cells with obs/obsm/uns results (a copy)
+    result: AnnotationResult
     prediction: Prediction
-    metrics: dict | None
     members: list[Checkpoint]
-    rows: np.ndarray  # positions of the predicted cells in the input AnnData
     label_key: str | None
+
+    @property
+    def metrics(self) -> dict | None:
+        return self.result.metrics
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Positions of the predicted cells in the input AnnData."""
+        return self.result.rows
+
+    @cached_property
+    def adata(self) -> anndata.AnnData:
+        """predictions.h5ad: a copy of the predicted cells with the results in obs, obsm and uns."""
+        return self.result.to_adata(inplace=False)
+
+
+def over_clustering(config: PredictConfig, selected: ExpressionData, rows: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The clusters majority voting runs over, one per predicted cell: --over_clustering's obs column, else a Leiden
+    over-clustering of the cells' log-normalized expression (all their genes, not only the model's); and how they
+    were made, for the metadata."""
+    if config.over_clustering is not None:
+        source = config.data_path or "the AnnData"
+        return (clusters_from_column(selected.adata.obs, config.over_clustering, rows, source),
+                {"over_clustering": f"obs[{config.over_clustering!r}]"})
+    clusters, resolution = leiden_over_clustering(selected.matrix, seed=config.seed)
+    return clusters, {"over_clustering": "leiden", "resolution": resolution}
 
 
 def annotate_with(config: PredictConfig, adata: anndata.AnnData | None = None) -> Annotation:
-    """load the model -> read and align the data -> predict -> evaluate; the CLI and `annotate` share it."""
+    """load the model -> read and align the data -> (over-cluster) -> predict -> vote -> evaluate; the CLI and
+    `annotate` share it."""
     members = load_ensemble(config.model_path)
     checkpoint = members[0]
-    data, rows, label_key = load_data(config, checkpoint, adata)
+    check_model_flags(config, checkpoint)
+    data, selected, rows = load_data(config, checkpoint, adata)
+    clusters, voting = over_clustering(config, selected, rows) if config.majority_voting else (None, {})
     pred = predict(members, data, config)
+    if clusters is not None:
+        pred.voting = majority_vote(pred.pred_label, clusters)
+        voting["n_clusters"] = int(pred.voting["cluster"].nunique())
     metrics = evaluate(pred) if pred.true_labels is not None else None
     metadata = {"model_path": str(config.model_path), "checkpoint_stage": checkpoint.stage, "ensemble_size": len(members),
                 "bayes_mc_samples": config.bayes_mc_samples, "seed": config.seed, "unassign_by": pred.rule[0],
-                "unassign_thres": pred.rule[1], "versions": package_versions()}
+                "unassign_thres": pred.rule[1], "classes": list(pred.classes), "versions": package_versions()}
+    if voting:
+        metadata["majority_voting"] = voting
     if metrics is not None and "accuracy" in metrics:
         metadata["metrics"] = {key: metrics[key] for key in ("accuracy", "macro_f1", "ece", "nll")}
-    return Annotation(annotated_anndata(data.adata, rows, pred, metadata), pred, metrics, members, rows, label_key)
+    table = pred.table(config.key_added)
+    probabilities = pd.DataFrame(pred.summary["mean_probs"], index=table.index, columns=list(pred.classes))
+    result = AnnotationResult(table, probabilities, metrics, metadata, config.key_added, adata=data.adata, rows=rows)
+    return Annotation(result, pred, members, data.label_key)
 
 
-def annotate(adata: anndata.AnnData, model: str | os.PathLike, **options) -> anndata.AnnData:
-    """Annotate an in-memory AnnData, as `predict_updated.py` does a file: returns a copy of it with the same
-    `obs` columns (pred_label, pred_confidence, pred_entropy, ...), `obsm['pred_probabilities']` and
-    `uns['prediction']` (with `uns['prediction']['metrics']` when `label_key` names true types).
+def annotate(adata: anndata.AnnData, model: str | os.PathLike, *, inplace: bool = False, **given) -> AnnotationResult:
+    """Annotate an in-memory AnnData as `predict_updated.py` does a file; returns an `AnnotationResult`.
 
-    `model` is a checkpoint file or a run directory (an ensemble); `options` are the CLI's options by name, e.g.
-    `annotate(adata, "runs/demo/stageB2", bayes_mc_samples=8, gene_symbols="feature_name", label_key="cell_type")`.
+    `result.predicted_labels` holds per cell the label (Unassigned where unsure), the best guess, every uncertainty
+    and, with `majority_voting=True`, the cluster's majority label; `result.probability_matrix` the class
+    probabilities; `result.metrics` the evaluation when `label_key` names true types. The same columns as the
+    CLI's predictions.csv and predictions.h5ad, named `{key_added}_label`, `{key_added}_confidence`, ... (default
+    key "pred"). `inplace=True` also writes them into `adata` (obs, obsm[f"{key_added}_probabilities"],
+    uns[key_added]), as `result.to_adata(adata)` does; else `adata` is left as it was.
+
+    `model` is a checkpoint file or a run directory (an ensemble); `given` are the CLI's options by name, e.g.
+    `annotate(adata, "runs/demo/stageB2", bayes_mc_samples=8, gene_symbols="feature_name", majority_voting=True)`.
     """
-    check_api_options("annotate", options, (f.name for f in fields(PredictConfig)),
-                      {"model_path", "data_path", "output_dir", "overwrite", "cells"}, "predict_updated.py")
-    return annotate_with(default_config(model, **options), adata).adata
+    file_only = sorted({"model_path", "data_path", "output_dir", "overwrite", "cells"} & set(given))
+    if file_only:
+        raise TypeError(f"annotate() takes the data and the model as arguments and writes no files; drop {file_only}")
+    specs = options.option_fields(PredictConfig)
+    unknown = sorted(set(given) - set(specs) - {old for spec in specs.values() for old in spec.metadata["deprecated"]})
+    if unknown:
+        raise TypeError(f"annotate() got unknown option(s) {unknown}; see predict_updated.py --help for the options")
+    result = annotate_with(default_config(model, **given), adata).result
+    if inplace:
+        result.to_adata(adata)
+    return result
 
 
 def run(config: PredictConfig) -> dict:
-    """parse -> validate -> load -> predict -> summarise -> write; returns the run summary."""
+    """lock the output directory -> validate -> load -> predict -> summarise -> write beside the old outputs and
+    swap them in as a whole; returns the run summary."""
+    with locked(config.output_dir, "output directory"):
+        return _run_locked(config)
+
+
+def _run_locked(config: PredictConfig) -> dict:
     started = time.perf_counter()
     validate_outputs(config)
     result = annotate_with(config)
@@ -610,12 +619,13 @@ def run(config: PredictConfig) -> dict:
     umap = np.asarray(adata.obsm["X_umap"])[:, :2] if "X_umap" in adata.obsm else None
     plots = make_plots(pred, metrics, umap)
     summary = run_summary(pred, metrics, label_key, seconds=time.perf_counter() - started)
-    versions = adata.uns["prediction"]["versions"]
+    versions = adata.uns[config.key_added]["versions"]
     jsons = {"metrics.json": metrics} if metrics is not None else {}
     jsons["run.json"] = {"args": config.as_dict(), "versions": versions, "checkpoint_versions": checkpoint.versions,
                          "summary": summary}
-    tables = {"predictions.csv": predictions_table(pred), "probabilities.csv": probabilities_table(pred)}
-    write_outputs(Path(config.output_dir), tables, adata, plots, jsons)
+    tables = {"predictions.csv": predictions_table(result), "probabilities.csv": probabilities_table(pred)}
+    with staged_replacement(config.output_dir) as staging:
+        write_outputs(staging, tables, adata, plots, jsons)
     print(f"done: {summary['n_cells']} cells in {time.perf_counter() - started:.1f} s (inference {pred.seconds:.1f} s, "
           f"{summary['cells_per_second']:.0f} cells/s), {summary['unassigned_share']:.1%} unassigned -> {config.output_dir}")
     return summary
@@ -623,8 +633,8 @@ def run(config: PredictConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 with a one-line message for problems the user can fix)."""
-    args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(make_config(args)))
+    return run_cli(lambda: run(options.cli_config(PredictConfig, argv, __doc__)),
+                   interrupted="interrupted; nothing was written: rerun the command")
 
 
 if __name__ == "__main__":
