@@ -49,28 +49,40 @@ def locked(directory: str | os.PathLike, what: str = "directory") -> Iterator[Pa
     except OSError as err:
         raise UserError(f"cannot use {what} {directory} ({err.strerror}); choose another location") from err
     try:
-        _acquire(handle, directory / LOCK_NAME, directory, what)
+        handle = _acquire(handle, directory / LOCK_NAME, directory, what)
         yield directory
     finally:
-        handle.close()  # closing releases the flock
+        if not handle.closed:  # ours: leave the directory as it was, then release
+            with contextlib.suppress(OSError):
+                (directory / LOCK_NAME).unlink()
+            handle.close()
         if created:  # a run that wrote nothing leaves no empty directory behind
             with contextlib.suppress(OSError):
-                if [path.name for path in directory.iterdir()] == [LOCK_NAME]:
-                    (directory / LOCK_NAME).unlink()
-                    directory.rmdir()
+                directory.rmdir()  # only when empty
 
 
-def _acquire(handle, lock_file: Path, directory: Path, what: str) -> None:
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+def _acquire(handle, lock_file: Path, directory: Path, what: str):
+    """flock the open lock file; retried when its holder removed the file meanwhile (then we hold a stale inode)."""
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(f"{what} {directory} is in use by {_holder(lock_file)}; wait for it to finish, or choose "
+                            "another directory") from None
+        try:
+            current = os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            break
         handle.close()
-        raise UserError(f"{what} {directory} is in use by {_holder(lock_file)}; wait for it to finish, or choose "
-                        "another directory") from None
+        handle = open(lock_file, "a+", encoding="utf-8")
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()} ({' '.join(Path(arg).name if i == 0 else arg for i, arg in enumerate(sys.argv))[:200]})")
     handle.flush()
+    return handle
 
 
 def _exchange(first: Path, second: Path) -> bool:

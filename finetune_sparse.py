@@ -1383,33 +1383,37 @@ def fit(adata: anndata.AnnData, ckpt_dir: str | os.PathLike, **given) -> dict:
 PIPELINE_STAGES = {"A": "stageA", "B1": "stageB1", "B2": "stageB2"}
 # Environment variables of the shell pipeline (train_sparse.sh): each sets an option of every training stage by the
 # option's name in capitals; these few set one stage's option or a prediction option instead.
-STAGE_ENV = {"EPOCHS_A": ("A", "epoch"), "EPOCHS_B": ("B1", "epoch"), "LEARNING_RATE_B": (("B1", "B2"), "learning_rate"),
-             "MC_SAMPLES": (("A", "B1", "B2"), "mc_samples_eval"), "INIT_LOG_SIGMA": ("B1", "init_log_sigma"),
-             "PRIOR_SIGMA": ("B1", "prior_sigma"), "PRE_WARM_EPOCHS": ("B1", "pre_warm_epochs")}
-ENV_OPTIONS = ("DIM", "DEPTH", "HEADS", "DIM_HEAD", "H_DIM", "BATCH_SIZE", "GRAD_ACC", "LEARNING_RATE", "KL_ANNEAL_STEPS",
-               "KL_WEIGHT", "PRUNE_TARGET", "PRUNE_STEP", "PRUNE_FT_EPOCHS", "PATIENCE", "SEED", "DEVICE", "BIN_NUM",
-               "BIN_WIDTH", "PRUNE_F1_TOL", "PRUNE_MODE", "PRUNE_DIM", "PRUNE_LAYERS", "CV_SPLITS", "SELECT_METRIC",
-               "CLASS_WEIGHT", "TEMPERATURE_SCALING", "DROPOUT", "PRUNE_RULE", "PRUNE_NLL_TOL", "PRUNE_MAX_CHANGED",
-               "PRUNE_SCORE", "PRUNE_DISTILL", "GROUP_LASSO", "PRUNE_REFIT", "LABEL_KEY")
+# Environment variables of the shell pipeline (train_sparse.sh), each an option of the stages it acted on in the
+# original shell scripts: architecture and binning in Stage A (later stages continue its model), the Bayesian and
+# pruning settings in the rounds that use them, and the rest in every stage.
+ALL_STAGES = ("A", "B1", "B2")
+ENV_OPTIONS = {
+    **{name: ("A",) for name in ("DIM", "DEPTH", "HEADS", "DIM_HEAD", "H_DIM", "BIN_NUM", "BIN_WIDTH", "DROPOUT",
+                                 "LEARNING_RATE")},
+    "EPOCHS_A": ("A", "epoch"), "EPOCHS_B": ("B1", "epoch"), "LEARNING_RATE_B": (("B1", "B2"), "learning_rate"),
+    "INIT_LOG_SIGMA": ("B1",), "PRIOR_SIGMA": ("B1",), "PRE_WARM_EPOCHS": ("B1",),
+    **{name: ("B1", "B2") for name in ("KL_WEIGHT", "KL_ANNEAL_STEPS", "GROUP_LASSO", "PRUNE_DIM", "PRUNE_LAYERS")},
+    **{name: ("B2",) for name in ("PRUNE_TARGET", "PRUNE_STEP", "PRUNE_FT_EPOCHS", "PRUNE_F1_TOL", "PRUNE_MODE",
+                                  "PRUNE_RULE", "PRUNE_NLL_TOL", "PRUNE_MAX_CHANGED", "PRUNE_SCORE", "PRUNE_DISTILL",
+                                  "PRUNE_REFIT")},
+    **{name: ALL_STAGES for name in ("BATCH_SIZE", "GRAD_ACC", "PATIENCE", "SEED", "DEVICE", "CV_SPLITS",
+                                     "SELECT_METRIC", "CLASS_WEIGHT", "TEMPERATURE_SCALING", "LABEL_KEY")},
+    "MC_SAMPLES": (ALL_STAGES, "mc_samples_eval"),
+}
 
 
 def stage_options_from_env(environ: dict[str, str]) -> dict[str, dict]:
     """The shell pipeline's environment variables as options per stage ({'A': {...}, 'B1': ..., 'predict': ...})."""
     per_stage: dict[str, dict] = {stage: {} for stage in (*PIPELINE_STAGES, "predict")}
-    for name in ENV_OPTIONS:
+    for name, target in ENV_OPTIONS.items():
+        if environ.get(name, "") == "":
+            continue
+        stages, option = (target[0], target[1]) if len(target) == 2 and target[1] not in PIPELINE_STAGES else (target, name.lower())
+        for stage in (stages,) if isinstance(stages, str) else stages:
+            per_stage[stage][option] = environ[name]
+    for name, option in (("MC_SAMPLES", "bayes_mc_samples"), ("DEVICE", "device"), ("PREDICT_LABEL_KEY", "label_key")):
         if environ.get(name, "") != "":
-            for stage in PIPELINE_STAGES:
-                per_stage[stage][name.lower()] = environ[name]
-    for name, (stages, option) in STAGE_ENV.items():
-        if environ.get(name, "") != "":
-            for stage in (stages,) if isinstance(stages, str) else stages:
-                per_stage[stage][option] = environ[name]
-    if environ.get("MC_SAMPLES", "") != "":
-        per_stage["predict"]["bayes_mc_samples"] = environ["MC_SAMPLES"]
-    if environ.get("DEVICE", "") != "":
-        per_stage["predict"]["device"] = environ["DEVICE"]
-    if environ.get("PREDICT_LABEL_KEY", "") != "":
-        per_stage["predict"]["label_key"] = environ["PREDICT_LABEL_KEY"]
+            per_stage["predict"][option] = environ[name]
     return per_stage
 
 

@@ -79,7 +79,7 @@ def comma_list(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
         names = [name.strip() for name in str(text).split(",") if name.strip()]
         unknown = sorted(set(names) - set(allowed))
         if unknown or not names:
-            raise ValueError(f"expected a comma-separated list of {', '.join(allowed)}, got {text!r}")
+            raise ValueError(f"expected a comma-separated list of {','.join(allowed)}, got {text!r}")
         return tuple(dict.fromkeys(names))
     return convert
 
