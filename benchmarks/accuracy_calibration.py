@@ -1,12 +1,13 @@
 """Accuracy and calibration of the pipeline a user runs, against logistic regression and kNN, on held-out cells.
 
-For each stratified 80/20 split of the bundled PBMC data: the 80 % training cells go through
-`bash train_sparse.sh demo` (Stage A -> Stage B round 1 -> round 2, each over the preset's cross-fitted folds;
-every choice inside — early stopping, best checkpoint, temperature, pruning level — is made on out-of-fold
-validation cells of the training split), and each stage's run directory then predicts the 20 % test cells with
-`predict_updated.py --bayes_mc_samples 8`. The test cells steer nothing. Baselines on the same splits and cells:
-logistic regression on standardized log-expression (sklearn defaults), the same with a temperature fitted to its
-5-fold out-of-fold probabilities on the training cells, and kNN (k = 15) on 50 principal components.
+For each stratified 80/20 split of the bundled PBMC data: the 80 % training cells go through the pipeline of
+`bash train_sparse.sh demo` (`finetune_sparse.pipeline` with presets/demo.json: Stage A -> Stage B round 1 ->
+round 2, each over the preset's cross-fitted folds; every choice inside — early stopping, best checkpoint,
+temperature, pruning level — is made on out-of-fold validation cells of the training split), and each stage's
+run directory then predicts the 20 % test cells with `predict_updated.py --bayes_mc_samples 8`. The test cells
+steer nothing. Baselines on the same splits and cells: logistic regression on standardized log-expression (sklearn
+defaults), the same with a temperature fitted to its 5-fold out-of-fold probabilities on the training cells, and
+kNN (k = 15) on 50 principal components.
 
     python -m benchmarks.accuracy_calibration            # the demo preset, 5 splits
     python -m benchmarks.accuracy_calibration --smoke    # a tiny model, 2 splits (CI)
@@ -28,7 +29,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from benchmarks.common import Report, mean_std, parse_config
-from benchmarks.pipeline import predict_stage, run_script, settings, stage_info
+from benchmarks.pipeline import parse_settings, predict_stage, run_pipeline, stage_info
 from benchmarks.training import load_pbmc, write_h5ad
 from utils import classification_metrics, fit_temperature, reliability_bins, tempered
 
@@ -42,12 +43,13 @@ LABELS = {"logistic_regression": "logistic regression", "lr_temperature": "LR + 
 METRICS = ("accuracy", "macro_f1", "ece", "nll")
 # Seeds that no design choice looked at (the design used inner splits of other seeds' training cells).
 REAL = dict(seeds=[101, 102, 103, 104, 105], test_size=0.2, mc_samples=8, knn_k=15, knn_pcs=50,
-            genes=0, max_cells=0, min_cells_per_class=0, preset_overrides=[""], work_dir="")
-# Tiny model and data for CI: preset overrides are VAR=VALUE settings of pipeline_common.sh.
+            genes=0, max_cells=0, min_cells_per_class=0, pipeline_options=[""], work_dir="")
+# Tiny model and data for CI: pipeline options on top of the demo preset, option=value for every training stage or
+# STAGE.option=value for one (benchmarks.pipeline.parse_settings).
 SMOKE = REAL | dict(seeds=[101, 102], mc_samples=2, knn_k=5, knn_pcs=10, genes=40, max_cells=160,
-                    min_cells_per_class=60, preset_overrides=[
-                        "DIM=8", "DEPTH=1", "HEADS=1", "DIM_HEAD=8", "H_DIM=8", "EPOCHS_A=1", "EPOCHS_B=1",
-                        "PRE_WARM_EPOCHS=0", "CV_SPLITS=2", "PRUNE_TARGET=0.2", "PRUNE_STEP=0.1"])
+                    min_cells_per_class=60, pipeline_options=[
+                        "A.dim=8", "A.depth=1", "A.heads=1", "A.dim_head=8", "A.h_dim=8", "A.epoch=1", "B1.epoch=1",
+                        "B1.pre_warm_epochs=0", "cv_splits=2", "B2.prune_target=0.2", "B2.prune_step=0.1"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -88,10 +90,10 @@ def run_split(config: dict, data, seed: int, work: Path) -> tuple[dict, dict]:
     train_path, test_path = write_h5ad(data, train, work / "train.h5ad"), write_h5ad(data, test, work / "test.h5ad")
     labels = data.labels[test]
     outputs = baselines(config, data.matrix[train].toarray(), data.labels[train], data.matrix[test].toarray())
-    seconds = run_script("train_sparse.sh", train_path, work / "run", settings(config["preset_overrides"]))
+    seconds = run_pipeline(train_path, work / "run", parse_settings(config["pipeline_options"]))
     for method, stage in STAGES.items():
         probs, classes, summary = predict_stage(config["mc_samples"], work / "run" / stage, test_path, work / f"pred_{stage}")
-        outputs[method] = (probs, classes, stage_info(work / "run", stage) | {
+        outputs[method] = (probs, classes, stage_info(work / "run" / stage) | {
             "pipeline_seconds": seconds, "inference_seconds": summary["inference_seconds"]})
     results = {}
     for method, (probs, classes, info) in outputs.items():
@@ -167,8 +169,9 @@ def write_report(report: Report, config: dict, data, per_split: dict, pooled: di
     report.notes += [
         f"{len(data.labels)} cells, {len(data.genes)} genes, {len(set(data.labels.tolist()))} cell types; test splits: "
         f"StratifiedShuffleSplit(test_size={config['test_size']}, random_state=seed) for seeds {config['seeds']}.",
-        "The model: `bash train_sparse.sh demo` on the training cells (settings: pipeline_common.sh"
-        + (f", overridden by {' '.join(s for s in config['preset_overrides'] if s)}" if any(config["preset_overrides"]) else "")
+        "The model: the pipeline of `bash train_sparse.sh demo` (`finetune_sparse.pipeline`) on the training cells "
+        "(settings: presets/demo.json"
+        + (f", overridden by {' '.join(s for s in config['pipeline_options'] if s)}" if any(config["pipeline_options"]) else "")
         + f"), then `predict_updated.py --model_path RUN/STAGE --bayes_mc_samples {config['mc_samples']}` on the test cells. "
         "Every fold-ensemble member draws its own head samples and averages them; the members are pooled geometrically "
         "(normalised product of their probabilities, utils.pool_members).",
@@ -184,6 +187,7 @@ def write_report(report: Report, config: dict, data, per_split: dict, pooled: di
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_config(__doc__.splitlines()[0], REAL, SMOKE, argv)
+    parse_settings(config["pipeline_options"])  # checked before anything trains
     report = Report(NAME, f"Accuracy and calibration on PBMC, held-out test cells ({len(config['seeds'])} splits)", config, args.out_dir)
     data = load_pbmc(config)
     per_split: dict[str, list[dict]] = {method: [] for method in METHODS}

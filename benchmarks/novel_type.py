@@ -2,7 +2,7 @@
 
 For each split (a stratified 80/20 split of the bundled PBMC data, one per seed) and each cell type with enough
 cells: the 80 % training cells without that type train the model with the demo preset's Stage A settings
-(pipeline_common.sh, PRESET=demo) through `finetune_sparse.run`, which also fits each fold model's novelty
+(presets/demo.json) through `finetune_sparse.run`, which also fits each fold model's novelty
 statistics and threshold; `predict_updated.run` then predicts the 20 % test cells of the other types plus every
 cell of the left-out type. Each score (novelty, entropy, mutual information, 1 − confidence, and a model-free
 baseline: the mean distance to the 15 nearest training cells in 50-PC space of standardized log-expression) is
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 import predict_updated
 from bayesian_sparse_transformer import predict_samples
 from benchmarks.common import Report, mean_std, parse_config
-from benchmarks.pipeline import preset_config
+from benchmarks.pipeline import preset_options
 from benchmarks.training import load_pbmc, run_finetune, write_h5ad
 from checkpoints import load_ensemble
 from novelty import calibrate_novelty, ensemble_novelty
@@ -56,15 +56,17 @@ SCORE_LABELS = {"novelty": "novelty", "view_mahalanobis": "view: Mahalanobis", "
                 "pca_knn": "PCA-kNN baseline"}
 SCBERT_CONFIDENCE = 0.5  # scBERT's rule: Unassigned below this top probability
 
-# The demo preset's Stage A (pipeline_common.sh) on 2 cross-fitted folds instead of 5, so that 7 types x 5 splits
+# The demo preset's Stage A (presets/demo.json) on 2 cross-fitted folds instead of 5, so that 7 types x 5 splits
 # run in ~11 minutes on 2 CPU cores (673 s and 769 s measured with five views and nothing else running; 1272 s with
 # three views sharing them with a test run); on 7 inner cases 5 folds gave the same novelty AUROC (0.854 against 0.858 for 2).
-REAL = preset_config(("DIM", "DEPTH", "HEADS", "DIM_HEAD", "H_DIM", "BATCH_SIZE", "GRAD_ACC", "LEARNING_RATE", "EPOCHS_A",
-                      "PATIENCE", "BIN_NUM", "BIN_WIDTH")) | dict(
+# These options of finetune_sparse.py take the preset's Stage A values (each one an option of this benchmark too).
+PRESET_OPTIONS = ("dim", "depth", "heads", "dim_head", "h_dim", "batch_size", "grad_acc", "learning_rate", "epoch",
+                  "patience", "bin_num", "bin_width")
+REAL = preset_options(PRESET_OPTIONS, "A") | dict(
     mc_samples=8, seeds=[101, 102, 103, 104, 105], cv_splits=2, test_size=0.2, min_type_cells=20, max_types=0, knn_k=15, knn_pcs=50,
     novelty_fpr=0.05, genes=0, max_cells=0, min_cells_per_class=0, work_dir="")
 # Tiny model, few genes and cells, one epoch: seconds, for CI.
-SMOKE = REAL | dict(dim=8, depth=1, heads=1, dim_head=8, h_dim=8, epochs_a=1, patience=1, mc_samples=4, genes=32,
+SMOKE = REAL | dict(dim=8, depth=1, heads=1, dim_head=8, h_dim=8, epoch=1, patience=1, mc_samples=4, genes=32,
                     max_cells=160, min_cells_per_class=60, seeds=[101], min_type_cells=25, max_types=2, knn_k=5, knn_pcs=10)
 
 
@@ -87,11 +89,10 @@ def pca_knn_distance(config: dict, x_train: np.ndarray, x_eval: np.ndarray) -> n
 
 def train(config: dict, train_path: Path, work: Path, seed: int) -> dict:
     """Stage A of the demo preset on the training cells (a K-fold ensemble with novelty statistics)."""
-    same = ("cv_splits", "batch_size", "grad_acc", "patience", "dim", "depth", "heads", "dim_head", "h_dim", "bin_num",
-            "bin_width", "learning_rate", "novelty_fpr")
+    same = (*PRESET_OPTIONS, "cv_splits", "novelty_fpr")
     return run_finetune(train_path, work, "stageA", label_key="cell_type", device="cpu", seed=seed,
-                        mc_samples_eval=config["mc_samples"], temperature_scaling=True, epoch=config["epochs_a"],
-                        prune_target=0.0, **{name: config[name] for name in same})
+                        mc_samples_eval=config["mc_samples"], temperature_scaling=True, prune_target=0.0,
+                        **{name: config[name] for name in same})
 
 
 def predict(model_dir: Path, eval_path: Path, out_dir: Path) -> pd.DataFrame:
@@ -144,7 +145,7 @@ def run_case(config: dict, data, x: np.ndarray, left_out: str, seed: int, work: 
     flagged = table["pred_unassigned"].to_numpy(dtype=bool)
     scbert_flagged = table["pred_confidence"].to_numpy() < SCBERT_CONFIDENCE
     known = ~unseen
-    correct = table["top_label"].to_numpy()[known] == table["true_label"].to_numpy()[known]
+    correct = table["pred_top_label"].to_numpy()[known] == table["true_label"].to_numpy()[known]
     return {
         "left_out": left_out, "seed": seed, "train_cells": int(train_rows.size), "known_eval_cells": int(known.sum()),
         "unseen_cells": int(unseen.sum()),

@@ -1,64 +1,78 @@
-"""The user's path, driven from a benchmark: the shell pipelines on a training file, predict_updated.py on test cells.
+"""The user's path, driven from a benchmark: `finetune_sparse.pipeline` on a training file, predict_updated on test cells.
 
-Benchmarks that judge the method (accuracy_calibration, pruning_tradeoff) run exactly what a user runs:
-`train_sparse.sh demo` or one of its rounds (PRESET=demo), with settings as the environment variables of pipeline_common.sh.
+Benchmarks that judge the method (accuracy_calibration, pruning_tradeoff) run what `bash train_sparse.sh demo` runs:
+`finetune_sparse.pipeline` with the demo preset (presets/demo.json, the one source of presets), in this process. A
+benchmark's settings are options on top of the preset, written `option=value` (every training stage) or
+`STAGE.option=value` (one stage: A, B1 or B2), with finetune_sparse.py's option names.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
-import subprocess
-import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 import finetune_sparse
+import options
 import predict_updated
-from benchmarks.common import ROOT
+from options import TrainConfig
+from run_manifest import read_run
 from utils import read_json
 
-
-def settings(pairs: list[str]) -> dict[str, str]:
-    """VAR=VALUE strings (a config's preset overrides) as an environment mapping; empty strings are skipped."""
-    return dict(pair.split("=", 1) for pair in pairs if pair)
+PRESET = "demo"
+TRAINING_STAGES = tuple(finetune_sparse.PIPELINE_STAGES)  # ("A", "B1", "B2")
 
 
-def preset_settings(names: tuple[str, ...], preset: str = "demo") -> dict[str, str]:
-    """The preset's values of the setting `names`, read from pipeline_common.sh itself (the one source of presets)."""
-    script = f"PRESET={preset}; source pipeline_common.sh; " + "; ".join(f'echo "${name}"' for name in names)
-    clean_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # no inherited settings
-    out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=clean_env, capture_output=True, text=True, check=True)
-    return dict(zip(names, out.stdout.splitlines()))
+def preset_options(names: Iterable[str], stage: str, preset: str = PRESET) -> dict:
+    """The values of the options `names` in one stage of a preset (the program's defaults where the preset sets
+    none), converted as training converts them: e.g. prune_layers as a list."""
+    names = list(names)
+    values = {name: value for name, value in options.preset_values(preset, stage).items() if name in names}
+    config = options.make(TrainConfig, values).as_dict()
+    return {name: config[name] for name in names}
 
 
-def preset_config(names: tuple[str, ...], preset: str = "demo") -> dict[str, int | float]:
-    """`preset_settings` as a benchmark config: lower-case keys, numbers as int or float."""
-    return {name.lower(): int(value) if value.lstrip("-").isdigit() else float(value)
-            for name, value in preset_settings(names, preset).items()}
+def parse_settings(pairs: Iterable[str]) -> dict[str, dict[str, str]]:
+    """'option=value' (every training stage) and 'STAGE.option=value' (that stage only, and winning over the
+    former) as options per stage: {"A": {...}, "B1": {...}, "B2": {...}}; empty strings are skipped.
 
-
-def run_script(script: str, train_path: Path, run_dir: Path, env_settings: dict[str, str], log_name: str = "pipeline.log") -> float:
-    """`PRESET=demo bash SCRIPT` on the training cells with pipeline settings; returns its wall time.
-
-    The log goes to run_dir/log_name; a failure raises with the log's tail.
+    Names are checked here, values when the pipeline configures each stage (options.make).
     """
-    # The scripts call `python`: this interpreter's (a virtual environment's) must come first on PATH.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "DATA_PATH": str(train_path), "LABEL_KEY": "cell_type", "RUN_DIR": str(run_dir),
-           "DEVICE": "cpu", "PRESET": "demo"} | env_settings
+    every: dict[str, str] = {}
+    own: dict[str, dict[str, str]] = {stage: {} for stage in TRAINING_STAGES}
+    known = options.option_fields(TrainConfig)
+    for pair in pairs:
+        if not pair:
+            continue
+        name, has_value, value = pair.partition("=")
+        stage, has_stage, option = name.strip().rpartition(".")
+        if not has_value or option not in known or (has_stage and stage not in own):
+            raise SystemExit(f"error: bad setting {pair!r}: write option=value (every training stage) or "
+                             f"STAGE.option=value (STAGE: {', '.join(TRAINING_STAGES)}) with an option of finetune_sparse.py")
+        (own[stage] if has_stage else every)[option] = value
+    return {stage: every | own[stage] for stage in TRAINING_STAGES}
+
+
+def run_pipeline(train_path: Path, run_dir: Path, stage_options: dict[str, dict], *,
+                 stages: tuple[str, ...] = TRAINING_STAGES, start: Path | None = None,
+                 log_name: str = "pipeline.log") -> float:
+    """`finetune_sparse.pipeline` with the demo preset on the training cells: `stages` into run_dir/stageA, stageB1,
+    stageB2, each with the preset's values and its `stage_options` on top; returns the wall time.
+
+    `start` is the model the first stage continues (default: the previous stage in run_dir). Every stage listed is
+    trained afresh (a kept --work_dir never hands back an earlier run's models). Console output goes to
+    run_dir/log_name, each stage's log into its own directory; a failure raises the pipeline's own error.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / log_name
     started = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        completed = subprocess.run(["bash", str(ROOT / script)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if completed.returncode != 0:
-        tail = "\n".join(log_path.read_text(encoding="utf-8").splitlines()[-15:])
-        raise RuntimeError(f"{script} failed (exit {completed.returncode}):\n{tail}")
+    with open(run_dir / log_name, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        finetune_sparse.pipeline(train_path, run_dir, PRESET, stages=stages, start=start, stage_options=stage_options,
+                                 overwrite=True, label_key="cell_type", device="cpu", verbose=False)
     return time.perf_counter() - started
 
 
@@ -72,14 +86,13 @@ def predict_stage(mc_samples: int, model_dir: Path, test_path: Path, out_dir: Pa
     return probs.to_numpy(), list(probs.columns), summary
 
 
-def stage_info(run_dir: Path, stage: str) -> dict:
-    """Size and pruning of a stage's fold models, from its summary and its checkpoint files."""
-    files = finetune_sparse.RunFiles(run_dir / stage, stage)  # the pipeline names each stage's outputs after it
-    folds = read_json(files.summary)["folds"]
-    checkpoints = [files.fold(fold, "best.pth") for fold in range(len(folds))]
+def stage_info(stage_dir: Path) -> dict:
+    """Size and pruning of a complete stage's fold models, from its manifest, its summary and its checkpoints."""
+    run = read_run(stage_dir)
+    folds = read_json(finetune_sparse.RunFiles(run.directory, run.name).summary)["folds"]
     return {"prune_amount": float(np.mean([f["prune_amount"] for f in folds])),
             "head_sparsity": float(np.mean([f["head_sparsity"] for f in folds])),
             "prune_amounts": [f["prune_amount"] for f in folds],
             "temperature": float(np.mean([f.get("temperature", 1.0) for f in folds])),
             "total_params": int(folds[0]["total_params"]), "folds": len(folds),
-            "checkpoint_mb": sum(p.stat().st_size for p in checkpoints) / 2**20}
+            "checkpoint_mb": sum(path.stat().st_size for path in run.members) / 2**20}

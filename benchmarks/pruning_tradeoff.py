@@ -1,11 +1,12 @@
 """Structured pruning on held-out cells: how much of the head each scoring rule removes and what it costs.
 
 Accuracy, through the user's pipeline: for each stratified 80/20 split of the bundled PBMC data (seeds no design
-choice looked at), `train_sparse.sh demo` with PRUNE_TARGET=0 trains Stage A and the unpruned Bayesian model
-(round 1) on the 80 % training cells. Each variant then runs `stageb_round2.sh` from that same round-1 model —
-progressive pruning, each level fine-tuned and kept or refused by the paired rule on each fold's validation cells —
-and `predict_updated.py --bayes_mc_samples 8` scores the 20 % test cells. A variant with a group-lasso penalty
-runs its own round 1 from the same Stage A (the penalty acts while training) and is compared with it. The test
+choice looked at), the pipeline of `train_sparse.sh demo` (`finetune_sparse.pipeline`, presets/demo.json) trains
+Stage A and the unpruned Bayesian model (round 1) on the 80 % training cells. Each variant then runs the pipeline's
+round 2 (stage B2, what `stageb_round2.sh` runs) from that same round-1 model — progressive pruning, each level
+fine-tuned and kept or refused by the paired rule on each fold's validation cells — and
+`predict_updated.py --bayes_mc_samples 8` scores the 20 % test cells. A variant with a group-lasso penalty runs
+its own round 1 from the same Stage A (the penalty acts while training) and is compared with it. The test
 cells steer nothing. Per split and variant: the level each fold chose, the share of fc1+fc2 weights removed, test
 macro-F1/NLL/ECE before (round 1) and after (round 2), checkpoint size and head latency.
 
@@ -31,50 +32,72 @@ from sklearn.model_selection import StratifiedShuffleSplit
 
 from bayesian_sparse_transformer import PRUNABLE_LAYERS, BayesianSparseTransformer, HeadConfig, ModelConfig
 from benchmarks.common import Report, mean_std, parse_config, time_call
-from benchmarks.pipeline import predict_stage, preset_settings, run_script, settings, stage_info
+from benchmarks.pipeline import (
+    TRAINING_STAGES,
+    parse_settings,
+    predict_stage,
+    preset_options,
+    run_pipeline,
+    stage_info,
+)
 from benchmarks.training import load_pbmc, write_h5ad
 from checkpoints import checkpoint_paths, load_checkpoint, save_checkpoint
+from options import TrainConfig, make
 from performer_pytorch import PerformerConfig
-from utils import classification_metrics
+from utils import UserError, classification_metrics
 
 NAME = "pruning_tradeoff"
 MODES = ("physical", "mask")
 METRICS = ("macro_f1", "nll", "ece", "accuracy")
-# What a variant may change; "preset" runs pipeline_common.sh's defaults (the method a user gets).
-VARIANT_SETTINGS = ("PRUNE_TARGET", "PRUNE_LAYERS", "PRUNE_SCORE", "PRUNE_REFIT", "PRUNE_FT_EPOCHS", "PRUNE_DISTILL", "GROUP_LASSO")
+# The options a variant may change, and the stages each acts in (as the shell rounds passed them): the penalty and
+# the pruned layers in both Bayesian rounds (round 1 trains toward zero the neurons pruning will remove), the rest in
+# round 2. "preset" runs the demo preset's values (presets/demo.json: the method a user gets).
+VARIANT_STAGES = {"prune_target": ("B2",), "prune_layers": ("B1", "B2"), "prune_score": ("B2",), "prune_refit": ("B2",),
+                  "prune_ft_epochs": ("B2",), "prune_distill": ("B2",), "group_lasso": ("B1", "B2")}
 REAL = dict(
     seeds=[101, 102, 103, 104, 105], test_size=0.2, mc_samples=8, genes=0, max_cells=0, min_cells_per_class=0,
-    preset_overrides=[""],
+    pipeline_options=[""],
     # The preset refits and does not fine-tune, and prunes fc1's neurons only; fc1_fc2 also prunes fc2's (the
     # previous preset). "sgd" variants are the method before the refit (no refit, one fine-tuning epoch per level),
     # alone and with distillation or group lasso on the same budget.
-    variants=["preset:", "fc1_fc2:PRUNE_LAYERS=fc1,fc2", "snr:PRUNE_SCORE=snr",
-              "sgd_l2:PRUNE_REFIT=0,PRUNE_FT_EPOCHS=1", "sgd_distill:PRUNE_REFIT=0,PRUNE_FT_EPOCHS=1,PRUNE_DISTILL=1",
-              "sgd_group_lasso:PRUNE_REFIT=0,PRUNE_FT_EPOCHS=1,GROUP_LASSO=1e-3"],
+    variants=["preset:", "fc1_fc2:prune_layers=fc1,fc2", "snr:prune_score=snr",
+              "sgd_l2:prune_refit=0,prune_ft_epochs=1", "sgd_distill:prune_refit=0,prune_ft_epochs=1,prune_distill=1",
+              "sgd_group_lasso:prune_refit=0,prune_ft_epochs=1,group_lasso=1e-3"],
     head_batch=32, seed=2021, levels=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], scale_seq_len=16907, scale_batch=8,
     scale_dim=200, scale_depth=6, scale_heads=10, scale_dim_head=64, scale_hidden1=512, scale_hidden2=128,
     scale_classes=11, latency_samples=8, warmup=3, repeats=10, work_dir="",
 )
 SMOKE = REAL | dict(
     seeds=[101], mc_samples=2, genes=40, max_cells=160, min_cells_per_class=60,
-    preset_overrides=["DIM=8", "DEPTH=1", "HEADS=1", "DIM_HEAD=8", "H_DIM=8", "EPOCHS_A=1", "EPOCHS_B=1",
-                      "PRE_WARM_EPOCHS=0", "CV_SPLITS=2", "PRUNE_TARGET=0.2", "PRUNE_STEP=0.1",
+    pipeline_options=["A.dim=8", "A.depth=1", "A.heads=1", "A.dim_head=8", "A.h_dim=8", "A.epoch=1", "B1.epoch=1",
+                      "B1.pre_warm_epochs=0", "cv_splits=2", "B2.prune_target=0.2", "B2.prune_step=0.1",
                       # every level passes, so the smoke run really prunes
-                      "PRUNE_NLL_TOL=100", "PRUNE_MAX_CHANGED=1"],
-    variants=["preset:", "sgd_distill:PRUNE_REFIT=0,PRUNE_FT_EPOCHS=1,PRUNE_DISTILL=1", "group_lasso:GROUP_LASSO=1e-3"],
+                      "B2.prune_nll_tol=100", "B2.prune_max_changed=1"],
+    variants=["preset:", "sgd_distill:prune_refit=0,prune_ft_epochs=1,prune_distill=1", "group_lasso:group_lasso=1e-3"],
     head_batch=4, levels=[0.0, 0.5], scale_seq_len=65, scale_batch=4, scale_dim=16, scale_depth=1, scale_heads=1,
     scale_dim_head=8, scale_hidden1=32, scale_hidden2=16, scale_classes=4, latency_samples=4, warmup=1, repeats=3,
 )
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
-    """'name:VAR=VALUE,VAR=VALUE' -> (name, settings); only the pruning settings may change."""
+    """'name:option=value,option=value' -> (name, options); only the options of VARIANT_STAGES may change (names
+    are finetune_sparse.py's, in any case: PRUNE_LAYERS=fc1,fc2 still reads), and their values are checked here."""
     name, _, pairs = spec.partition(":")
-    values = settings(re.split(r",(?=[A-Z_]+=)", pairs))  # a value may hold commas: PRUNE_LAYERS=fc1,fc2
-    unknown = sorted(set(values) - set(VARIANT_SETTINGS))
-    if not name or unknown:
-        raise SystemExit(f"error: bad variant {spec!r}: write name:VAR=VALUE,... with VAR in {', '.join(VARIANT_SETTINGS)}")
+    items = [item.partition("=") for item in re.split(r",(?=\w+=)", pairs) if item]  # a value may hold commas: fc1,fc2
+    values = {option.strip().lower(): value for option, _, value in items}
+    if not name or not all(has_value for _, has_value, _ in items) or set(values) - set(VARIANT_STAGES):
+        raise SystemExit(f"error: bad variant {spec!r}: write name:option=value,... with options among "
+                         f"{', '.join(VARIANT_STAGES)}")
+    try:
+        make(TrainConfig, values)
+    except UserError as err:
+        raise SystemExit(f"error: bad variant {spec!r}: {err}") from None
     return name, values
+
+
+def variant_options(base: dict[str, dict], values: dict[str, str]) -> dict[str, dict]:
+    """The pipeline options per stage of a variant: the benchmark's, then each of the variant's in its stages."""
+    return {stage: base[stage] | {k: v for k, v in values.items() if stage in VARIANT_STAGES[k]} for stage in TRAINING_STAGES}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -138,26 +161,26 @@ def run_split(config: dict, data, seed: int, work: Path) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     train_path, test_path = write_h5ad(data, train, work / "train.h5ad"), write_h5ad(data, test, work / "test.h5ad")
     labels = data.labels[test]
-    base_settings = settings(config["preset_overrides"])
+    base_options = parse_settings(config["pipeline_options"])
     base = work / "base"
-    run_script("train_sparse.sh", train_path, base, base_settings | {"PRUNE_TARGET": "0"})
+    run_pipeline(train_path, base, base_options, stages=("A", "B1"))  # Stage A and the unpruned round 1
     reference = {}  # round-1 directory -> (its test metrics, predicted classes, head)
     rows = []
     for spec in config["variants"]:
         name, values = parse_variant(spec)
         run_dir = work / name.replace("+", "_")
-        env = base_settings | values
+        stage_options = variant_options(base_options, values)
         round1 = base / "stageB1"
-        if float(values.get("GROUP_LASSO", 0)) > 0:
-            run_script("stageb_round1.sh", train_path, run_dir, env | {"START_CKPT": str(base / "stageA")}, "round1.log")
+        if float(values.get("group_lasso", 0)) > 0:
+            run_pipeline(train_path, run_dir, stage_options, stages=("B1",), start=base / "stageA", log_name="round1.log")
             round1 = run_dir / "stageB1"
-        seconds = run_script("stageb_round2.sh", train_path, run_dir, env | {"START_CKPT": str(round1)}, "round2.log")
+        seconds = run_pipeline(train_path, run_dir, stage_options, stages=("B2",), start=round1, log_name="round2.log")
         if round1 not in reference:
             metrics, predicted = test_metrics(config, round1, test_path, labels, work / f"pred_{round1.parent.name}_b1")
-            reference[round1] = (metrics, predicted, stage_info(round1.parent, "stageB1"), member_head(round1, config))
+            reference[round1] = (metrics, predicted, stage_info(round1), member_head(round1, config))
         before, before_pred, before_info, before_head = reference[round1]
         after, after_pred = test_metrics(config, run_dir / "stageB2", test_path, labels, work / f"pred_{run_dir.name}")
-        info = stage_info(run_dir, "stageB2")
+        info = stage_info(run_dir / "stageB2")
         rows.append({"seed": seed, "variant": name, "settings": values, "levels": info["prune_amounts"],
                      "removed": info["head_sparsity"], "before": before, "after": after,
                      "changed": float(np.mean(after_pred != before_pred)), "round2_seconds": seconds,
@@ -258,10 +281,15 @@ def tradeoff_figure(rows: list[dict], variants: list[str], scale: list[dict], co
     return figure
 
 
+def option_text(value) -> str:
+    """An option's value as the command line writes it: lists comma-joined."""
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
 def write_report(report: Report, config: dict, rows: list[dict], scale: list[dict]) -> None:
     variants = [parse_variant(spec)[0] for spec in config["variants"]]
     summary = {v: summarise(rows, v) for v in variants}
-    defaults = preset_settings(VARIANT_SETTINGS)
+    defaults = preset_options(VARIANT_STAGES, "B2")
     report.results = {"preset": defaults, "summary": summary, "per_split": rows, "scale": scale}
     n = len(config["seeds"])
 
@@ -313,7 +341,7 @@ def write_report(report: Report, config: dict, rows: list[dict], scale: list[dic
                           phys["checkpoint_mb"] < base["checkpoint_mb"],
                           f"{base['checkpoint_mb']:.1f} → {phys['checkpoint_mb']:.1f} MB (mask mode: {mask['checkpoint_mb']:.1f} MB)")
     report.notes += [
-        f"The preset (pipeline_common.sh, demo): {', '.join(f'{k}={v}' for k, v in defaults.items())}; each variant "
+        f"The preset (presets/demo.json, round 2): {', '.join(f'{k}={option_text(v)}' for k, v in defaults.items())}; each variant "
         "changes only the settings its name lists (config `variants`); every variant keeps the preset's levels, its "
         "paired rule and tolerances. The sgd_* variants are the method before the refit (one fine-tuning epoch per "
         "level, no refit), each with one of the levers on that same budget.",
@@ -325,7 +353,7 @@ def write_report(report: Report, config: dict, rows: list[dict], scale: list[dic
         "How the preset was chosen: on inner 80/20 splits of the training cells of outer splits with seeds 11-14 "
         "(never these seeds' test cells): refit vs fine-tuning, l2 vs snr, refit ridge 0.001-1, NLL tolerance "
         "0.02/0.03/0.05, one-shot vs 0.1 steps, target 0.5 vs 0.6 for l2 and snr, then fc1's neurons alone vs fc1's "
-        "and fc2's (see the comment in pipeline_common.sh and the README). fc1_fc2 is the previous preset.",
+        "and fc2's (see benchmarks/README.md and the README). fc1_fc2 is the previous preset.",
         "Head latency of the trained models: one fold model's head on random encodings of its shape "
         f"(batch {config['head_batch']}), {config['latency_samples']}-sample MC forward, median of {config['repeats']}.",
     ]
@@ -335,6 +363,7 @@ def write_report(report: Report, config: dict, rows: list[dict], scale: list[dic
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_config(__doc__.splitlines()[0], REAL, SMOKE, argv)
     names = [parse_variant(spec)[0] for spec in config["variants"]]  # checked before anything trains
+    parse_settings(config["pipeline_options"])
     if "preset" not in names:
         raise SystemExit("error: --variants must include 'preset:' (the targets are judged on it)")
     if 0.0 not in config["levels"]:

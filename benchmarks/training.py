@@ -1,7 +1,8 @@
 """The bundled PBMC data for the data benchmarks: load it (optionally reduced), write subsets, train on them.
 
 The benchmarks split the data themselves and write the training cells to an .h5ad file; accuracy_calibration and
-pruning_tradeoff then run the shell pipelines on it (benchmarks/pipeline.py), novel_type `finetune_sparse.run`.
+pruning_tradeoff then run the user's pipeline on it (`finetune_sparse.pipeline`, benchmarks/pipeline.py), novel_type
+`finetune_sparse.run`.
 """
 
 from __future__ import annotations

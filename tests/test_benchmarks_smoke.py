@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from options import load_preset
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_ARGS = ["--smoke", "--threads", "1"]  # one thread: a loaded CI machine makes two-thread runs stall
 
@@ -81,9 +83,12 @@ def test_mc_cost_smoke_reports_both_ratios(tmp_path):
 
 def test_pruning_tradeoff_smoke_prunes_through_the_pipeline_and_shrinks_physical_but_not_masked(tmp_path):
     results = run_smoke("pruning_tradeoff", tmp_path)
-    # read from pipeline_common.sh
-    assert set(results["preset"]) == {"PRUNE_TARGET", "PRUNE_LAYERS", "PRUNE_SCORE", "PRUNE_REFIT", "PRUNE_FT_EPOCHS",
-                                      "PRUNE_DISTILL", "GROUP_LASSO"}
+    # the demo preset's round 2, read from presets/demo.json (the program's defaults where it sets none)
+    assert set(results["preset"]) == {"prune_target", "prune_layers", "prune_score", "prune_refit", "prune_ft_epochs",
+                                      "prune_distill", "group_lasso"}
+    preset = load_preset("demo")["B2"]
+    assert results["preset"]["prune_target"] == preset["prune_target"]
+    assert results["preset"]["prune_layers"] == preset["prune_layers"].split(",")
     assert [r["variant"] for r in results["per_split"]] == ["preset", "sgd_distill", "group_lasso"]
     for row in results["per_split"]:
         assert len(row["levels"]) == 2  # one level per fold model
@@ -103,14 +108,32 @@ def test_pruning_tradeoff_smoke_prunes_through_the_pipeline_and_shrinks_physical
         assert_finite(row["mean_forward"]["median_s"], row["mc_forward"]["median_s"])
 
 
-def test_a_pruning_variant_may_list_layers_and_only_names_pruning_settings():
-    from benchmarks.pruning_tradeoff import parse_variant
+def test_a_pruning_variant_may_list_layers_and_only_names_pruning_options():
+    from benchmarks.pruning_tradeoff import parse_variant, variant_options
 
-    assert parse_variant("fc1_fc2:PRUNE_LAYERS=fc1,fc2,PRUNE_TARGET=0.5") == (
-        "fc1_fc2", {"PRUNE_LAYERS": "fc1,fc2", "PRUNE_TARGET": "0.5"})
+    assert parse_variant("fc1_fc2:prune_layers=fc1,fc2,prune_target=0.5") == (
+        "fc1_fc2", {"prune_layers": "fc1,fc2", "prune_target": "0.5"})
+    assert parse_variant("fc1_fc2:PRUNE_LAYERS=fc1,fc2") == ("fc1_fc2", {"prune_layers": "fc1,fc2"})  # older spelling
     assert parse_variant("preset:") == ("preset", {})
-    with pytest.raises(SystemExit, match="bad variant"):
-        parse_variant("fast:EPOCHS_A=1")
+    for bad in ("fast:epoch=1", "fast:EPOCHS_A=1", "far:prune_target=1.5", "odd:prune_score=snr,group_lasso"):
+        with pytest.raises(SystemExit, match="bad variant"):
+            parse_variant(bad)
+    # the penalty and the layers act in both Bayesian rounds, the rest in round 2 only, on top of the benchmark's options
+    base = {"A": {"epoch": "1"}, "B1": {"epoch": "1"}, "B2": {"prune_target": "0.2"}}
+    stages = variant_options(base, {"group_lasso": "1e-3", "prune_refit": "0"})
+    assert stages == {"A": {"epoch": "1"}, "B1": {"epoch": "1", "group_lasso": "1e-3"},
+                      "B2": {"prune_target": "0.2", "group_lasso": "1e-3", "prune_refit": "0"}}
+
+
+def test_pipeline_settings_go_to_every_stage_or_the_one_named():
+    from benchmarks.pipeline import parse_settings
+
+    stages = parse_settings(["", "cv_splits=2", "A.epoch=3", "epoch=1", "B2.prune_target=0.2"])
+    assert stages == {"A": {"cv_splits": "2", "epoch": "3"}, "B1": {"cv_splits": "2", "epoch": "1"},
+                      "B2": {"cv_splits": "2", "epoch": "1", "prune_target": "0.2"}}  # the stage's own value wins
+    for bad in ("EPOCHS_A=1", "C.epoch=1", "A.epochs=1", "epoch"):
+        with pytest.raises(SystemExit, match="bad setting"):
+            parse_settings([bad])
 
 
 def test_accuracy_calibration_smoke_summarises_every_method(tmp_path):
