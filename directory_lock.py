@@ -42,7 +42,8 @@ def _holder(lock_file: Path) -> str:
 def locked(directory: str | os.PathLike, what: str = "directory") -> Iterator[Path]:
     """Hold `directory/.lock` (creating the directory) until the block ends; UserError if another process holds it."""
     directory = Path(directory)
-    created = not directory.exists()
+    # the folders this call creates (the directory and missing parents), removed again if they stay empty
+    created = [folder for folder in (directory, *directory.parents) if not folder.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         handle = open(directory / LOCK_NAME, "a+", encoding="utf-8")
@@ -56,9 +57,11 @@ def locked(directory: str | os.PathLike, what: str = "directory") -> Iterator[Pa
             with contextlib.suppress(OSError):
                 (directory / LOCK_NAME).unlink()
             handle.close()
-        if created:  # a run that wrote nothing leaves no empty directory behind
-            with contextlib.suppress(OSError):
-                directory.rmdir()  # only when empty
+        for folder in created:  # a run that wrote nothing leaves no empty directory behind
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break
 
 
 def _acquire(handle, lock_file: Path, directory: Path, what: str):

@@ -1465,7 +1465,13 @@ def pipeline(data: anndata.AnnData | str | os.PathLike | None, run_dir: str | os
         given = {"preset": preset, "stage": stage, "ckpt_dir": str(directory), "model_name": PIPELINE_STAGES[stage],
                  "data_path": data_path, **overrides, **stage_options.get(stage, {})}
         if previous is not None:
+            if not previous.exists():
+                raise UserError(f"stage {stage} would continue {previous}, which does not exist; pass a run directory "
+                                "or checkpoint to --start (START_CKPT)")
             given["model_path"] = str(previous)
+        elif stage != "A":
+            raise UserError(f"stage {stage} continues a model, but {run_dir / PIPELINE_STAGES['A' if stage == 'B1' else 'B1']} "
+                            "holds no complete run; run the earlier stage first, or pass --start (START_CKPT)")
         if state == "complete":
             log.info("%s: complete in %s, kept", stage, directory)
             results[stage] = read_json(directory / f"{PIPELINE_STAGES[stage]}_summary.json")

@@ -167,7 +167,7 @@ class DataOptions:
     normalize: bool = option(False, "normalize_total + log1p raw counts instead of refusing them", group="data")
     gene_symbols: str | None = option(None, "name genes by this adata.var column (e.g. gene_symbols, feature_name) "
                                       "instead of var_names, which are often Ensembl IDs", group="data", metavar="COLUMN")
-    gene_num: int | None = option(None, "number of genes (scBERT's flag): checked against the data (training) or the "
+    gene_num: int | None = option(None, "number of genes (scBERT's flag, its default 166): checked against the data (training) or the "
                                   "model (prediction)", group="data", check=at_least(1))
     bin_num: int | None = option(None, "expression bins: tokens are floor(log-expression / BIN_WIDTH) clipped to BIN_NUM "
                                  "(training default 5, scBERT's; a checkpoint fixes it: only repeat it)", group="data",

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import anndata
@@ -25,15 +26,11 @@ import scipy.sparse as sp
 import torch
 
 import finetune_sparse
+import options
 import predict_updated
-from bayesian_sparse_transformer import (
-    CHECKPOINT_FORMAT,
-    BayesianSparseTransformer,
-    HeadConfig,
-    ModelConfig,
-    load_checkpoint,
-    save_checkpoint,
-)
+from bayesian_sparse_transformer import BayesianSparseTransformer, HeadConfig, ModelConfig
+from checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from options import PredictConfig, TrainConfig
 from performer_pytorch import PerformerConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:the checkpoint's head is deterministic")
@@ -82,7 +79,7 @@ def snapshot(directory: Path) -> dict[str, str]:
 def stage_b_argv(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
     """Stage B from a Stage A checkpoint, with Monte Carlo validation and two pruning levels: every random part."""
     return ["--data_path", str(data), "--model_path", str(model), "--bayes_head", "--epoch", "2",
-            "--pre_warm_epochs", "1", "--kl_anneal_steps", "2", "--bayes_mc_samples", "2", "--mc_samples_eval", "2",
+            "--pre_warm_epochs", "1", "--kl_anneal_steps", "2", "--mc_samples", "2", "--mc_samples_eval", "2",
             "--prune_target", "0.2", "--prune_step", "0.1", "--prune_ft_epochs", "1", "--prune_rule", "f1", "--prune_f1_tol", "1.0",
             "--batch_size", "16", "--grad_acc", "1", "--learning_rate", "2e-3", "--seed", str(SEED),
             "--device", "cpu", "--ckpt_dir", str(out), "--model_name", "run", *extra]
@@ -138,7 +135,7 @@ def test_training_run_records_seed_versions_and_every_argument_as_json(runs):
     directory = runs["root"] / "train1"
     with open(directory / "run_config.json", encoding="utf-8") as handle:
         config = json.load(handle)  # JSON, read without running anything
-    expected = vars(finetune_sparse.build_parser().parse_args(stage_b_argv(runs["data"], runs["start"], directory)))
+    expected = options.cli_config(TrainConfig, stage_b_argv(runs["data"], runs["start"], directory), "").as_dict()
     expected["bin_num"], expected["bin_width"] = 5, 1.0  # recorded as used: the checkpoint's binning, which --bin_num/--bin_width left open
     assert config["args"].keys() == expected.keys()
     assert config["args"] == json.loads(json.dumps(expected))
@@ -156,11 +153,11 @@ def test_prediction_records_seed_versions_and_arguments(runs):
     directory = runs["root"] / "predict1"
     with open(directory / "run.json", encoding="utf-8") as handle:
         record = json.load(handle)
-    assert record["args"].keys() == vars(predict_updated.build_parser().parse_args(["--model_path", "x"])).keys()
+    assert record["args"].keys() == {spec.name for spec in fields(PredictConfig)}
     assert record["args"]["seed"] == 3 and record["args"]["bayes_mc_samples"] == 4
     assert record["versions"]["torch"] == str(torch.__version__)
     assert record["checkpoint_versions"]["torch"] == str(torch.__version__)
-    metadata = anndata.read_h5ad(directory / "predictions.h5ad").uns["prediction"]
+    metadata = anndata.read_h5ad(directory / "predictions.h5ad").uns["pred"]
     assert int(metadata["seed"]) == 3
     assert metadata["versions"]["torch"] == str(torch.__version__)
 
@@ -203,8 +200,11 @@ def test_prediction_refuses_a_non_empty_output_dir_without_overwrite(runs, tmp_p
     assert err.startswith("error: ") and "\n" not in err and "not empty" in err and "--overwrite" in err
     assert snapshot(out) == before
 
+    # --overwrite swaps the whole directory: one holding the user's own files is refused, and they stay
+    assert predict_updated.main(predict_argv(runs["data"], runs["best"], out, "--overwrite")) == 2
+    assert "my_notes.txt" in capsys.readouterr().err and snapshot(out) == before
+    (out / "my_notes.txt").unlink()
     assert predict_updated.main(predict_argv(runs["data"], runs["best"], out, "--overwrite")) == 0
-    assert (out / "my_notes.txt").read_text(encoding="utf-8") == "keep me\n"  # unrelated files are left alone
     assert (out / "predictions.csv").read_bytes() == (runs["root"] / "predict1" / "predictions.csv").read_bytes()
 
 
@@ -342,7 +342,7 @@ def test_stage_b_scripts_need_an_existing_start_checkpoint(script, start, tmp_pa
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: START_CKPT=") and "_best.pth" in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -418,22 +418,18 @@ def test_resume_removes_this_runs_leftover_temporary_files(tmp_path):
     for path in (ours, theirs):
         path.write_bytes(b"partial")
     config = finetune_sparse.default_config(ckpt_dir=str(tmp_path), model_name="run", resume=True)
-    finetune_sparse.create_outputs(config, files, finetune_sparse.Dist(), existing=[])
+    finetune_sparse.create_outputs(config, files, finetune_sparse.Dist(), existing=[], fingerprint={})
     assert not ours.exists() and theirs.exists()
 
 
-def test_resume_of_a_run_written_before_a_setting_existed(tmp_path):
-    """An interrupted run's saved settings may lack a later option: its old value resumes, and a mismatch names both."""
+def test_resume_names_a_setting_the_interrupted_run_did_not_record(tmp_path):
+    """A run saved by another version lacks a setting: --resume refuses, naming it with both values."""
     from utils import UserError
 
     files = finetune_sparse.RunFiles(tmp_path, "run")
     old_settings = finetune_sparse.default_config(ckpt_dir=str(tmp_path), model_name="run").as_dict()
-    for key in finetune_sparse.SETTINGS_ADDED_LATER:
-        del old_settings[key]
+    del old_settings["novelty_input_pcs"]
     files.config.write_text(json.dumps({"args": old_settings}))
-    resumed = finetune_sparse.default_config(ckpt_dir=str(tmp_path), model_name="run", resume=True,
-                                             **finetune_sparse.SETTINGS_ADDED_LATER)
-    assert finetune_sparse.check_outputs(resumed, files) == [files.config]
-    with pytest.raises(UserError, match=r"novelty_input_pcs \(interrupted run: 50, now: 100\)"):
+    with pytest.raises(UserError, match=r"novelty_input_pcs \(interrupted run: None, now: 100\)"):
         finetune_sparse.check_outputs(finetune_sparse.default_config(ckpt_dir=str(tmp_path), model_name="run",
                                                                      resume=True), files)

@@ -117,7 +117,7 @@ def test_two_predictions_into_one_new_directory_one_is_refused(two_fold_run, dat
     while not (out / ".lock").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     second = predict_updated.main(predict_argv(data_path, two_fold_run, out)[2:])  # in-process: no start-up delay
-    first_out, first_err = first.communicate(timeout=120)
+    _, first_err = first.communicate(timeout=120)
     assert first.returncode == 0, first_err
     assert second == 2 and "in use by process" in capsys.readouterr().err
     assert (out / "run.json").exists()

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import finetune_sparse
-from bayesian_sparse_transformer import load_checkpoint, predict_proba_samples
+import options
+from bayesian_sparse_transformer import predict_proba_samples
+from checkpoints import load_checkpoint
+from options import TrainConfig
 from utils import BinnedDataset, align_genes, classification_metrics, collate_batch, encode_labels, load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +185,7 @@ def test_every_stage_writes_the_documented_outputs(stage, request):
         assert next(csv.reader(handle)) == METRIC_COLUMNS
 
     config = json.loads((run.directory / f"{run.name}_config.json").read_text(encoding="utf-8"))
-    assert set(config["args"]) == set(vars(finetune_sparse.build_parser().parse_args([])))
+    assert set(config["args"]) == {spec.name for spec in fields(TrainConfig)}
     assert config["args"]["model_name"] == run.name and config["versions"]["torch"] == torch.__version__
 
     summary = run.summary()
@@ -383,7 +386,7 @@ def test_run_killed_twice_and_resumed_matches_an_uninterrupted_run(stage_a, data
 
     def command(directory: Path) -> list[str]:
         return [sys.executable, "finetune_sparse.py", "--data_path", str(data_path), *TINY, "--batch_size", "8",
-                "--grad_acc", "2", "--model_path", str(stage_a.best), *BAYES, "--bayes_mc_samples", "2", "--epoch", "4",
+                "--grad_acc", "2", "--model_path", str(stage_a.best), *BAYES, "--mc_samples", "2", "--epoch", "4",
                 "--pre_warm_epochs", "1", "--prune_target", "0.5", "--prune_step", "0.25", "--prune_ft_epochs", "2",
                 "--prune_rule", "f1", "--prune_f1_tol", "1.0", "--prune_distill", "0.5", "--prune_score", "snr",
                 "--ckpt_dir", str(directory), "--model_name", "run"]
@@ -432,39 +435,39 @@ def test_run_killed_twice_and_resumed_matches_an_uninterrupted_run(stage_a, data
 
 
 def test_every_documented_flag_is_accepted_with_scbert_defaults():
-    parser = finetune_sparse.build_parser()
-    args = parser.parse_args([
+    args = options.cli_config(TrainConfig, [
         "--data_path", "x.h5ad", "--model_path", "m.pth", "--gene_num", "166", "--bin_num", "7", "--dim", "32",
         "--heads", "4", "--depth", "2", "--epoch", "3", "--batch_size", "4", "--grad_acc", "2",
         "--learning_rate", "2e-4", "--pos_embed", "--no_pos_embed", "--gene2vec_path", "g.npy", "--bayes_head",
-        "--kl_weight", "1e-5", "--kl_anneal_steps", "50", "--bayes_mc_samples", "2", "--mc_samples_eval", "16",
+        "--kl_weight", "1e-5", "--kl_anneal_steps", "50", "--mc_samples", "2", "--mc_samples_eval", "16",
         "--pre_warm_epochs", "2", "--prune_target", "0.4", "--prune_step", "0.2", "--prune_ft_epochs", "1",
         "--prune_f1_tol", "0.05", "--prune_dim", "1", "--prune_layers", "fc1", "--prune_mode", "mask",
         "--cv_splits", "3", "--patience", "5", "--valid_every", "2", "--seed", "1", "--ckpt_dir", "out",
         "--model_name", "m", "--l1_lambda", "1e-4", "--weight_decay", "0", "--dropout", "0.1", "--head_lr_mult", "10",
         "--label_key", "celltype", "--device", "cpu", "--num_workers", "2", "--amp", "--resume",
         "--trainable_layers", "2",
-    ])
+    ], "")
     assert (args.gene_num, args.bin_num, args.dim, args.heads, args.depth, args.pos_embed) == (166, 7, 32, 4, 2, False)
     assert args.bayes_head and args.amp and args.resume
-    assert (args.prune_dim, args.prune_layers, args.prune_mode, args.trainable_layers) == (1, "fc1", "mask", 2)
+    assert (args.prune_dim, args.prune_layers, args.prune_mode, args.trainable_layers) == (1, ("fc1",), "mask", 2)
 
-    defaults = parser.parse_args([])
+    defaults = finetune_sparse.default_config()
+    parser = finetune_sparse.build_parser()
     assert defaults.gene_num is None and "166" in next(a.help for a in parser._actions if a.dest == "gene_num")
     # bin_num: scBERT's 5 for a fresh model, the checkpoint's when starting from one (resolved at run time).
     assert (defaults.bin_num, defaults.dim, defaults.heads, defaults.depth) == (None, 200, 10, 6)
     assert finetune_sparse.DEFAULT_BIN_NUM == 5
-    assert (defaults.kl_weight, defaults.kl_anneal_steps, defaults.bayes_mc_samples, defaults.mc_samples_eval) == (
+    assert (defaults.kl_weight, defaults.kl_anneal_steps, defaults.mc_samples, defaults.mc_samples_eval) == (
         1e-6, 10000, 1, 8)
     assert (defaults.prune_target, defaults.prune_step, defaults.prune_ft_epochs) == (0.3, 0.1, 4)
-    assert (defaults.prune_layers, defaults.prune_mode, defaults.pos_embed) == ("fc1,fc2", "physical", True)
+    assert (defaults.prune_layers, defaults.prune_mode, defaults.pos_embed) == (("fc1", "fc2"), "physical", True)
     assert not defaults.bayes_head and not defaults.resume
 
 
 def test_baseline_entry_point_defaults_to_no_bayes_no_pruning_and_five_folds():
     import finetune_updated
 
-    defaults = finetune_sparse.build_parser(**finetune_updated.BASELINE_DEFAULTS).parse_args([])
+    defaults = options.cli_config(TrainConfig, [], "", defaults=finetune_updated.BASELINE_DEFAULTS)
     assert (defaults.bayes_head, defaults.prune_target, defaults.cv_splits) == (False, 0.0, 5)
     assert defaults.dim == 200  # everything else as finetune_sparse.py
 
@@ -533,17 +536,6 @@ def test_baseline_script_runs_two_deterministic_unpruned_folds(data_path, tmp_pa
 # --------------------------------------------------------------------------------------------------------------
 # 6. Shell pipelines
 # --------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("script", ["stageb_round1.sh", "stageb_round2.sh"])
-@pytest.mark.parametrize("start_ckpt", [None, "does/not/exist.pth"])
-def test_stage_b_scripts_need_a_start_checkpoint(script, start_ckpt):
-    env = {k: v for k, v in ENV.items() if k != "START_CKPT"}
-    if start_ckpt is not None:
-        env["START_CKPT"] = start_ckpt
-    result = run_command(["bash", script], timeout=60, env=env)
-    assert result.returncode == 2
-    assert "START_CKPT" in result.stderr and "not a checkpoint file" in result.stderr
 
 
 def test_shell_scripts_pass_shellcheck():

@@ -24,7 +24,7 @@ def test_trainable_layers_beyond_the_depth_trains_every_block():
 
 
 def test_local_reparam_with_several_training_samples_is_refused(data_path, tmp_path, capsys):  # noqa: F811
-    argv = ["--data_path", str(data_path), *TINY, "--bayes_head", "--local_reparam", "--bayes_mc_samples", "2",
+    argv = ["--data_path", str(data_path), *TINY, "--bayes_head", "--local_reparam", "--mc_samples", "2",
             "--epoch", "1", "--ckpt_dir", str(tmp_path / "out")]
     assert finetune_sparse.main(argv) == 2
     assert "--local_reparam" in capsys.readouterr().err and not (tmp_path / "out").exists()
@@ -32,7 +32,8 @@ def test_local_reparam_with_several_training_samples_is_refused(data_path, tmp_p
 
 def test_bundled_data_records_the_label_column_it_really_used(tmp_path, capsys):
     """--label_key cell_type on the bundled data evaluates bulk_labels, and the outputs must say so."""
-    from bayesian_sparse_transformer import BayesianSparseTransformer, HeadConfig, ModelConfig, save_checkpoint
+    from bayesian_sparse_transformer import BayesianSparseTransformer, HeadConfig, ModelConfig
+    from checkpoints import save_checkpoint
     from utils import load_dataset
 
     data = load_dataset(None, label_key="cell_type")
