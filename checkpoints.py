@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -128,11 +127,6 @@ def checkpoint_paths(path: str | Path, *, purpose: str = "predict with it") -> l
     if not path.is_dir():
         return [path]
     return read_run(path, purpose=purpose).members
-
-
-def _natural_key(name: str) -> list:
-    """'m10_best' after 'm9_best': fold numbers sort as numbers."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def load_ensemble(path: str | Path, map_location: str | torch.device = "cpu", *, purpose: str = "predict with it") -> list[Checkpoint]:

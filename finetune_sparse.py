@@ -1,16 +1,18 @@
-"""Fine-tune the Bayesian sparse transformer on labelled single-cell data.
+"""Fine-tune the Bayesian sparse transformer on labelled single-cell data (one stage), or run the whole pipeline.
 
 Stage A (no --bayes_head): deterministic encoder + head, from scratch or from a pretrained encoder (--model_path).
-Stage B (--bayes_head, --model_path = a Stage A checkpoint): Bayesian fc1/fc2 ported from the Stage A means,
-pre-warm epochs, annealed KL, Monte Carlo validation, then progressive structured pruning up to --prune_target.
-Round 2: a Stage B checkpoint as --model_path continues pruning from its current widths.
-
-Runs under `torchrun --nproc_per_node N` with DistributedDataParallel; `--resume` continues a killed run.
-
-Reading order: the command line becomes one frozen TrainConfig (make_config); `run` reads and checks every input,
-then `fit_fold` takes each fold through its PHASES (train_phase -> prune_phase -> final_phase), which call
-`train_epoch` and `evaluate`; checkpoints, the metrics CSV and the log are written around them, never inside.
+Stage B round 1 (--bayes_head, --model_path = a Stage A run): Bayesian fc1/fc2 ported from the Stage A means,
+pre-warm epochs, annealed KL, Monte Carlo validation. Round 2 (--model_path = a Bayesian run, --prune_target > 0):
+progressive structured pruning, each level kept while the pruned model predicts like the unpruned one.
+--preset demo|full fills in a stage's tuned values (presets/*.json); options you give win.
+`finetune_sparse.py pipeline --preset demo` runs Stage A -> B1 -> B2 and continues where it stopped.
+Multi-GPU: torchrun --nproc_per_node N finetune_sparse.py ...; --resume continues a killed run.
 """
+
+# Reading order: options.py turns the command line into one frozen TrainConfig; `run` locks the run directory, reads
+# and checks every input, then `fit_fold` takes each fold through its PHASES (train_phase -> prune_phase ->
+# final_phase), which call `train_epoch` and `evaluate`; checkpoints, the metrics CSV and the log are written around
+# them, never inside, and the manifest last.
 
 from __future__ import annotations
 
@@ -1323,7 +1325,7 @@ def model_kind(path: str | os.PathLike) -> str:
     payload = read_checkpoint_file(path)
     if payload.get("format") != CHECKPOINT_FORMAT:
         return "none"
-    return "bayesian" if checkpoint_from_payload(path, payload).model.is_bayesian else "deterministic"
+    return "bayesian" if payload.get("stage") == "B" else "deterministic"  # save_checkpoint's stage: B = Bayesian head
 
 
 def read_data(config: TrainConfig, sources: list[Source], adata: anndata.AnnData | None) -> tuple[ExpressionData, np.ndarray, list[str]]:
@@ -1381,39 +1383,41 @@ def fit(adata: anndata.AnnData, ckpt_dir: str | os.PathLike, **given) -> dict:
 
 
 PIPELINE_STAGES = {"A": "stageA", "B1": "stageB1", "B2": "stageB2"}
-# Environment variables of the shell pipeline (train_sparse.sh): each sets an option of every training stage by the
-# option's name in capitals; these few set one stage's option or a prediction option instead.
 # Environment variables of the shell pipeline (train_sparse.sh), each an option of the stages it acted on in the
 # original shell scripts: architecture and binning in Stage A (later stages continue its model), the Bayesian and
 # pruning settings in the rounds that use them, and the rest in every stage.
 ALL_STAGES = ("A", "B1", "B2")
-ENV_OPTIONS = {
-    **{name: ("A",) for name in ("DIM", "DEPTH", "HEADS", "DIM_HEAD", "H_DIM", "BIN_NUM", "BIN_WIDTH", "DROPOUT",
-                                 "LEARNING_RATE")},
-    "EPOCHS_A": ("A", "epoch"), "EPOCHS_B": ("B1", "epoch"), "LEARNING_RATE_B": (("B1", "B2"), "learning_rate"),
-    "INIT_LOG_SIGMA": ("B1",), "PRIOR_SIGMA": ("B1",), "PRE_WARM_EPOCHS": ("B1",),
-    **{name: ("B1", "B2") for name in ("KL_WEIGHT", "KL_ANNEAL_STEPS", "GROUP_LASSO", "PRUNE_DIM", "PRUNE_LAYERS")},
-    **{name: ("B2",) for name in ("PRUNE_TARGET", "PRUNE_STEP", "PRUNE_FT_EPOCHS", "PRUNE_F1_TOL", "PRUNE_MODE",
-                                  "PRUNE_RULE", "PRUNE_NLL_TOL", "PRUNE_MAX_CHANGED", "PRUNE_SCORE", "PRUNE_DISTILL",
-                                  "PRUNE_REFIT")},
-    **{name: ALL_STAGES for name in ("BATCH_SIZE", "GRAD_ACC", "PATIENCE", "SEED", "DEVICE", "CV_SPLITS",
-                                     "SELECT_METRIC", "CLASS_WEIGHT", "TEMPERATURE_SCALING", "LABEL_KEY")},
+
+
+def _env(stages: tuple[str, ...], *names: str) -> dict[str, tuple[tuple[str, ...], str]]:
+    return {name: (stages, name.lower()) for name in names}
+
+
+# variable -> (the stages it sets, the option it sets)
+ENV_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    **_env(("A",), "DIM", "DEPTH", "HEADS", "DIM_HEAD", "H_DIM", "BIN_NUM", "BIN_WIDTH", "DROPOUT", "LEARNING_RATE"),
+    **_env(("B1",), "INIT_LOG_SIGMA", "PRIOR_SIGMA", "PRE_WARM_EPOCHS"),
+    **_env(("B1", "B2"), "KL_WEIGHT", "KL_ANNEAL_STEPS", "GROUP_LASSO", "PRUNE_DIM", "PRUNE_LAYERS"),
+    **_env(("B2",), "PRUNE_TARGET", "PRUNE_STEP", "PRUNE_FT_EPOCHS", "PRUNE_F1_TOL", "PRUNE_MODE", "PRUNE_RULE",
+           "PRUNE_NLL_TOL", "PRUNE_MAX_CHANGED", "PRUNE_SCORE", "PRUNE_DISTILL", "PRUNE_REFIT"),
+    **_env(ALL_STAGES, "BATCH_SIZE", "GRAD_ACC", "PATIENCE", "SEED", "DEVICE", "CV_SPLITS", "SELECT_METRIC",
+           "CLASS_WEIGHT", "TEMPERATURE_SCALING", "LABEL_KEY"),
+    "EPOCHS_A": (("A",), "epoch"), "EPOCHS_B": (("B1",), "epoch"), "LEARNING_RATE_B": (("B1", "B2"), "learning_rate"),
     "MC_SAMPLES": (ALL_STAGES, "mc_samples_eval"),
 }
+# ... and these set prediction's options
+PREDICT_ENV = {"MC_SAMPLES": "bayes_mc_samples", "DEVICE": "device", "PREDICT_LABEL_KEY": "label_key"}
 
 
 def stage_options_from_env(environ: dict[str, str]) -> dict[str, dict]:
     """The shell pipeline's environment variables as options per stage ({'A': {...}, 'B1': ..., 'predict': ...})."""
     per_stage: dict[str, dict] = {stage: {} for stage in (*PIPELINE_STAGES, "predict")}
-    for name, target in ENV_OPTIONS.items():
-        if environ.get(name, "") == "":
-            continue
-        stages, option = (target[0], target[1]) if len(target) == 2 and target[1] not in PIPELINE_STAGES else (target, name.lower())
-        for stage in (stages,) if isinstance(stages, str) else stages:
-            per_stage[stage][option] = environ[name]
-    for name, option in (("MC_SAMPLES", "bayes_mc_samples"), ("DEVICE", "device"), ("PREDICT_LABEL_KEY", "label_key")):
-        if environ.get(name, "") != "":
-            per_stage["predict"][option] = environ[name]
+    given = {name: value for name, value in environ.items() if value != ""}
+    for name, (stages, option) in ENV_OPTIONS.items():
+        if name in given:
+            for stage in stages:
+                per_stage[stage][option] = given[name]
+    per_stage["predict"] = {option: given[name] for name, option in PREDICT_ENV.items() if name in given}
     return per_stage
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -188,7 +189,7 @@ class DataOptions:
     @property
     def given(self) -> frozenset[str]:
         """The options its user set (command line, keyword or environment): the rest are defaults or a preset's."""
-        return object.__getattribute__(self, "_given") if hasattr(self, "_given") else frozenset()
+        return getattr(self, "_given", frozenset())
 
     def as_dict(self) -> dict:
         """Plain values as the run's JSON holds them (tuples as lists), so a resumed run compares like with like."""
@@ -202,6 +203,8 @@ class DataOptions:
 class TrainConfig(DataOptions):
     """Every option of one training run (finetune_sparse.py); recorded as `args` in the run's manifest and in
     every checkpoint."""
+
+    PROGRAM = "finetune_sparse.py"
 
     min_cells_per_class: int = option(0, "drop cell types with fewer cells (a split needs at least 2)", group="data",
                                       check=at_least(0))
@@ -355,6 +358,8 @@ class TrainConfig(DataOptions):
 class PredictConfig(DataOptions):
     """Every option of one prediction run (predict_updated.py); recorded as `args` in run.json."""
 
+    PROGRAM = "predict_updated.py"
+
     label_key: str | None = option(None, "obs column with true cell types; turns on evaluation", group="data")
     cells: str | None = option(None, "text file of cell ids (obs names), one per line: predict only these, e.g. "
                                "{model_name}{fold}_val_cells.txt from training", group="data")
@@ -389,7 +394,6 @@ class PredictConfig(DataOptions):
                                 group="run")
 
     def cross_checks(self) -> list[tuple[bool, str]]:
-        import math
         thres = self.threshold
         checks = [(math.isfinite(thres), "--unassign_thres must be a finite number")]
         if self.unassign_by == "confidence":
@@ -454,14 +458,14 @@ def make(cls: type, given: dict[str, Any], *, defaults: dict[str, Any] | None = 
     """A checked, frozen configuration of `cls`: program `defaults` < the preset's values < `given`.
 
     `given` holds the user's options by name (Python values or the command line's strings); unknown names raise
-    UserError naming them. `stage_of` picks the preset's stage from the merged options (training); prediction
+    TypeError naming them. `stage_of` picks the preset's stage from the merged options (training); prediction
     uses the preset's "predict" values. Every value is converted and checked here, whoever called.
     """
     specs = option_fields(cls)
     given = _resolve_deprecated(specs, dict(given))
     unknown = sorted(set(given) - set(specs))
-    if unknown:
-        raise UserError(f"unknown option(s) {', '.join(unknown)}; see --help for the options")
+    if unknown:  # only Python can pass a name argparse does not know: a TypeError, as for any unknown keyword
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; see {cls.PROGRAM} --help for the options")
     values = dict(defaults or {})
     preset = given.get("preset", values.get("preset"))
     if preset is not None:
@@ -522,7 +526,7 @@ def build_parser(cls: type, description: str, *, defaults: dict[str, Any] | None
     what was given. The help shows the program's defaults, or a preset's values with `--preset NAME --help`.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+                                     argument_default=argparse.SUPPRESS, usage="%(prog)s [options]")
     shown = {spec.name: spec.default for spec in fields(cls)} | (defaults or {})
     if preset is not None:
         shown |= preset_values(preset, "predict" if cls is PredictConfig else stage)

@@ -37,6 +37,7 @@ from options import DEFAULT_THRESHOLDS, PredictConfig
 from progress import progress
 from utils import (
     BUNDLED_LABEL_KEY,
+    UNASSIGNED,
     BinnedDataset,
     ExpressionData,
     UserError,
@@ -60,7 +61,6 @@ from utils import (
     write_json,
 )
 
-UNASSIGNED = "Unassigned"
 COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.5)
 CURVE_COVERAGES = tuple(np.round(np.linspace(0.1, 1.0, 10), 2))
 OUTPUT_FILES = ("predictions.csv", "probabilities.csv", "predictions.h5ad", "metrics.json", "run.json")
@@ -451,17 +451,11 @@ def probabilities_table(pred: Prediction) -> pd.DataFrame:
     return table
 
 
-def write_h5ad_atomic(adata: anndata.AnnData, path: Path) -> None:
-    """The .h5ad built in memory, then written to a hidden file next to `path` and renamed into place
-    (`utils.write_h5ad`): a full disk is a one-line error naming `path`, never HDF5 failing mid-file."""
-    write_h5ad(path, adata)
-
-
 def write_outputs(directory: Path, tables: dict[str, pd.DataFrame], adata: anndata.AnnData,
                   plots: dict[str, bytes], jsons: dict[str, dict]) -> None:
     """Every output into `directory` (a fresh staging directory swapped into place afterwards): the .h5ad first
     (the likeliest to fail), run.json last."""
-    write_h5ad_atomic(adata, directory / "predictions.h5ad")
+    write_h5ad(directory / "predictions.h5ad", adata)  # built in memory: a full disk is one line, never HDF5 mid-file
     for name, table in tables.items():
         with atomic_write(directory / name) as handle:
             table.to_csv(handle, index=False)
@@ -591,10 +585,6 @@ def annotate(adata: anndata.AnnData, model: str | os.PathLike, *, inplace: bool 
     file_only = sorted({"model_path", "data_path", "output_dir", "overwrite", "cells"} & set(given))
     if file_only:
         raise TypeError(f"annotate() takes the data and the model as arguments and writes no files; drop {file_only}")
-    specs = options.option_fields(PredictConfig)
-    unknown = sorted(set(given) - set(specs) - {old for spec in specs.values() for old in spec.metadata["deprecated"]})
-    if unknown:
-        raise TypeError(f"annotate() got unknown option(s) {unknown}; see predict_updated.py --help for the options")
     result = annotate_with(default_config(model, **given), adata).result
     if inplace:
         result.to_adata(adata)

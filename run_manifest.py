@@ -100,11 +100,6 @@ def mark_incomplete(directory: Path) -> None:
     (directory / MANIFEST).unlink(missing_ok=True)
 
 
-def is_run_directory(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.is_dir() and ((path / MANIFEST).exists() or bool(config_files(path)))
-
-
 def read_run(path: str | os.PathLike, *, purpose: str = "predict with it") -> Run:
     """The complete run in directory `path`; UserError naming what is wrong (unfinished, several runs, not a run)."""
     directory = Path(path)

@@ -1062,24 +1062,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Create the output directory; UserError if it already holds files and `overwrite` is False.
-
-    With `overwrite`, existing files are replaced as outputs are written; nothing is deleted up front.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output path {path} is an existing file; choose a directory path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"output directory {path} is not empty; overwrite it or choose another directory",
-                        {"overwrite": True})
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output directory {path} ({e.strerror}); choose another location") from e
-    return path
-
-
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto' picks the local rank's GPU when CUDA is available, else the CPU; explicit names are checked."""
     if name == "auto":
@@ -1140,59 +1122,6 @@ def python_spelling(text: str) -> str:
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """The data options of `add_data_options`, the first fields of each CLI's configuration."""
-
-    data_path: str | None
-    label_key: str | None
-    layer: str | None
-    use_raw: bool
-    normalize: bool
-    gene_symbols: str | None
-
-
-def with_options(defaults: Any, options: dict[str, Any], program: str) -> Any:
-    """A CLI's parsed defaults (an argparse namespace) with keyword options replacing some: the Python API's way
-    to a configuration. Names the CLI does not know raise TypeError."""
-    unknown = sorted(set(options) - set(vars(defaults)))
-    if unknown:
-        raise TypeError(f"unknown options {unknown}; see {program} --help")
-    return type(defaults)(**(vars(defaults) | options))
-
-
-def check_api_options(function: str, options: dict[str, Any], known: Iterable[str], file_only: set[str], program: str) -> None:
-    """The in-memory entry points (fit, annotate) take a CLI's options by name, except those about files, which
-    they replace by their arguments: anything else raises TypeError naming the offenders."""
-    offending = sorted(set(options) - set(known) | set(options) & file_only)
-    if offending:
-        raise TypeError(f"{function}() got unknown or file-only options {offending}; see {program} --help for the others")
-
-
-def add_data_options(parser: Any, *, label_key: str | None, label_help: str) -> Any:
-    """The data options every CLI shares (read by `load_dataset`); returns the group for CLI-specific ones."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--data_path", default=None, help="AnnData .h5ad with log-normalized expression; default: the "
-                      "bundled PBMC data (scanpy's pbmc68k_reduced, 700 cells, 10 types)")
-    data.add_argument("--label_key", default=label_key, help=label_help + " (the bundled data uses bulk_labels)")
-    data.add_argument("--layer", default=None, help="read expression from adata.layers[LAYER] instead of .X")
-    data.add_argument("--use_raw", action="store_true", help="read expression from adata.raw")
-    data.add_argument("--normalize", action="store_true", help="normalize_total + log1p raw counts instead of refusing them")
-    data.add_argument("--gene_symbols", default=None, metavar="COLUMN", help="name genes by this adata.var column "
-                      "(e.g. gene_symbols, feature_name) instead of var_names, which are often Ensembl IDs")
-    return data
-
-
-def add_run_options(parser: Any, *, output_help: str) -> Any:
-    """Device and output options every CLI shares; returns the group for CLI-specific ones."""
-    run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
-    run.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on CUDA")
-    run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    run.add_argument("--overwrite", action="store_true", help=output_help)
-    return run
 
 
 def run_cli(job: Any, *, interrupted: str = "interrupted; rerun the command") -> int:

@@ -22,7 +22,6 @@ from utils import (
     classification_metrics,
     expected_calibration_error,
     misclassification_auroc,
-    prepare_output_dir,
     read_json,
     reliability_bins,
     uncertainty_summary,
@@ -211,15 +210,3 @@ def test_read_json_errors_are_user_errors(tmp_path):
         read_json(tmp_path / "missing.json")
 
 
-def test_prepare_output_dir_refuses_non_empty_without_overwrite(tmp_path):
-    out = prepare_output_dir(tmp_path / "run" / "a", overwrite=False)
-    assert out.is_dir()
-    assert prepare_output_dir(out, overwrite=False) == out  # empty: fine
-    (out / "model.pt").write_text("x")
-    with pytest.raises(UserError, match="not empty.*overwrite it") as error:
-        prepare_output_dir(out, overwrite=False)
-    assert error.value.options == {"overwrite": True}
-    assert prepare_output_dir(out, overwrite=True) == out
-    assert (out / "model.pt").exists()
-    with pytest.raises(UserError, match="is an existing file"):
-        prepare_output_dir(out / "model.pt", overwrite=True)

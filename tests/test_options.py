@@ -102,11 +102,17 @@ def test_python_strings_are_converted_like_the_command_line(given, expected):
     ({"seed": -1}, "seed must be between 0 and 4294967295"),
     ({"seed": 2**32}, "seed must be between 0 and 4294967295"),
     ({"dim": 2.5}, "dim"),
-    ({"bogus_option": 1}, "bogus_option"),
 ])
 def test_the_python_api_refuses_what_the_cli_refuses(given, words):
     with pytest.raises(UserError, match=words):
         finetune_sparse.default_config(**given)
+
+
+def test_an_unknown_keyword_is_a_type_error_in_fit_and_annotate():
+    with pytest.raises(TypeError, match="bogus_option"):
+        finetune_sparse.default_config(bogus_option=1)
+    with pytest.raises(TypeError, match="bogus_option"):
+        predict_updated.annotate(None, "no/such/model", bogus_option=1)
 
 
 def test_annotate_refuses_an_unknown_unassign_rule_before_reading_anything():
