@@ -77,6 +77,7 @@ from novelty import (
 )
 from options import TrainConfig, with_changes
 from performer_pytorch import PerformerConfig
+from progress import interactive, time_left
 from run_manifest import (
     MANIFEST,
     config_files,
@@ -662,7 +663,7 @@ def train_epoch(fold: Fold, training: Training, state: FoldState, epoch: int, de
     labels_by_row = torch.as_tensor(np.asarray(fold.run.labels, dtype=np.int64))
     total_loss = correct = seen = kl_value = 0.0
     n_batches = len(loader)
-    bar = tqdm(loader, desc=f"fold {fold.index} epoch {epoch + 1}", disable=not (fold.run.ctx.main and sys.stderr.isatty()), leave=False)
+    bar = tqdm(loader, desc=f"fold {fold.index} epoch {epoch + 1}", disable=not (fold.run.ctx.main and fold.run.config.verbose and interactive()), leave=False)
     training.optimizer.zero_grad(set_to_none=True)
     for i, (tokens, rows) in enumerate(bar):
         tokens, labels = tokens.to(device), labels_by_row[rows].to(device)
@@ -849,6 +850,8 @@ def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.nda
     """
     config, dataset, labels = fold.run.config, fold.train_set.dataset, fold.run.labels
     train_idx, val_idx = np.asarray(fold.train_set.indices), np.asarray(fold.val_idx)
+    fit_started = time.time()
+    log.info("fold %d: fitting novelty statistics on %d training cells", fold.index, len(train_idx))
     rng = np.random.default_rng(config.seed + fold.index)
     subset = np.sort(rng.choice(train_idx, min(len(train_idx), NOVELTY_NEIGHBOURS), replace=False))
     rest = np.setdiff1d(train_idx, subset)
@@ -866,8 +869,9 @@ def fold_novelty(fold: Fold, model: BayesianSparseTransformer, val_probs: np.nda
              for b in blocks(len(val_idx))]
     stats = calibrate_novelty(stats, {name: np.concatenate([p[name] for p in parts]) for name in config.novelty_parts},
                               config.novelty_fpr)
-    log.info("fold %d: novelty threshold %.3f (%.0f%% of %d validation cells above it; views %s)", fold.index,
-             stats["threshold"], 100 * config.novelty_fpr, len(val_idx), "+".join(config.novelty_parts))
+    log.info("fold %d: novelty threshold %.3f (%.0f%% of %d validation cells above it; views %s), fitted in %.0f s",
+             fold.index, stats["threshold"], 100 * config.novelty_fpr, len(val_idx), "+".join(config.novelty_parts),
+             time.time() - fit_started)
     return stats
 
 
@@ -1009,6 +1013,7 @@ def train_phase(fold: Fold, state: FoldState, training: Training, started: float
     """--epoch epochs (a Bayesian head's first --pre_warm_epochs with its posterior means only), validated every
     --valid_every; the best model is saved, and --patience validations without a better one stop early."""
     config = fold.run.config
+    phase_started, first_epoch = time.time(), state.epoch  # this session's pace estimates the time left
     while state.epoch < config.epoch:
         epoch = state.epoch
         deterministic = fold.bayes and epoch < config.pre_warm_epochs
@@ -1017,8 +1022,10 @@ def train_phase(fold: Fold, state: FoldState, training: Training, started: float
         stop = False
         if (epoch + 1) % config.valid_every == 0 or epoch + 1 == config.epoch:
             stop = validate_and_keep_best(fold, training.model, state, row)
-            log.info("fold %d epoch %d: train loss %.4f acc %.3f | val acc %.3f macro-F1 %.3f ECE %.3f", fold.index,
-                     epoch + 1, row["train_loss"], row["train_acc"], row["val_acc"], row["val_macro_f1"], row["val_ece"])
+            log.info("fold %d epoch %d/%d: train loss %.4f acc %.3f | val acc %.3f macro-F1 %.3f ECE %.3f | fold: %s",
+                     fold.index, epoch + 1, config.epoch, row["train_loss"], row["train_acc"], row["val_acc"],
+                     row["val_macro_f1"], row["val_ece"],
+                     time_left(time.time() - phase_started, epoch + 1 - first_epoch, config.epoch - first_epoch))
         state.epoch += 1
         if stop:
             log.info("fold %d: early stop, no better %s for %d validations", fold.index, config.select_metric, config.patience)
@@ -1040,6 +1047,7 @@ def prune_phase(fold: Fold, state: FoldState, training: Training, started: float
     # Without fine-tuning nothing trains between levels: the refit cells' gene features stay those computed here
     # (prune_to recomputes them only once a level has removed fc1 inputs), saving an encoder pass per level.
     refit = refit_cells(fold, training.model) if config.prune_ft_epochs == 0 else None
+    phase_started, first_level = time.time(), state.level_index
     while state.level_index < len(levels):
         level = levels[state.level_index]
         if not state.level_applied:
@@ -1050,6 +1058,9 @@ def prune_phase(fold: Fold, state: FoldState, training: Training, started: float
             state.epoch += 1
             end_step(fold, training, state, row, started)
         judge_level(fold, state, training, level, len(levels), started)
+        if state.level_index < len(levels):
+            log.info("fold %d: pruning level %d/%d next, %s at most", fold.index, state.level_index + 1, len(levels),
+                     time_left(time.time() - phase_started, state.level_index - first_level, len(levels) - first_level))
     return training
 
 

@@ -31,7 +31,7 @@ def progress(total: int | None, *, desc: str, unit: str = "cells", enabled: bool
     stream = sys.stderr if file is None else file
     if not enabled:
         return tqdm(total=total, disable=True)
-    if _is_terminal(stream) or _in_notebook():
+    if interactive(stream):
         return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, file=file)
     return LogProgress(total, desc=desc, unit=unit, every=every, file=stream)
 
@@ -82,6 +82,16 @@ class LogProgress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def interactive(stream: IO[str] | None = None) -> bool:
+    """Whether a bar can be drawn: `stream` (default stderr) is a terminal, or the code runs in a notebook."""
+    return _is_terminal(sys.stderr if stream is None else stream) or _in_notebook()
+
+
+def time_left(elapsed: float, done: int, total: int) -> str:
+    """'0:42 left' for `total` steps of which `done` took `elapsed` seconds (steps of similar cost)."""
+    return f"{_duration(elapsed / done * (total - done)) if done else '?'} left"
 
 
 def _duration(seconds: float) -> str:
