@@ -138,7 +138,7 @@ def staged_replacement(target: str | os.PathLike) -> Iterator[Path]:
         with locked(staging, "staging directory"):
             yield staging
             os.chmod(staging, 0o777 & ~_umask())
-            _swap_in(staging, target)
+            swap_in(staging, target)
     except OutputError as err:  # name the file the user asked for, not its staging copy
         shutil.rmtree(staging, ignore_errors=True)
         if not err.path.is_relative_to(staging):
@@ -149,7 +149,8 @@ def staged_replacement(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _swap_in(staging: Path, target: Path) -> None:
+def swap_in(staging: Path, target: Path) -> None:
+    """Put the complete directory `staging` in the place of `target` (one exchange where possible)."""
     if not target.exists():
         os.rename(staging, target)
         return

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -62,7 +63,7 @@ from checkpoints import (
     read_checkpoint_file,
     save_checkpoint,
 )
-from directory_lock import locked
+from directory_lock import STAGING_PREFIX, locked, swap_in
 from novelty import (
     INPUT_VIEWS,
     NOVELTY_LAYER,
@@ -216,13 +217,18 @@ def check_directory_path(directory: Path) -> None:
             break
 
 
+def check_one_run(directory: Path, name: str) -> None:
+    """A run directory holds one run: another run's name there is refused."""
+    others = sorted(set(config_files(directory)) - {name}) if directory.is_dir() else []
+    if others:
+        raise UserError(f"{directory} already holds the run {others[0]!r}; a run directory holds one run: choose "
+                        "another --ckpt_dir")
+
+
 def check_outputs(config: TrainConfig, files: RunFiles) -> list[Path]:
     """Refuse to clobber an earlier run or to share its directory; on --resume insist on the same settings.
     Writes nothing."""
-    others = sorted(set(config_files(files.directory)) - {config.model_name}) if files.directory.is_dir() else []
-    if others:
-        raise UserError(f"{files.directory} already holds the run {others[0]!r}; a run directory holds one run: choose "
-                        "another --ckpt_dir")
+    check_one_run(files.directory, config.model_name)
     existing = files.existing(config.cv_splits)
     if config.resume:
         if not files.config.exists():
@@ -1273,10 +1279,21 @@ def run(config: TrainConfig, adata: anndata.AnnData | None = None) -> dict:
     complete run that prediction and the next stage accept.
     """
     ctx, device = init_distributed(config.device)
-    files = RunFiles(Path(config.ckpt_dir), config.model_name)
-    check_directory_path(files.directory)
-    with locked(files.directory, "run directory") if ctx.main else contextlib.nullcontext():
-        return _run_locked(config, adata, ctx, device, files)
+    target = Path(config.ckpt_dir)
+    check_directory_path(target)
+    with locked(target, "run directory") if ctx.main else contextlib.nullcontext():
+        # --overwrite of a complete run trains beside it and swaps the new run in at the end, so a kill at any
+        # moment leaves the complete old run. An interrupted overwrite's partial run is never resumed: cleared here.
+        staging = target.parent / f"{STAGING_PREFIX}{target.name}-overwrite"
+        if ctx.main:
+            shutil.rmtree(staging, ignore_errors=True)
+        replace_whole = config.overwrite and (target / MANIFEST).exists()
+        if replace_whole:
+            check_one_run(target, config.model_name)
+        summary = _run_locked(config, adata, ctx, device, RunFiles(staging if replace_whole else target, config.model_name))
+        if replace_whole and ctx.main:
+            swap_in(staging, target)
+        return summary
 
 
 def _run_locked(config: TrainConfig, adata: anndata.AnnData | None, ctx: Dist, device: torch.device,

@@ -200,3 +200,35 @@ def test_pipeline_killed_in_each_stage_resumes_to_the_uninterrupted_result(data_
     for fold in range(2):
         name = f"stageB2{fold}_val_predictions.csv"
         assert (killed / "stageB2" / name).read_text() == (whole / "stageB2" / name).read_text()
+
+
+def test_training_overwrite_killed_at_random_points_leaves_the_complete_old_run(data_path, tmp_path):  # noqa: F811
+    """`finetune_sparse.py --overwrite` of a complete run, SIGKILLed at random moments: each time the directory
+    holds the complete old run (or, when the kill came too late, the complete new one), never a mixture, and a
+    finished overwrite then replaces it as a whole."""
+    directory = tmp_path / "run"
+    argv = train_argv(data_path, directory, "--epoch", "2", "--cv_splits", "2", "--model_name", "r")
+    assert run([*argv, "--seed", "1"]).returncode == 0
+    started = time.monotonic()
+    assert run([*argv, "--seed", "2", "--overwrite"]).returncode == 0
+    duration = time.monotonic() - started
+    assert json.loads((directory / MANIFEST).read_text())["options"]["seed"] == 2
+    assert run([*argv, "--seed", "1", "--overwrite"]).returncode == 0
+    old_manifest = (directory / MANIFEST).read_text()
+    seed = random.SystemRandom().randrange(2**32)
+    rng = random.Random(seed)
+    for attempt in range(4):
+        process = subprocess.Popen([*argv, "--seed", str(10 + attempt), "--overwrite"], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2 * duration, 0.95 * duration))
+        process.send_signal(signal.SIGKILL)
+        finished = process.wait(timeout=30) == 0  # it may have finished first: then it is the new complete run
+        where = f"attempt {attempt}, seed {seed}"
+        if finished:
+            old_manifest = (directory / MANIFEST).read_text()
+            assert json.loads(old_manifest)["options"]["seed"] == 10 + attempt, where
+        assert (directory / MANIFEST).read_text() == old_manifest, where
+        assert [path.name for path in read_run(directory).members] == ["r0_best.pth", "r1_best.pth"], where
+    assert run([*argv, "--seed", "3", "--overwrite"]).returncode == 0
+    assert json.loads((directory / MANIFEST).read_text())["options"]["seed"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "leftovers of killed overwrites"
