@@ -1325,8 +1325,11 @@ def _run_locked(config: TrainConfig, adata: anndata.AnnData | None, ctx: Dist, d
             members = [{"fold": k, "checkpoint": files.fold(k, "best.pth").name,
                         "val_cells": files.fold(k, "val_cells.txt").name,
                         "val_predictions": files.fold(k, "val_predictions.csv").name} for k in range(len(splits))]
+            # The architecture as the models have it: a continued checkpoint fixes it, whatever the options' defaults say.
+            model_config = read_checkpoint_file(files.fold(0, "best.pth"))["model_config"]
             write_manifest(files.directory, name=config.model_name, stage=run_stage(config), options=config.as_dict(),
-                           members=members, fingerprint=fingerprint, classes=classes, genes=len(data.genes))
+                           members=members, fingerprint=fingerprint, classes=classes, genes=len(data.genes),
+                           model_config=model_config)
             log.info("summary over %d fold(s): accuracy %.4f ± %.4f, macro-F1 %.4f ± %.4f, ECE %.4f ± %.4f", len(results),
                      summary["accuracy"]["mean"], summary["accuracy"]["std"], summary["macro_f1"]["mean"],
                      summary["macro_f1"]["std"], summary["ece"]["mean"], summary["ece"]["std"])

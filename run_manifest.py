@@ -87,11 +87,12 @@ def config_files(directory: Path) -> dict[str, Path]:
 
 
 def write_manifest(directory: Path, *, name: str, stage: str, options: dict, members: list[dict], fingerprint: dict,
-                   classes: list[str], genes: int) -> None:
-    """Mark the run complete: written last, atomically, after every member's files are in place."""
+                   classes: list[str], genes: int, model_config: dict) -> None:
+    """Mark the run complete: written last, atomically, after every member's files are in place. `options` are the
+    run's settings; `model_config` the members' architecture (fixed by a continued checkpoint, not by options)."""
     write_json(directory / MANIFEST, {
         "format": RUN_FORMAT, "complete": True, "name": name, "stage": stage, "options": options, "members": members,
-        "data_fingerprint": fingerprint, "classes": classes, "n_genes": genes,
+        "data_fingerprint": fingerprint, "classes": classes, "n_genes": genes, "model_config": model_config,
     })
 
 

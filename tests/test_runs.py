@@ -53,6 +53,7 @@ def test_a_finished_run_has_a_manifest_listing_members_stage_and_data(two_fold_r
     assert manifest["complete"] and manifest["stage"] == "A" and manifest["name"] == "a"
     assert [m["checkpoint"] for m in manifest["members"]] == ["a0_best.pth", "a1_best.pth"]
     assert set(manifest["data_fingerprint"]) >= {"cells", "genes", "values", "labels"}
+    assert manifest["model_config"]["encoder"]["dim"] == 16  # the members' architecture
     assert read_run(two_fold_run).members == [two_fold_run / "a0_best.pth", two_fold_run / "a1_best.pth"]
 
 
