@@ -18,6 +18,7 @@ import pytest
 from test_training import data_path, one_torch_thread  # noqa: F401  (fixtures)
 
 import predict_updated
+from checkpoints import load_checkpoint
 from directory_lock import locked, staged_replacement
 from run_manifest import MANIFEST, read_run
 from utils import UserError
@@ -223,13 +224,16 @@ def test_training_overwrite_killed_at_random_points_leaves_the_complete_old_run(
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.2 * duration, 0.95 * duration))
         process.send_signal(signal.SIGKILL)
-        finished = process.wait(timeout=30) == 0  # it may have finished first: then it is the new complete run
+        process.wait(timeout=30)
         where = f"attempt {attempt}, seed {seed}"
-        if finished:
-            old_manifest = (directory / MANIFEST).read_text()
-            assert json.loads(old_manifest)["options"]["seed"] == 10 + attempt, where
-        assert (directory / MANIFEST).read_text() == old_manifest, where
-        assert [path.name for path in read_run(directory).members] == ["r0_best.pth", "r1_best.pth"], where
+        manifest = (directory / MANIFEST).read_text()
+        if manifest != old_manifest:  # the kill came after the swap: then it is the new complete run
+            assert json.loads(manifest)["options"]["seed"] == 10 + attempt, where
+            old_manifest = manifest
+        members = read_run(directory).members
+        assert [path.name for path in members] == ["r0_best.pth", "r1_best.pth"], where
+        seeds = {load_checkpoint(path).args["seed"] for path in members}
+        assert seeds == {json.loads(manifest)["options"]["seed"]}, where  # never one run's manifest, another's models
     assert run([*argv, "--seed", "3", "--overwrite"]).returncode == 0
     assert json.loads((directory / MANIFEST).read_text())["options"]["seed"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "leftovers of killed overwrites"
