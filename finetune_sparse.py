@@ -157,6 +157,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    distributed: bool = False  # a process group exists (every torchrun launch, one process included)
 
     @property
     def main(self) -> bool:
@@ -164,11 +165,11 @@ class Dist:
 
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU), also with one process,
+    so that `torchrun --nproc_per_node 1` runs the DistributedDataParallel path (benchmarks/gpu_check.py)."""
+    if "RANK" not in os.environ:
         return Dist(), resolve_device(device_name)
-    ctx = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")), True)
     device = resolve_device(device_name, local_rank=ctx.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -272,7 +273,7 @@ def create_outputs(config: TrainConfig, files: RunFiles, ctx: Dist, existing: li
         if not config.resume:
             write_json(files.config, {"args": config.as_dict(), "data_fingerprint": fingerprint,
                                       "versions": package_versions()})
-    if ctx.world > 1:
+    if ctx.distributed:
         dist.barrier()
 
 
@@ -611,7 +612,7 @@ def attach(fold: Fold, state: FoldState, model: BayesianSparseTransformer, total
     model = model.to(device)
     optimizer, scheduler = make_optimizer(model, config, total_steps)
     ddp = None
-    if fold.run.ctx.world > 1:
+    if fold.run.ctx.distributed:
         # Pre-warm epochs leave the sigmas without gradients: DDP must not wait for them.
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=model.is_bayesian)
@@ -651,7 +652,7 @@ def train_loader(fold: Fold, state: FoldState, epoch: int) -> DataLoader:
         generator = torch.Generator().manual_seed(seed * 1009 + ctx.rank)
         share = math.ceil(len(fold.train_set) / ctx.world)
         sampler = RandomSampler(fold.train_set, replacement=True, num_samples=share, generator=generator)
-    elif ctx.world > 1:
+    elif ctx.distributed:
         sampler = DistributedSampler(fold.train_set, ctx.world, ctx.rank, shuffle=True, seed=seed)
     else:
         sampler = RandomSampler(fold.train_set, generator=torch.Generator().manual_seed(seed))
@@ -690,7 +691,7 @@ def train_epoch(fold: Fold, training: Training, state: FoldState, epoch: int, de
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}")
     stats = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
-    if fold.run.ctx.world > 1:
+    if fold.run.ctx.distributed:
         dist.all_reduce(stats)
     return {"train_loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2]), "kl": kl_value}
 
@@ -761,7 +762,7 @@ def evaluate(fold: Fold, model: BayesianSparseTransformer, samples: int | None =
     ctx = fold.run.ctx
     shard = fold.val_idx[ctx.rank :: ctx.world]
     prob_samples = predict_rows(fold, model, shard, samples, noise)
-    if ctx.world > 1:
+    if ctx.distributed:
         gathered = [None] * ctx.world
         dist.all_gather_object(gathered, (shard, prob_samples))
         order = np.concatenate([g[0] for g in gathered])
@@ -1137,7 +1138,7 @@ def load_best(fold: Fold, state: FoldState, training: Training) -> Training:
 
 
 def barrier(ctx: Dist) -> None:
-    if ctx.world > 1:
+    if ctx.distributed:
         dist.barrier()
 
 
@@ -1335,7 +1336,7 @@ def _run_locked(config: TrainConfig, adata: anndata.AnnData | None, ctx: Dist, d
                      summary["macro_f1"]["std"], summary["ece"]["mean"], summary["ece"]["std"])
     finally:
         close_logging()
-    if ctx.world > 1:
+    if ctx.distributed:
         dist.destroy_process_group()
     return summary
 

@@ -178,6 +178,15 @@ def test_novelty_fit_smoke_measures_both_ways_at_every_size(tmp_path):
         assert_finite(point["peak_extra_mb"], point["seconds"])
 
 
+def test_gpu_check_smoke_trains_under_torchrun_and_compares_amp_with_fp32(tmp_path):
+    """The GPU check's every step on the CPU: throughput, the full preset's stages under a one-process torchrun
+    (gloo here, NCCL on a GPU), and prediction with and without --amp (identical on the CPU, where autocast is off)."""
+    results = run_smoke("gpu_check", tmp_path)
+    for entry in results["genes"].values():
+        assert_finite(entry["throughput"]["fp32"]["forward"]["cells_per_s"], entry["train_amp_seconds"]["stage_b"])
+        assert entry["label_agreement"] == 1.0 and entry["max_prob_diff"] == 0.0
+
+
 def test_run_all_command_line_writes_a_summary(tmp_path):
     command = [sys.executable, "-m", "benchmarks.run_all", *SMOKE_ARGS, "--only", "mc_cost", "--out_dir", str(tmp_path)]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
