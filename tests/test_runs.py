@@ -237,3 +237,11 @@ def test_training_overwrite_killed_at_random_points_leaves_the_complete_old_run(
     assert run([*argv, "--seed", "3", "--overwrite"]).returncode == 0
     assert json.loads((directory / MANIFEST).read_text())["options"]["seed"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "leftovers of killed overwrites"
+
+
+def test_a_flag_equal_to_the_default_that_contradicts_the_checkpoint_is_refused(two_fold_run, data_path, tmp_path):  # noqa: F811
+    """--dim 200 is the parser's default, yet the user typed it: against a dim-16 model it is refused, not ignored."""
+    result = run(train_argv(data_path, tmp_path / "b", "--model_path", str(two_fold_run), "--cv_splits", "2",
+                            "--bayes_head", "--epoch", "1", "--dim", "200"))
+    assert result.returncode == 2 and "--dim" in result.stderr and "16" in result.stderr, result.stderr
+    assert not (tmp_path / "b").exists()
