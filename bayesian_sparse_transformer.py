@@ -207,6 +207,9 @@ class HeadConfig:
     base_hidden1: int | None = None
     base_hidden2: int | None = None
     temperature: float = 1.0  # divides the logits of predicted probabilities (post-hoc calibration); 1 in training
+    # A Bayesian head whose posterior means predicted better than its samples on validation predicts with them
+    # (Stage B keeps the better of the two); False while training.
+    posterior_means: bool = False
 
     def __post_init__(self) -> None:
         self.base_hidden1 = self.base_hidden1 or self.hidden1
@@ -329,9 +332,10 @@ class BayesianSparseTransformer(nn.Module):
         return self.head(self.encode(tokens), noise)
 
     def set_deterministic(self, deterministic: bool) -> None:
-        """Use posterior means (True) or sample weights (False) in every Bayesian layer."""
+        """Use posterior means (True) or sample weights (False) in every Bayesian layer; a head that predicts with
+        its posterior means (HeadConfig.posterior_means) always uses them."""
         for layer in self.head.bayesian_layers().values():
-            layer.deterministic = deterministic
+            layer.deterministic = deterministic or self.config.head.posterior_means
 
     def kl_divergence(self) -> Tensor:
         layers = self.head.bayesian_layers().values()
@@ -356,6 +360,8 @@ class BayesianSparseTransformer(nn.Module):
         """
         if features is None:
             features = self.head.gene_features(self.encode(tokens))  # (batch, fc1_in)
+        if self.config.head.posterior_means:
+            self.set_deterministic(True)
         deterministic = not self.is_bayesian or all(layer.deterministic for layer in self.head.bayesian_layers().values())
         if deterministic:
             return self.head.classify(features).expand(num_samples, -1, -1)

@@ -12,6 +12,7 @@ import io
 import pickle
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from bayesian_sparse_transformer import BayesianSparseTransformer, ModelConfig
+from binning import Binning
 from novelty import missing_statistics
 from performer_pytorch import convert_scbert_state_dict, is_scbert_state_dict
 from run_manifest import read_run
@@ -47,8 +49,16 @@ class Checkpoint:
     training_state: dict | None = None
     versions: dict = field(default_factory=dict)
     bin_width: float = 1.0  # scBERT's binning
+    bin_edges: tuple[float, ...] | None = None  # quantile bins' cut points (binning.quantile_binning)
+    # Stage B: the validation probabilities (cells, classes) of the model the chain of training runs started from,
+    # the bar every later round's decisions are held to (finetune_sparse.set_origin)
+    origin: list | None = None
     # the novelty statistics (see novelty.missing_statistics for what they hold); None until a fold model is final
     novelty: dict | None = None
+
+    @property
+    def binning(self) -> Binning:
+        return Binning(self.bin_num, self.bin_width, self.bin_edges)
 
 
 def save_checkpoint(
@@ -60,6 +70,8 @@ def save_checkpoint(
     bin_num: int,
     stage: str,
     bin_width: float = 1.0,
+    bin_edges: Sequence[float] | None = None,
+    origin: list | None = None,
     args: dict | None = None,
     metrics: dict | None = None,
     training_state: dict | None = None,
@@ -76,6 +88,7 @@ def save_checkpoint(
         "classes": [str(name) for name in classes],
         "bin_num": int(bin_num),
         "bin_width": float(bin_width),
+        "bin_edges": None if bin_edges is None else [float(edge) for edge in bin_edges],
         "stage": stage,
         "args": dict(args or {}),
         "metrics": dict(metrics or {}),
@@ -84,6 +97,8 @@ def save_checkpoint(
     }
     if novelty is not None:
         payload["novelty"] = novelty
+    if origin is not None:
+        payload["origin"] = origin
     # Serialize in memory first: torch.save's C++ writer turns a failed write (disk full) into an opaque
     # RuntimeError, while a plain write keeps the OSError that atomic_write reports with the path.
     buffer = io.BytesIO()
@@ -135,7 +150,7 @@ def load_ensemble(path: str | Path, map_location: str | torch.device = "cpu", *,
     members = [load_checkpoint(p, map_location) for p in paths]
     first = members[0]
     for other, other_path in zip(members[1:], paths[1:]):
-        if (other.genes, other.classes, other.bin_num, other.bin_width) != (first.genes, first.classes, first.bin_num, first.bin_width):
+        if (other.genes, other.classes, other.binning) != (first.genes, first.classes, first.binning):
             raise UserError(f"{other_path} does not belong to the same ensemble as the other checkpoints in {path} "
                             "(other genes, cell types or binning); keep one run's checkpoints per directory")
     return members
@@ -173,7 +188,9 @@ def checkpoint_from_payload(path: str | Path, payload: dict, map_location: str |
         training_state=payload.get("training_state"),
         versions=payload.get("versions") or {},
         bin_width=float(payload["bin_width"]),
+        bin_edges=None if payload.get("bin_edges") is None else tuple(payload["bin_edges"]),
         novelty=payload.get("novelty"),
+        origin=payload.get("origin"),
     )
 
 
@@ -199,6 +216,9 @@ def _check_metadata(path: str | Path, payload: dict, config: ModelConfig) -> Non
         problems.append(f"{len(classes)} class names for {config.head.num_classes} outputs")
     if not isinstance(bin_num, int) or not 1 <= bin_num <= config.encoder.num_tokens - 2:
         problems.append(f"bin_num {bin_num!r} for {config.encoder.num_tokens} tokens")
+    edges = payload.get("bin_edges")
+    if edges is not None and (len(edges) != bin_num - 1 or list(edges) != sorted(edges)):
+        problems.append(f"{len(edges)} bin cut points for {bin_num} bins")
     if problems:
         raise UserError(f"{path} is inconsistent ({'; '.join(problems)}); it was altered or damaged, use the original file")
 

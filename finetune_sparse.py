@@ -33,6 +33,8 @@ from pathlib import Path
 
 import anndata
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -52,6 +54,7 @@ from bayesian_sparse_transformer import (
     slice_head_noise,
     unit_widths,
 )
+from binning import Binning, quantile_binning
 from checkpoints import (
     CHECKPOINT_FORMAT,
     checkpoint_from_payload,
@@ -110,6 +113,7 @@ from utils import (
     run_cli,
     set_seed,
     stratified_splits,
+    tempered,
     write_json,
 )
 
@@ -117,6 +121,7 @@ log = logging.getLogger("finetune")
 
 DEFAULT_BIN_NUM = 5  # scBERT's
 DEFAULT_BIN_WIDTH = 1.0  # scBERT's
+DEFAULT_QUANTILE_BINS = 28  # the demo preset's count, chosen with width bins (benchmarks/accuracy_calibration.py)
 # Validation metrics that choose the best checkpoint, each as a score where higher is better.
 SELECTION_METRICS = {"nll": lambda metrics: -metrics["nll"], "macro_f1": lambda metrics: metrics["macro_f1"]}
 BLOCK_CELLS = 1024  # cells whose tokens or gene features the novelty fit holds at once (see `blocks`)
@@ -392,19 +397,34 @@ def read_sources(config: TrainConfig) -> list[Source]:
 
 def adopt_checkpoint_binning(config: TrainConfig, source: Source) -> TrainConfig:
     """The config with its binning resolved: our checkpoints fix the binning along with the architecture, so
-    --bin_num/--bin_width may only repeat it; without one, the defaults fill what was not given."""
-    binning = {}
-    for name, default in {"bin_num": DEFAULT_BIN_NUM, "bin_width": DEFAULT_BIN_WIDTH}.items():
-        given = getattr(config, name)
-        if source.checkpoint is None:
-            binning[name] = default if given is None else given
-            continue
-        saved = getattr(source.checkpoint, name)
-        if given is not None and given != saved:
-            raise UserError(f"--{name} {given} differs from the checkpoint's {saved}; "
-                            f"drop --{name} to keep the binning the model was trained with")
-        binning[name] = saved
-    return with_changes(config, **binning)
+    --binning/--bin_num/--bin_width may only repeat it. Without one: quantile bins, unless scBERT's encoder (whose
+    token embeddings learned scBERT's bins) or --bin_width asks for width bins."""
+    if source.checkpoint is not None:
+        saved = source.checkpoint.binning
+        for name, value in {"binning": saved.kind, "bin_num": saved.bin_num, "bin_width": saved.bin_width}.items():
+            given = getattr(config, name)
+            if given is not None and given != value:
+                raise UserError(f"--{name} {given} differs from the checkpoint's {value}; "
+                                f"drop --{name} to keep the binning the model was trained with")
+        return with_changes(config, binning=saved.kind, bin_num=saved.bin_num,
+                            bin_width=saved.bin_width if saved.kind == "width" else None)
+    kind = config.binning or ("width" if source.encoder_payload is not None or config.bin_width is not None else "quantile")
+    if kind == "width":
+        return with_changes(config, binning=kind, bin_num=config.bin_num or DEFAULT_BIN_NUM,
+                            bin_width=config.bin_width or DEFAULT_BIN_WIDTH)
+    return with_changes(config, binning=kind, bin_num=config.bin_num or DEFAULT_QUANTILE_BINS)
+
+
+def run_binning(config: TrainConfig, source: Source, matrix: sp.csr_matrix) -> Binning:
+    """The binning of the run's models: a continued checkpoint's, width bins, or quantile bins of this run's cells
+    (all of them: the cut points use no labels, and every fold model of an ensemble must share them)."""
+    if source.checkpoint is not None:
+        return source.checkpoint.binning
+    if config.binning == "width":
+        return Binning(config.bin_num, config.bin_width)
+    binning = quantile_binning(matrix, config.bin_num, seed=config.seed)
+    log.info("binning: %s", binning.describe())
+    return binning
 
 
 def check_fixed_options(config: TrainConfig, source: Source) -> None:
@@ -437,7 +457,8 @@ def build_model(config: TrainConfig, source: Source, genes: list[str], n_classes
     """A fresh model, or a copy of the source checkpoint's model; Bayesian head ported when --bayes_head."""
     if source.continues_model:
         # Training starts uncalibrated: a temperature fitted to the source's validation cells is refitted at the end.
-        model_config = replace(source.checkpoint.model.config, head=replace(source.checkpoint.model.config.head, temperature=1.0))
+        model_config = replace(source.checkpoint.model.config, head=replace(
+            source.checkpoint.model.config.head, temperature=1.0, posterior_means=False))
         model_config.encoder = replace(model_config.encoder, gradient_checkpointing=config.gradient_checkpointing)  # this run's choice
         model = BayesianSparseTransformer(model_config)
         model.load_state_dict(source.checkpoint.model.state_dict())
@@ -548,6 +569,10 @@ class FoldState:
     reference_widths: dict | None = None
     reference_positions: dict | None = None
     teacher_probs: torch.Tensor | None = None  # (cells, classes) of the unpruned model, --prune_distill's targets
+    # Continued models: the validation probabilities of the model the chain of runs started from (Stage A's for
+    # both Stage B rounds), the bar that keeping Stage B's head and every pruning level is held to.
+    origin_probs: list | None = None
+    kept: str = "trained"  # what the best checkpoint is: "start" (the continued model), "sampled" or "means"
     bad_rounds: int = 0
     prune_amount: float = 0.0  # last accepted pruning level (fraction of each layer's original slices removed)
     total_steps: int = 1  # optimizer steps the current learning-rate schedule spans
@@ -567,6 +592,7 @@ class RunSetup:
     data: ExpressionData
     labels: np.ndarray  # (cells,) class indices
     classes: list[str]
+    binning: Binning
 
 
 @dataclass(frozen=True)
@@ -584,7 +610,7 @@ class Fold:
 
 def make_fold(run: RunSetup, index: int, train_idx: np.ndarray, val_idx: np.ndarray, source: Source) -> Fold:
     config = run.config
-    dataset = BinnedDataset(run.data.matrix, config.bin_num, np.arange(len(run.labels)), bin_width=config.bin_width)
+    dataset = BinnedDataset(run.data.matrix, run.binning, np.arange(len(run.labels)))
     weights = class_weights(run.labels[train_idx], len(run.classes), config.class_weight).to(run.device)
     bayes = config.bayes_head or (source.continues_model and source.checkpoint.model.is_bayesian)
     return Fold(run, index, Subset(dataset, train_idx), np.sort(val_idx), source, weights, bayes)
@@ -782,42 +808,73 @@ def predict_rows(fold: Fold, model: BayesianSparseTransformer, rows: np.ndarray,
     return predict_proba_samples(model, loader, samples, seed=config.seed, noise=noise, device=fold.run.device, amp=config.amp)
 
 
-def evaluate_paired(fold: Fold, model: BayesianSparseTransformer, state: FoldState) -> tuple[dict, np.ndarray, np.ndarray]:
-    """What the paired rule compares, from one encoding of the validation cells: the metrics and probability
-    samples (S, cells, classes) drawn with the unpruned model's noise restricted to the kept units (common
-    random numbers), and the types the posterior means predict (cells,).
+def evaluate_paired(fold: Fold, model: BayesianSparseTransformer, state: FoldState) -> dict[str, tuple[dict, np.ndarray]]:
+    """`evaluate_modes` with the unpruned model's noise restricted to the kept units (common random numbers), what
+    the paired rule compares."""
+    if not model.is_bayesian:
+        return evaluate_modes(fold, model)
+    noise = head_noise_for_widths(state.reference_widths, fold.run.config.mc_samples_eval, fold.run.config.seed)
+    positions = {unit: torch.as_tensor(kept) for unit, kept in state.reference_positions.items()}
+    return evaluate_modes(fold, model, slice_head_noise(noise, positions))
 
-    A Bayesian head gets one extra all-zero draw, which is exactly its posterior means; a deterministic head's
-    one sample already is.
-    """
+
+def evaluate_modes(fold: Fold, model: BayesianSparseTransformer, noise: dict | None = None) -> dict[str, tuple[dict, np.ndarray]]:
+    """Validation metrics and mean probabilities (cells, classes) of each way the model can predict, from one
+    encoding of the validation cells: a deterministic head's one ("trained"); a Bayesian head's --mc_samples_eval
+    draws ("sampled", `noise` or drawn from --seed) and its posterior means ("means": one extra all-zero draw)."""
+    config, device = fold.run.config, fold.run.device
     if not model.is_bayesian:
         metrics, prob_samples = evaluate(fold, model)
-        return metrics, prob_samples, prob_samples[0].argmax(1)
-    config, device = fold.run.config, fold.run.device
+        return {"trained": (metrics, prob_samples.mean(0))}
     samples = config.mc_samples_eval
-    noise = head_noise_for_widths(state.reference_widths, samples, config.seed)
-    positions = {unit: torch.as_tensor(kept) for unit, kept in state.reference_positions.items()}
-    noise = {name: {k: torch.cat([v, torch.zeros_like(v[:1])]).to(device) for k, v in draws.items()}
-             for name, draws in slice_head_noise(noise, positions).items()}
+    if noise is None:
+        noise = model.head.draw_noise(samples, torch.Generator().manual_seed(config.seed))
+    noise = {name: {k: torch.cat([v.cpu(), torch.zeros_like(v[:1].cpu())]).to(device) for k, v in draws.items()}
+             for name, draws in noise.items()}
     _, prob_samples = evaluate(fold, model, samples=samples + 1, noise=noise)
-    prob_samples, means = prob_samples[:-1], prob_samples[-1]
-    metrics = classification_metrics(prob_samples.mean(0), fold.run.labels[fold.val_idx], fold.run.classes)
-    return metrics, prob_samples, means.argmax(1)
+    labels, classes = fold.run.labels[fold.val_idx], fold.run.classes
+    return {mode: (classification_metrics(probs, labels, classes), probs)
+            for mode, probs in (("sampled", prob_samples[:-1].mean(0)), ("means", prob_samples[-1]))}
+
+
+def better_mode(config: TrainConfig, modes: dict[str, tuple[dict, np.ndarray]]) -> tuple[str, dict, np.ndarray]:
+    """The mode of `evaluate_modes` with the better --select_metric (sampled on a tie): (mode, metrics, probs)."""
+    mode = max(modes, key=lambda m: SELECTION_METRICS[config.select_metric](modes[m][0]))
+    return (mode, *modes[mode])
 
 
 def validate_and_keep_best(fold: Fold, model: BayesianSparseTransformer, state: FoldState, row: dict) -> bool:
-    """Validate, save the best model; True when early stopping says stop."""
+    """Validate, save the best model (a Bayesian head in the better of its two modes); True when early stopping
+    says stop. A continued model's start is the first best: training must beat it to replace it."""
     config = fold.run.config
-    metrics, _ = evaluate(fold, model)
+    mode, metrics, _ = better_mode(config, evaluate_modes(fold, model))
     row.update(val_loss=metrics["nll"], val_acc=metrics["accuracy"], val_macro_f1=metrics["macro_f1"], val_ece=metrics["ece"])
     score = SELECTION_METRICS[config.select_metric](metrics)
     if score > state.best_score:
         state.best_score = score
         state.bad_rounds = 0
-        save_best(fold, model, _summary_metrics(metrics, model, state.prune_amount, state.kl_step))
+        state.kept = mode
+        save_best(fold, state, model, _summary_metrics(metrics, model, state.prune_amount, state.kl_step), mode=mode)
     else:
         state.bad_rounds += 1
     return state.bad_rounds >= config.patience
+
+
+def set_origin(fold: Fold, state: FoldState, model: BayesianSparseTransformer) -> None:
+    """For a continued model: the origin's validation probabilities (carried in the checkpoint by an earlier Stage
+    B round, else the continued model's own, as it predicts), and the continued model, in its better mode, as the
+    first best model: Stage B replaces it only with a model that validates better."""
+    carried = fold.source.checkpoint.origin
+    if carried is not None and len(carried) == len(fold.val_idx):
+        state.origin_probs = carried
+    else:
+        start = fold.source.checkpoint.model.to(fold.run.device)
+        state.origin_probs = evaluate(fold, start)[1].mean(0).tolist()
+    mode, metrics, _ = better_mode(fold.run.config, evaluate_modes(fold, model))
+    state.best_score, state.kept = SELECTION_METRICS[fold.run.config.select_metric](metrics), "start"
+    save_best(fold, state, model, _summary_metrics(metrics, model, state.prune_amount, state.kl_step), mode=mode)
+    log.info("fold %d: the model it continues: validation NLL %.3f, accuracy %.3f (%s); Stage B must beat it",
+             fold.index, metrics["nll"], metrics["accuracy"], mode)
 
 
 def teacher_probabilities(fold: Fold, model: BayesianSparseTransformer) -> torch.Tensor:
@@ -830,16 +887,17 @@ def teacher_probabilities(fold: Fold, model: BayesianSparseTransformer) -> torch
 
 def calibrate(fold: Fold, model: BayesianSparseTransformer) -> None:
     """Fit the temperature of the kept model to the validation cells (from T = 1, so a resume refits the same)."""
-    set_temperature(model, 1.0)
+    set_head(model, temperature=1.0)
     _, prob_samples = evaluate(fold, model)
     temperature = fit_temperature(prob_samples, fold.run.labels[fold.val_idx])
-    set_temperature(model, temperature)
+    set_head(model, temperature=temperature)
     log.info("fold %d: temperature %.3f fitted to %d validation cells", fold.index, temperature, len(fold.val_idx))
 
 
-def set_temperature(model: BayesianSparseTransformer, temperature: float) -> None:
+def set_head(model: BayesianSparseTransformer, **changes) -> None:
+    """Change how the head predicts (temperature, posterior_means) without touching its weights."""
     model_config = model.config
-    model_config.head = replace(model_config.head, temperature=temperature)
+    model_config.head = replace(model_config.head, **changes)
     model.head.config = model_config.head
 
 
@@ -903,24 +961,30 @@ def fold_features(fold: Fold, model: BayesianSparseTransformer, rows: np.ndarray
 
 
 def set_reference(fold: Fold, state: FoldState, model: BayesianSparseTransformer) -> None:
-    """The unpruned model's validation predictions, the bar for every pruning level (and with --prune_distill its
-    training cells' probabilities, the fine-tuning targets); saved as the best model if none was yet."""
+    """The bar for every pruning level: the origin's validation probabilities for a continued model (so the losses
+    of Stage B and of every level add up against the model the user started from), else the unpruned model's; and
+    the unpruned model's calls (the share of changed types) and, with --prune_distill, its training cells'
+    probabilities (the fine-tuning targets). The unpruned model is saved as the best model if none was yet."""
     config = fold.run.config
     widths = unit_widths(model)
     state.reference_widths = widths
     state.reference_positions = {unit: list(range(width)) for unit, width in widths.items()}
-    metrics, prob_samples, calls = evaluate_paired(fold, model, state)
-    state.reference_f1 = metrics["macro_f1"]
-    state.reference_probs = prob_samples.mean(0).tolist()
-    state.reference_calls = calls.tolist()
+    modes = evaluate_paired(fold, model, state)
+    mode, metrics, probs = better_mode(config, modes)
+    reference = np.asarray(state.origin_probs) if state.origin_probs is not None else probs
+    state.reference_probs = reference.tolist()
+    state.reference_f1 = classification_metrics(reference, fold.run.labels[fold.val_idx], fold.run.classes)["macro_f1"]
+    state.reference_calls = modes["means" if model.is_bayesian else "trained"][1].argmax(1).tolist()
     if config.prune_distill > 0:
         state.teacher_probs = teacher_probabilities(fold, model)
     state.best_score = max(state.best_score, SELECTION_METRICS[config.select_metric](metrics))
     start = fold.source.prune_amount
     if not fold.run.files.fold(fold.index, "best.pth").exists() and fold.run.ctx.main:
-        save_best(fold, model, _summary_metrics(metrics, model, start, state.kl_step))
-    log.info("fold %d: pruning from %.0f%% to %.0f%% (reference: validation NLL %.3f, macro-F1 %.3f; %s rule)",
-             fold.index, 100 * start, 100 * config.prune_target, metrics["nll"], metrics["macro_f1"], config.prune_rule)
+        save_best(fold, state, model, _summary_metrics(metrics, model, start, state.kl_step), mode=mode)
+    bar = "the model the runs started from" if state.origin_probs is not None else "the unpruned model"
+    log.info("fold %d: pruning from %.0f%% to %.0f%% (unpruned: validation NLL %.3f, macro-F1 %.3f; %s rule against "
+             "%s)", fold.index, 100 * start, 100 * config.prune_target, metrics["nll"], metrics["macro_f1"],
+             config.prune_rule, bar)
 
 
 def prune_to(fold: Fold, state: FoldState, model: BayesianSparseTransformer, level: float,
@@ -967,10 +1031,11 @@ def _refit_matches(refit: tuple[torch.Tensor, torch.Tensor] | tuple[None, None],
 
 def keep_pruned(config: TrainConfig, state: FoldState, labels: np.ndarray, metrics: dict, probs: np.ndarray,
                 calls: np.ndarray) -> tuple[bool, str]:
-    """Whether the pruned, fine-tuned model may replace the unpruned one, and the numbers behind the verdict.
+    """Whether the pruned, fine-tuned model may replace the best one, and the numbers behind the verdict.
 
-    labels: the validation cells' true types; probs: the pruned model's mean probabilities there (drawn with the
-    unpruned model's noise); calls: the types its posterior means predict there (the paired rule's agreement).
+    labels: the validation cells' true types; probs: the pruned model's mean probabilities there (in the mode
+    judged); calls: the types its posterior means predict there (the paired rule's agreement with the unpruned
+    model). The loss is measured against `set_reference`'s bar: cumulative, never against the previous level.
     """
     if config.prune_rule == "f1":
         ok = metrics["macro_f1"] >= state.reference_f1 - config.prune_f1_tol
@@ -986,16 +1051,19 @@ def keep_pruned(config: TrainConfig, state: FoldState, labels: np.ndarray, metri
 
 
 def judge_level(fold: Fold, state: FoldState, training: Training, level: float, n_levels: int, started: float) -> None:
-    """Keep the fine-tuned pruning level as the best model, or stop pruning at the one before."""
+    """Keep the fine-tuned pruning level (in the better of its modes) as the best model, or stop pruning at the
+    one before."""
     config, model = fold.run.config, training.model
-    metrics, prob_samples, calls = evaluate_paired(fold, model, state)
-    ok, verdict = keep_pruned(config, state, fold.run.labels[fold.val_idx], metrics, prob_samples.mean(0), calls)
-    log.info("fold %d: prune level %.0f%%: %s: %s", fold.index, 100 * level, verdict, "kept" if ok else "stop")
+    modes = evaluate_paired(fold, model, state)
+    mode, metrics, probs = better_mode(config, modes)
+    calls = modes["means" if model.is_bayesian else "trained"][1].argmax(1)
+    ok, verdict = keep_pruned(config, state, fold.run.labels[fold.val_idx], metrics, probs, calls)
+    log.info("fold %d: prune level %.0f%% (%s): %s: %s", fold.index, 100 * level, mode, verdict, "kept" if ok else "stop")
     state.level_index = state.level_index + 1 if ok else n_levels
     state.level_applied = False
     if ok:
-        state.prune_amount = level
-        save_best(fold, model, _summary_metrics(metrics, model, level, state.kl_step))
+        state.prune_amount, state.kept = level, mode
+        save_best(fold, state, model, _summary_metrics(metrics, model, level, state.kl_step), mode=mode)
     row = {"phase": "prune", "epoch": 0, "prune_level": level, "val_loss": metrics["nll"], "val_acc": metrics["accuracy"],
            "val_macro_f1": metrics["macro_f1"], "val_ece": metrics["ece"], "accepted": ok}
     end_step(fold, training, state, row, started)
@@ -1049,7 +1117,7 @@ def prune_phase(fold: Fold, state: FoldState, training: Training, started: float
         return training
     levels = prune_levels(fold.source.prune_amount, config.prune_target, config.prune_step)  # the same on a resume
     if state.reference_f1 is None:
-        training = load_best(fold, state, training)
+        training = load_best(fold, state, training, to_train=True)
         set_reference(fold, state, training.model)
     # Without fine-tuning nothing trains between levels: the refit cells' gene features stay those computed here
     # (prune_to recomputes them only once a level has removed fc1 inputs), saving an encoder pass per level.
@@ -1081,8 +1149,9 @@ def final_phase(fold: Fold, state: FoldState, training: Training, started: float
         calibrate(fold, model)
     metrics, prob_samples = evaluate(fold, model)
     novelty = fold_novelty(fold, model, prob_samples.mean(0)) if fold.run.ctx.main else None
-    summary = _summary_metrics(metrics, model, state.prune_amount, state.kl_step)
-    save_best(fold, model, summary, novelty=novelty)
+    summary = _summary_metrics(metrics, model, state.prune_amount, state.kl_step) | {"kept": state.kept}
+    save_best(fold, state, model, summary, novelty=novelty)
+    log_kept(fold, state, metrics)
     log_report(fold, metrics)
     if fold.run.ctx.main:
         write_val_predictions(fold, prob_samples.mean(0))
@@ -1106,6 +1175,8 @@ def start_fold(fold: Fold) -> tuple[FoldState, Training | None]:
     set_seed(config.seed + fold.index)
     model = build_model(config, fold.source, run.data.genes, len(run.classes))
     training = attach(fold, state, model, config.epoch * steps_per_epoch(fold))
+    if fold.source.continues_model:
+        set_origin(fold, state, model)
     if run.ctx.main:
         with atomic_write(run.files.fold(fold.index, "val_cells.txt")) as handle:
             handle.write("".join(f"{run.data.cell_ids[i]}\n" for i in fold.val_idx))
@@ -1128,12 +1199,16 @@ def restore(fold: Fold, path: Path) -> tuple[FoldState, Training | None]:
     return state, training
 
 
-def load_best(fold: Fold, state: FoldState, training: Training) -> Training:
-    """Continue from the best checkpoint so far (once rank 0 has written it); without one, from the current model."""
+def load_best(fold: Fold, state: FoldState, training: Training, *, to_train: bool = False) -> Training:
+    """Continue from the best checkpoint so far (once rank 0 has written it); without one, from the current model.
+    to_train: sampled again whatever mode the checkpoint predicts in, as training and the paired rule need."""
     barrier(fold.run.ctx)
     best = fold.run.files.fold(fold.index, "best.pth")
     if best.exists():
-        return attach(fold, state, load_checkpoint(best).model, 1)
+        model = load_checkpoint(best).model
+        if to_train:
+            set_head(model, posterior_means=False)
+        return attach(fold, state, model, 1)
     return training
 
 
@@ -1169,9 +1244,17 @@ def record(fold: Fold, training: Training, state: FoldState, row: dict, started:
         write_metrics_csv(fold.run.files.fold(fold.index, "metrics.csv"), state.history)
 
 
-def save_best(fold: Fold, model: BayesianSparseTransformer, metrics: dict, novelty: dict | None = None) -> None:
-    if fold.run.ctx.main:
-        _save(fold, "best", model, metrics, novelty=novelty)
+def save_best(fold: Fold, state: FoldState, model: BayesianSparseTransformer, metrics: dict, *, mode: str | None = None,
+              novelty: dict | None = None) -> None:
+    """The best model so far, predicting in `mode` (a Bayesian head: "sampled" or "means"; None: as it is), with
+    the origin's validation probabilities that a later Stage B round holds its decisions to."""
+    if not fold.run.ctx.main:
+        return
+    predicts_with_means = model.config.head.posterior_means
+    if mode is not None:
+        set_head(model, posterior_means=mode == "means")
+    _save(fold, "best", model, metrics, novelty=novelty, origin=state.origin_probs)
+    set_head(model, posterior_means=predicts_with_means)
 
 
 def save_last(fold: Fold, state: FoldState, training: Training) -> None:
@@ -1187,7 +1270,7 @@ def _save(fold: Fold, kind: str, model: BayesianSparseTransformer, metrics: dict
     run = fold.run
     save_checkpoint(
         run.files.fold(fold.index, f"{kind}.pth"), model, genes=run.data.genes, classes=run.classes,
-        bin_num=run.config.bin_num, bin_width=run.config.bin_width, stage="B" if model.is_bayesian else "A",
+        bin_num=run.binning.bin_num, bin_width=run.binning.bin_width, bin_edges=run.binning.edges, stage="B" if model.is_bayesian else "A",
         args=run.config.as_dict(), metrics=metrics, **extra,
     )
 
@@ -1203,6 +1286,36 @@ def write_val_predictions(fold: Fold, probs: np.ndarray) -> None:
                          *(f"{p:.6g}" for p in row)])
     with atomic_write(run.files.fold(fold.index, "val_predictions.csv")) as handle:
         handle.write(buffer.getvalue())
+
+
+def fit_ensemble_temperature(files: RunFiles, folds: int, classes: list[str]) -> dict:
+    """One temperature for the pooled ensemble, fitted to the out-of-fold validation predictions: every training
+    cell once, predicted by a fold model that never trained on it, so no cell judges a model it taught. (A fold's
+    own temperature would be fitted to the 1/K of the cells its early stopping and pruning already chose on.)"""
+    table = pd.concat([pd.read_csv(files.fold(k, "val_predictions.csv")) for k in range(folds)])
+    probs = table[classes].to_numpy(dtype=np.float64)
+    labels = pd.Index(classes).get_indexer(table["true_label"].astype(str))
+    temperature = fit_temperature(probs[None], labels)
+    before = classification_metrics(probs, labels, classes)
+    after = classification_metrics(tempered(probs[None], temperature)[0], labels, classes)
+    log.info("ensemble temperature %.3f fitted to the out-of-fold predictions of %d cells: NLL %.3f -> %.3f, ECE %.3f "
+             "-> %.3f", temperature, len(labels), before["nll"], after["nll"], before["ece"], after["ece"])
+    return {"temperature": temperature, "cells": len(labels), "fitted_to": "out-of-fold validation predictions",
+            "nll": [before["nll"], after["nll"]], "ece": [before["ece"], after["ece"]]}
+
+
+def log_kept(fold: Fold, state: FoldState, metrics: dict) -> None:
+    """Say what a continued model's run kept: Stage B's head (sampled, or its posterior means) or the start model."""
+    if state.origin_probs is None:
+        return
+    origin = classification_metrics(np.asarray(state.origin_probs), fold.run.labels[fold.val_idx], fold.run.classes)
+    if state.kept == "start":
+        log.info("fold %d: kept the model it continued: training did not improve its validation %s (NLL %.3f)",
+                 fold.index, fold.run.config.select_metric, metrics["nll"])
+    else:
+        what = "sampled Bayesian head" if state.kept == "sampled" else "Bayesian head's posterior means (they beat its samples)"
+        log.info("fold %d: kept the %s: validation NLL %.3f, accuracy %.3f (the model the runs started from: NLL %.3f, "
+                 "accuracy %.3f)", fold.index, what, metrics["nll"], metrics["accuracy"], origin["nll"], origin["accuracy"])
 
 
 def log_report(fold: Fold, metrics: dict) -> None:
@@ -1317,7 +1430,7 @@ def _run_locked(config: TrainConfig, adata: anndata.AnnData | None, ctx: Dist, d
     try:
         log.info("data: %d cells, %d genes, %d classes; %d fold(s); device %s x %d", len(labels), len(data.genes),
                  len(classes), len(splits), device, ctx.world)
-        setup = RunSetup(config, ctx, device, files, data, labels, classes)
+        setup = RunSetup(config, ctx, device, files, data, labels, classes, run_binning(config, source, data.matrix))
         results = [fit_fold(make_fold(setup, index, train_idx, val_idx, sources[index] if len(sources) > 1 else source))
                    for index, (train_idx, val_idx) in enumerate(splits)]
         summary = summarise(results)
@@ -1328,9 +1441,10 @@ def _run_locked(config: TrainConfig, adata: anndata.AnnData | None, ctx: Dist, d
                         "val_predictions": files.fold(k, "val_predictions.csv").name} for k in range(len(splits))]
             # The architecture as the models have it: a continued checkpoint fixes it, whatever the options' defaults say.
             model_config = read_checkpoint_file(files.fold(0, "best.pth"))["model_config"]
+            calibration = fit_ensemble_temperature(files, len(splits), classes) if config.ensemble_temperature else None
             write_manifest(files.directory, name=config.model_name, stage=run_stage(config), options=config.as_dict(),
                            members=members, fingerprint=fingerprint, classes=classes, genes=len(data.genes),
-                           model_config=model_config)
+                           model_config=model_config, calibration=calibration)
             log.info("summary over %d fold(s): accuracy %.4f ± %.4f, macro-F1 %.4f ± %.4f, ECE %.4f ± %.4f", len(results),
                      summary["accuracy"]["mean"], summary["accuracy"]["std"], summary["macro_f1"]["mean"],
                      summary["macro_f1"]["std"], summary["ece"]["mean"], summary["ece"]["std"])
@@ -1365,7 +1479,8 @@ def read_data(config: TrainConfig, sources: list[Source], adata: anndata.AnnData
     the class names. Data with cell types the checkpoint lacks gets a new head (Stage A only)."""
     source = sources[0]
     options = dict(label_key=config.label_key, layer=config.layer, use_raw=config.use_raw, normalize=config.normalize,
-                   min_cells_per_class=config.min_cells_per_class, gene_symbols=config.gene_symbols)
+                   min_cells_per_class=config.min_cells_per_class, gene_symbols=config.gene_symbols,
+                   any_scale=config.binning == "quantile")
     data = dataset_from_anndata(adata, **options) if adata is not None else load_dataset(config.data_path, **options)
     check_training_labels(data, config.min_cells_per_class)
     if source.genes is not None:

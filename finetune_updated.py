@@ -8,7 +8,7 @@ import sys
 
 import finetune_sparse
 
-BASELINE_DEFAULTS = {"bayes_head": False, "prune_target": 0.0, "cv_splits": 5, "model_name": "finetune_baseline"}
+BASELINE_DEFAULTS = {"bayes_head": False, "binning": "width", "prune_target": 0.0, "cv_splits": 5, "model_name": "finetune_baseline"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,9 +170,8 @@ class DataOptions:
                                       "instead of var_names, which are often Ensembl IDs", group="data", metavar="COLUMN")
     gene_num: int | None = option(None, "number of genes (scBERT's flag, its default 166): checked against the data (training) or the "
                                   "model (prediction)", group="data", check=at_least(1))
-    bin_num: int | None = option(None, "expression bins: tokens are floor(log-expression / BIN_WIDTH) clipped to BIN_NUM "
-                                 "(training default 5, scBERT's; a checkpoint fixes it: only repeat it)", group="data",
-                                 check=at_least(1))
+    bin_num: int | None = option(None, "expression bins (training default: 28 quantile bins, or scBERT's 5 with --binning "
+                                 "width; a checkpoint fixes it: only repeat it)", group="data", check=at_least(1))
     # run
     device: str = option("auto", "auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)", group="run")
     amp: bool = option(False, "bf16/fp16 autocast on CUDA", group="run")
@@ -208,7 +207,12 @@ class TrainConfig(DataOptions):
 
     min_cells_per_class: int = option(0, "drop cell types with fewer cells (a split needs at least 2)", group="data",
                                       check=at_least(0))
-    bin_width: float | None = option(None, "width of an expression bin in log-expression units; 1 = scBERT's binning "
+    binning: str | None = option(None, "how values become tokens: quantile = BIN_NUM bins holding equal shares of the "
+                                 "training data's non-zero values, cut points kept in the model (any scale: log, CPM, "
+                                 "TPM, FPKM); width = floor(value / BIN_WIDTH) clipped to BIN_NUM, scBERT's, for "
+                                 "log-normalized data (default: quantile; width with a scBERT encoder or --bin_width; "
+                                 "a checkpoint's own when continuing it)", group="data", choices=("quantile", "width"))
+    bin_width: float | None = option(None, "--binning width: width of a bin in log-expression units; 1 = scBERT's binning "
                                      "(default: 1, or the --model_path checkpoint's); 0.25 with --bin_num 28 resolves the "
                                      "0.7-2 range where most non-zero values lie", group="data", check=positive())
     # model
@@ -315,6 +319,10 @@ class TrainConfig(DataOptions):
                             check=at_least(1))
     temperature_scaling: bool = option(False, "after training, fit a temperature to each fold's validation cells",
                                        group="training")
+    ensemble_temperature: bool = option(True, "after training, fit one temperature for the ensemble to the "
+                                        "out-of-fold validation predictions of every training cell (each predicted by a "
+                                        "fold model that never trained on it); prediction from the run directory divides "
+                                        "the pooled log-probabilities by it", group="training")
     novelty_fpr: float = option(0.05, "share of known validation cells above the novelty threshold", group="training",
                                 check=in_interval(0, 1, "()"))
     novelty_parts: tuple[str, ...] = option(NOVELTY_PARTS, "views combined into the novelty score", group="training",
@@ -347,6 +355,8 @@ class TrainConfig(DataOptions):
              "networks; use one of the two"),
             (self.local_attn_heads <= self.heads, "--local_attn_heads must be between 0 and --heads"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: pick one"),
+            (not (self.binning == "quantile" and self.bin_width is not None),
+             "--bin_width sets the width of --binning width bins; drop it, or add --binning width"),
         ]
 
     @property

@@ -35,6 +35,7 @@ from majority_voting import clusters_from_column, leiden_over_clustering, majori
 from novelty import ensemble_novelty
 from options import DEFAULT_THRESHOLDS, PredictConfig
 from progress import progress
+from run_manifest import ensemble_temperature
 from utils import (
     BUNDLED_LABEL_KEY,
     UNASSIGNED,
@@ -56,6 +57,7 @@ from utils import (
     resolve_device,
     run_cli,
     set_seed,
+    tempered,
     uncertainty_summary,
     write_h5ad,
     write_json,
@@ -133,7 +135,8 @@ def load_data(config: PredictConfig, checkpoint: Checkpoint,
     with the data's own genes (for over-clustering), and their row positions in the AnnData."""
     check_class_names(checkpoint.classes, f"the model {config.model_path}", "retrain it with that class renamed in obs")
     options = dict(layer=config.layer, use_raw=config.use_raw, normalize=config.normalize,
-                   require_labels=config.label_key is not None, gene_symbols=config.gene_symbols)
+                   require_labels=config.label_key is not None, gene_symbols=config.gene_symbols,
+                   any_scale=checkpoint.bin_edges is not None)
     if adata is not None:
         data = dataset_from_anndata(adata, label_key=config.label_key, **options)
     else:
@@ -213,12 +216,13 @@ class Prediction:
         return pd.Index(self.classes).get_indexer(self.true_labels)
 
 
-def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConfig) -> Prediction:
+def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConfig, temperature: float = 1.0) -> Prediction:
     """Encode each batch once per member, sample its head S times with noise drawn once from --seed, summarise.
 
     An ensemble's K members contribute S samples each: (K*S, cells, classes). The predicted probabilities pool
     the members' posterior means geometrically (`pool_members`); mutual information counts the disagreement of
-    all K*S samples, members included. Novelty is each member's score divided by its own threshold, averaged
+    all K*S samples, members included; `temperature` (the run's, fitted to out-of-fold predictions) then divides
+    the pooled log-probabilities. Novelty is each member's score divided by its own threshold, averaged
     over members that did not train on the cell (see `ensemble_novelty`): 1.0 is the threshold.
     """
     set_seed(config.seed)
@@ -228,7 +232,7 @@ def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConf
         warnings.warn(f"the checkpoint's head is deterministic (stage {first.stage}): the {config.bayes_mc_samples} "
                       "samples of a model agree; use a Stage B (--bayes_head) checkpoint for Bayesian uncertainty",
                       stacklevel=2)
-    loader = DataLoader(BinnedDataset(data.matrix, first.bin_num, bin_width=first.bin_width), batch_size=config.batch_size,
+    loader = DataLoader(BinnedDataset(data.matrix, first.binning), batch_size=config.batch_size,
                         collate_fn=collate_batch, num_workers=config.num_workers)
     started = time.perf_counter()
     has_novelty = all(member.novelty is not None for member in members)
@@ -246,7 +250,8 @@ def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConf
             samples.append(probs)
             novelty.append(member_novelty)
     seconds = time.perf_counter() - started
-    summary = uncertainty_summary(np.concatenate(samples), pool_members([np.asarray(s, dtype=np.float64).mean(axis=0) for s in samples]))
+    pooled = pool_members([np.asarray(s, dtype=np.float64).mean(axis=0) for s in samples])
+    summary = uncertainty_summary(np.concatenate(samples), tempered(pooled[None], temperature)[0])
     if has_novelty:
         trained = None if any(n.trained is None for n in novelty) else np.stack([n.trained for n in novelty])
         summary["novelty"] = ensemble_novelty([n.score for n in novelty], [m.novelty["threshold"] for m in members], trained)
@@ -551,7 +556,7 @@ def annotate_with(config: PredictConfig, adata: anndata.AnnData | None = None) -
     check_model_flags(config, checkpoint)
     data, selected, rows = load_data(config, checkpoint, adata)
     clusters, voting = over_clustering(config, selected, rows) if config.majority_voting else (None, {})
-    pred = predict(members, data, config)
+    pred = predict(members, data, config, ensemble_temperature(config.model_path))
     if clusters is not None:
         pred.voting = majority_vote(pred.pred_label, clusters)
         voting["n_clusters"] = int(pred.voting["cluster"].nunique())

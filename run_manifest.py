@@ -87,13 +87,24 @@ def config_files(directory: Path) -> dict[str, Path]:
 
 
 def write_manifest(directory: Path, *, name: str, stage: str, options: dict, members: list[dict], fingerprint: dict,
-                   classes: list[str], genes: int, model_config: dict) -> None:
+                   classes: list[str], genes: int, model_config: dict, calibration: dict | None = None) -> None:
     """Mark the run complete: written last, atomically, after every member's files are in place. `options` are the
-    run's settings; `model_config` the members' architecture (fixed by a continued checkpoint, not by options)."""
+    run's settings; `model_config` the members' architecture (fixed by a continued checkpoint, not by options);
+    `calibration` the ensemble's temperature (see `ensemble_temperature`)."""
     write_json(directory / MANIFEST, {
         "format": RUN_FORMAT, "complete": True, "name": name, "stage": stage, "options": options, "members": members,
         "data_fingerprint": fingerprint, "classes": classes, "n_genes": genes, "model_config": model_config,
+        "calibration": calibration,
     })
+
+
+def ensemble_temperature(path: str | os.PathLike) -> float:
+    """The temperature a run fitted for its pooled ensemble (1: none, or a single checkpoint file)."""
+    directory = Path(path)
+    if not (directory / MANIFEST).is_file():
+        return 1.0
+    calibration = read_json(directory / MANIFEST).get("calibration") or {}
+    return float(calibration.get("temperature", 1.0))
 
 
 def mark_incomplete(directory: Path) -> None:

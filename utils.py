@@ -40,6 +40,8 @@ from sklearn.metrics import (
 )
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
+from binning import Binning
+
 try:
     from anndata.io import write_elem
 except ImportError:  # anndata < 0.11
@@ -142,6 +144,7 @@ def load_dataset(
     require_labels: bool = True,
     min_cells_per_class: int = 0,
     gene_symbols: str | None = None,
+    any_scale: bool = False,
 ) -> ExpressionData:
     """Read an .h5ad file (or the bundled pbmc68k_reduced example when `data_path` is None) and validate it.
 
@@ -168,6 +171,7 @@ def load_dataset(
         min_cells_per_class=min_cells_per_class,
         gene_symbols=gene_symbols,
         source=source,
+        any_scale=any_scale,
     )
 
 
@@ -182,6 +186,7 @@ def dataset_from_anndata(
     min_cells_per_class: int = 0,
     gene_symbols: str | None = None,
     source: str = "the AnnData",
+    any_scale: bool = False,
 ) -> ExpressionData:
     """Validate an in-memory AnnData and return its log-normalized matrix as csr float32 (the user's is untouched).
 
@@ -192,12 +197,13 @@ def dataset_from_anndata(
     when values are not log-transformed. Without `require_labels`, absent or incomplete labels give `labels=None`.
     Classes with fewer than `min_cells_per_class` cells are dropped with a warning. Genes are named by var_names,
     or by the var column `gene_symbols` (e.g. symbols when var_names are Ensembl IDs). `source` names the data in
-    messages.
+    messages. `any_scale`: values need not be log-normalized (quantile bins take any scale, see binning.py), only
+    finite and non-negative; raw integer counts are still refused without `normalize`.
     """
     matrix, genes = _select_matrix(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, source=source,
-                                   normalize=normalize)
+                                   normalize=normalize or any_scale)
     labels = _read_labels(adata, label_key, require_labels=require_labels, source=source)
-    matrix = _as_log_normalized(matrix, normalize=normalize, source=source)
+    matrix = _as_log_normalized(matrix, normalize=normalize, source=source, any_scale=any_scale)
     data = ExpressionData(matrix, genes, [str(c) for c in adata.obs_names], labels, adata,
                           label_key if labels is not None else None)
     if labels is not None and min_cells_per_class > 0:
@@ -393,8 +399,9 @@ def _read_labels(adata: anndata.AnnData, label_key: str | None, *, require_label
     return np.asarray(column.astype(str), dtype=str)
 
 
-def _as_log_normalized(matrix: sp.csr_matrix, *, normalize: bool, source: str) -> sp.csr_matrix:
-    """Check values are finite, non-negative and log-scale; normalize raw counts when asked."""
+def _as_log_normalized(matrix: sp.csr_matrix, *, normalize: bool, source: str, any_scale: bool = False) -> sp.csr_matrix:
+    """Check values are finite, non-negative and log-scale (any scale but raw counts with `any_scale`); normalize
+    raw counts when asked."""
     values = matrix.data  # stored entries only; implicit zeros are valid in any representation
     bad = ~np.isfinite(values)
     if bad.any():
@@ -418,7 +425,10 @@ def _as_log_normalized(matrix: sp.csr_matrix, *, normalize: bool, source: str) -
         return matrix
     if normalize:
         return _normalize_log1p(matrix)
-    if np.all(values == np.round(values)):
+    counts = np.all(values == np.round(values))
+    if any_scale and not counts:
+        return matrix
+    if counts:
         found = f"looks like raw counts (integers up to {max_value:.0f})"
     else:
         found = f"has values up to {max_value:.3g}, too large to be log-normalized"
@@ -572,21 +582,6 @@ def _gene_column_hint(adata: anndata.AnnData, reference_genes: Sequence[str], n_
     return f"; var column {best!r} holds {best_count} of them: name genes by it", {"gene_symbols": best}
 
 
-def bin_expression(rows: np.ndarray, bin_num: int, bin_width: float = 1.0) -> torch.Tensor:
-    """Tokens: floor(log-expression / bin_width), clipped to [0, bin_num], with a 0 token appended.
-
-    bin_width 1 is scBERT's binning. On log-normalized data most non-zero values lie between 0.7 and 2, so scBERT's
-    bins put two thirds of them into bin 1; a finer width keeps that resolution.
-    (B, G) float -> (B, G+1) int64, so the sequence length is genes + 1 as in scBERT.
-    """
-    rows = np.asarray(rows)
-    if rows.ndim != 2:
-        raise ValueError(f"expected a (cells, genes) array, got shape {rows.shape}")
-    tokens = np.clip(np.floor(rows / bin_width), 0, bin_num).astype(np.int64)  # (B, G)
-    tokens = np.concatenate([tokens, np.zeros((rows.shape[0], 1), dtype=np.int64)], axis=1)  # (B, G+1)
-    return torch.from_numpy(tokens)
-
-
 class Batch(NamedTuple):
     """One batch from `BinnedDataset`: tokens (B, G+1) int64 and labels (B,) int64 (UNLABELLED if none)."""
 
@@ -602,10 +597,9 @@ class BinnedDataset(torch.utils.data.Dataset):
     as `tokens, labels`.
     """
 
-    def __init__(self, matrix: sp.spmatrix, bin_num: int, labels: np.ndarray | None = None, bin_width: float = 1.0):
+    def __init__(self, matrix: sp.spmatrix, binning: Binning, labels: np.ndarray | None = None):
         self.matrix = sp.csr_matrix(matrix)  # (cells, genes)
-        self.bin_num = bin_num
-        self.bin_width = bin_width
+        self.binning = binning
         n_cells = self.matrix.shape[0]
         if labels is None:
             self.labels = torch.full((n_cells,), UNLABELLED, dtype=torch.int64)
@@ -620,7 +614,7 @@ class BinnedDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         index = np.asarray(indices, dtype=np.int64)
         rows = self.matrix[index].toarray()  # (B, G): the only dense copy
-        return Batch(bin_expression(rows, self.bin_num, self.bin_width), self.labels[torch.from_numpy(index)])
+        return Batch(self.binning.tokens(rows), self.labels[torch.from_numpy(index)])
 
     def tokens(self, indices: Sequence[int]) -> torch.Tensor:
         """The tokens (len(indices), genes + 1) of some cells at once, without a loader."""

@@ -111,7 +111,7 @@ def view_scores(model_dir: Path, eval_path: Path, views: tuple[str, ...]) -> dic
     """
     members = load_ensemble(model_dir)
     data = align_genes(load_dataset(eval_path, label_key="cell_type"), members[0].genes)
-    loader = DataLoader(BinnedDataset(data.matrix, members[0].bin_num, bin_width=members[0].bin_width), batch_size=64,
+    loader = DataLoader(BinnedDataset(data.matrix, members[0].binning), batch_size=64,
                         collate_fn=collate_batch)
     scores: dict[str, list[np.ndarray]] = {view: [] for view in views}
     thresholds: dict[str, list[float]] = {view: [] for view in views}

@@ -92,7 +92,8 @@ def stage_info(stage_dir: Path) -> dict:
     folds = read_json(finetune_sparse.RunFiles(run.directory, run.name).summary)["folds"]
     return {"prune_amount": float(np.mean([f["prune_amount"] for f in folds])),
             "head_sparsity": float(np.mean([f["head_sparsity"] for f in folds])),
-            "prune_amounts": [f["prune_amount"] for f in folds],
+            "prune_amounts": [f["prune_amount"] for f in folds], "kept": [f.get("kept", "trained") for f in folds],
             "temperature": float(np.mean([f.get("temperature", 1.0) for f in folds])),
+            "ensemble_temperature": float((run.manifest.get("calibration") or {}).get("temperature", 1.0)),
             "total_params": int(folds[0]["total_params"]), "folds": len(folds),
             "checkpoint_mb": sum(path.stat().st_size for path in run.members) / 2**20}

@@ -11,13 +11,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from binning import Binning, bin_expression
 from utils import (
     UNLABELLED,
     BinnedDataset,
     ExpressionData,
     UserError,
     align_genes,
-    bin_expression,
     collate_batch,
     dataset_from_anndata,
     encode_labels,
@@ -285,7 +285,7 @@ def test_bin_expression_floors_clips_and_appends_zero():
 def test_loader_densifies_per_batch_and_matches_dense_binning(monkeypatch):
     x = log_normalized(7, 5)
     labels = np.array([0, 1, 2, 0, 1, 2, 0])
-    dataset = BinnedDataset(sp.csr_matrix(x), bin_num=5, labels=labels)
+    dataset = BinnedDataset(sp.csr_matrix(x), Binning(5), labels=labels)
 
     def per_item_access(self, index):
         raise AssertionError("DataLoader should fetch whole batches through __getitems__")
@@ -301,7 +301,7 @@ def test_loader_densifies_per_batch_and_matches_dense_binning(monkeypatch):
 
 def test_dataset_without_labels_returns_unlabelled_and_single_items():
     x = log_normalized(4, 3)
-    dataset = BinnedDataset(sp.csr_matrix(x), bin_num=5)
+    dataset = BinnedDataset(sp.csr_matrix(x), Binning(5))
     tokens, label = dataset[2]
     assert tokens.shape == (4,) and label.item() == UNLABELLED
     assert torch.equal(tokens, bin_expression(x[2:3], 5)[0])
@@ -312,7 +312,7 @@ def test_dataset_without_labels_returns_unlabelled_and_single_items():
 
 
 def test_collate_batch_stacks_single_items():
-    dataset = BinnedDataset(sp.csr_matrix(log_normalized(3, 2)), bin_num=5, labels=np.array([2, 0, 1]))
+    dataset = BinnedDataset(sp.csr_matrix(log_normalized(3, 2)), Binning(5), labels=np.array([2, 0, 1]))
     batch = collate_batch([dataset[0], dataset[2]])
     assert batch.tokens.shape == (2, 3) and batch.labels.tolist() == [2, 1]
 

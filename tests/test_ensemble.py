@@ -27,8 +27,9 @@ from test_training import (  # noqa: F401  (data_path and one_torch_thread are f
 
 import finetune_sparse
 import predict_updated
+from binning import bin_expression
 from checkpoints import checkpoint_paths, load_checkpoint, load_ensemble
-from utils import bin_expression, fit_temperature, stratified_splits, tempered
+from utils import fit_temperature, stratified_splits, tempered
 
 FOLDS = 2
 

@@ -67,7 +67,7 @@ def loader_of(checkpoint, data_path, cells: list[str]) -> DataLoader:  # noqa: F
     data = align_genes(load_dataset(data_path, label_key="cell_type"), checkpoint.genes)
     position = {cell: i for i, cell in enumerate(data.cell_ids)}
     rows = [position[cell] for cell in cells]
-    return DataLoader(BinnedDataset(data.matrix[rows], checkpoint.bin_num, bin_width=checkpoint.bin_width),
+    return DataLoader(BinnedDataset(data.matrix[rows], checkpoint.binning),
                       batch_size=16, collate_fn=collate_batch)
 
 

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader
 
 import predict_updated
 from bayesian_sparse_transformer import BayesianSparseTransformer, HeadConfig, ModelConfig, predict_proba_samples
+from binning import bin_expression
 from checkpoints import load_checkpoint, save_checkpoint
 from performer_pytorch import PerformerConfig
-from utils import BinnedDataset, align_genes, bin_expression, collate_batch, load_dataset, uncertainty_summary
+from utils import BinnedDataset, align_genes, collate_batch, load_dataset, uncertainty_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["B cell", "NK", "T cell"]
@@ -110,7 +111,7 @@ def test_cli_equals_python_api_and_repeats_exactly(setup, tmp_path):
 
     checkpoint = load_checkpoint(setup["model"])
     data = align_genes(load_dataset(setup["data"]), checkpoint.genes)
-    loader = DataLoader(BinnedDataset(data.matrix, checkpoint.bin_num), batch_size=16, collate_fn=collate_batch)
+    loader = DataLoader(BinnedDataset(data.matrix, checkpoint.binning), batch_size=16, collate_fn=collate_batch)
     api = uncertainty_summary(predict_proba_samples(checkpoint.model, loader, 8, seed=7))
     predictions, probabilities = read_outputs(first)
     np.testing.assert_allclose(probabilities[CLASSES].to_numpy(), api["mean_probs"], rtol=0, atol=1e-12)

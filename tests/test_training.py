@@ -115,7 +115,7 @@ def val_probabilities_single_process(run: Run, checkpoint: Path, num_samples: in
     position = {cell: i for i, cell in enumerate(data.cell_ids)}
     rows = [position[cell] for cell in run.val_cells()]
     labels, _ = encode_labels(data.labels[rows], loaded.classes)
-    loader = DataLoader(BinnedDataset(data.matrix[rows], loaded.bin_num, labels), batch_size=5, collate_fn=collate_batch)
+    loader = DataLoader(BinnedDataset(data.matrix[rows], loaded.binning, labels), batch_size=5, collate_fn=collate_batch)
     return predict_proba_samples(loaded.model, loader, num_samples, seed=seed).mean(0)  # (cells, classes)
 
 
@@ -279,8 +279,9 @@ def test_round_2_with_distillation_fine_tunes_toward_the_unpruned_models_trainin
 
     unpruned = load_checkpoint(stage_b1.best)
     data = align_genes(load_dataset(data_path, label_key="cell_type"), unpruned.genes)
-    loader = DataLoader(BinnedDataset(data.matrix, unpruned.bin_num, bin_width=unpruned.bin_width), batch_size=16,
+    loader = DataLoader(BinnedDataset(data.matrix, unpruned.binning), batch_size=16,
                         collate_fn=collate_batch)
+    finetune_sparse.set_head(unpruned.model, posterior_means=False)  # the teacher is the sampled head, whichever mode it predicts in
     unpruned.model.set_deterministic(False)
     expected = predict_proba_samples(unpruned.model, loader, 4, seed=SEED).mean(0)  # BAYES: --mc_samples_eval 4
     training = ~np.isin(data.cell_ids, run.val_cells())
