@@ -58,7 +58,8 @@ def bin_expression(rows: np.ndarray, bin_num: int, bin_width: float = 1.0,
     if edges is None:
         tokens = np.clip(np.floor(rows / bin_width), 0, bin_num).astype(np.int64)  # (B, G)
     else:
-        binned = np.searchsorted(np.asarray(edges, dtype=rows.dtype), rows, side="right") + 1
+        # In float64, as the cut points were computed: a float32 cut point could round onto a data value.
+        binned = np.searchsorted(np.asarray(edges, dtype=np.float64), rows.astype(np.float64), side="right") + 1
         tokens = np.where(rows > 0, binned, 0).astype(np.int64)
     tokens = np.concatenate([tokens, np.zeros((rows.shape[0], 1), dtype=np.int64)], axis=1)  # (B, G+1)
     return torch.from_numpy(tokens)
