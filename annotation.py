@@ -134,7 +134,8 @@ class AnnotationResult:
         with the class names as columns; a plain matrix in the order of uns[key]["classes"] when a class name holds
         a '/', which .h5ad and .zarr files cannot store as a column name), uns[key] the metadata; `key_added`
         replaces the prefix (default: the annotation's). Cells that were not predicted get missing values. `inplace=False` leaves `adata` as it was
-        and returns a copy of its predicted cells with the results, as the CLI's predictions.h5ad.
+        and returns a copy of its predicted cells with the results, as the CLI's predictions.h5ad: of a backed
+        AnnData, a copy without the expression matrix (X is None), which may not fit in memory.
         """
         key = self.key_added if key_added is None else check_key(key_added)
         source = self.adata if adata is None else adata
@@ -142,8 +143,7 @@ class AnnotationResult:
             raise UserError("this result has no AnnData of its own; pass one: result.to_adata(adata)")
         positions = self._positions_in(source)
         if not inplace:
-            subset = source[positions]
-            source = subset.to_memory() if source.isbacked else subset.copy()  # a backed AnnData copies only to a file
+            source = _cells_of(source, positions)
             positions = np.arange(source.n_obs)
         table = self.predicted_labels.rename(columns=lambda c: key + c[len(self.key_added):])
         stale = [c for c in source.obs.columns if c.startswith(f"{key}_")
@@ -176,6 +176,15 @@ class AnnotationResult:
             raise UserError(f"{missing} of {len(positions)} predicted cells are not in this AnnData (e.g. "
                             f"{self.predicted_labels.index[positions < 0][0]!r}); pass the AnnData that was annotated")
         return positions
+
+
+def _cells_of(adata: anndata.AnnData, positions: np.ndarray) -> anndata.AnnData:
+    """An in-memory copy of the cells at `positions`; of a backed AnnData all but the expression matrix (X is None:
+    obs, var, obsm and uns, which backed mode holds in memory), so the matrix on disk is never loaded."""
+    if not adata.isbacked:
+        return adata[positions].copy()
+    skeleton = anndata.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), uns=copy.deepcopy(dict(adata.uns)))
+    return skeleton[positions].copy()
 
 
 def _spread(column: pd.Series, positions: np.ndarray, n_obs: int):

@@ -44,6 +44,14 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from tqdm.auto import tqdm
 
 import options
+from backed_dataset import (
+    BackedMatrix,
+    align_columns,
+    backed_decision,
+    binned_dataset,
+    load_backed_dataset,
+    quantile_binning,
+)
 from bayesian_sparse_transformer import (
     PRUNABLE_LAYERS,
     BayesianSparseTransformer,
@@ -54,7 +62,7 @@ from bayesian_sparse_transformer import (
     slice_head_noise,
     unit_widths,
 )
-from binning import Binning, quantile_binning
+from binning import Binning
 from checkpoints import (
     CHECKPOINT_FORMAT,
     checkpoint_from_payload,
@@ -86,17 +94,16 @@ from run_manifest import (
     MANIFEST,
     config_files,
     data_fingerprint,
+    ensemble_temperature,
     fingerprint_changes,
     mark_incomplete,
     read_run,
     write_manifest,
 )
 from utils import (
-    BinnedDataset,
     ExpressionData,
     OutputError,
     UserError,
-    align_genes,
     atomic_write,
     autocast,
     check_training_labels,
@@ -572,6 +579,7 @@ class FoldState:
     # Continued models: the validation probabilities of the model the chain of runs started from (Stage A's for
     # both Stage B rounds), the bar that keeping Stage B's head and every pruning level is held to.
     origin_probs: list | None = None
+    origin_accuracy: float | None = None
     kept: str = "trained"  # what the best checkpoint is: "start" (the continued model), "sampled" or "means"
     bad_rounds: int = 0
     prune_amount: float = 0.0  # last accepted pruning level (fraction of each layer's original slices removed)
@@ -583,7 +591,7 @@ class FoldState:
 @dataclass(frozen=True)
 class RunSetup:
     """What every fold of a run shares: the settings, this process's place in the job, the output files and the
-    labelled data."""
+    labelled data (its matrix in memory, or a BackedMatrix on disk with --backed)."""
 
     config: TrainConfig
     ctx: Dist
@@ -610,7 +618,7 @@ class Fold:
 
 def make_fold(run: RunSetup, index: int, train_idx: np.ndarray, val_idx: np.ndarray, source: Source) -> Fold:
     config = run.config
-    dataset = BinnedDataset(run.data.matrix, run.binning, np.arange(len(run.labels)))
+    dataset = binned_dataset(run.data.matrix, run.binning, np.arange(len(run.labels)))
     weights = class_weights(run.labels[train_idx], len(run.classes), config.class_weight).to(run.device)
     bayes = config.bayes_head or (source.continues_model and source.checkpoint.model.is_bayesian)
     return Fold(run, index, Subset(dataset, train_idx), np.sort(val_idx), source, weights, bayes)
@@ -837,20 +845,34 @@ def evaluate_modes(fold: Fold, model: BayesianSparseTransformer, noise: dict | N
             for mode, probs in (("sampled", prob_samples[:-1].mean(0)), ("means", prob_samples[-1]))}
 
 
-def better_mode(config: TrainConfig, modes: dict[str, tuple[dict, np.ndarray]]) -> tuple[str, dict, np.ndarray]:
-    """The mode of `evaluate_modes` with the better --select_metric (sampled on a tie): (mode, metrics, probs)."""
-    mode = max(modes, key=lambda m: SELECTION_METRICS[config.select_metric](modes[m][0]))
+def better_mode(config: TrainConfig, modes: dict[str, tuple[dict, np.ndarray]],
+                state: FoldState | None = None) -> tuple[str, dict, np.ndarray] | None:
+    """The mode of `evaluate_modes` with the better --select_metric (sampled on a tie): (mode, metrics, probs).
+
+    With a `state` that has an origin, only modes whose validation accuracy is at least the origin's count (None
+    if neither does): a better NLL bought with fewer correct calls than the start is not an improvement the user
+    asked for."""
+    eligible = [m for m in modes if state is None or state.origin_accuracy is None
+                or modes[m][0]["accuracy"] >= state.origin_accuracy - 1e-9]
+    if not eligible:
+        return None
+    mode = max(eligible, key=lambda m: SELECTION_METRICS[config.select_metric](modes[m][0]))
     return (mode, *modes[mode])
 
 
 def validate_and_keep_best(fold: Fold, model: BayesianSparseTransformer, state: FoldState, row: dict) -> bool:
     """Validate, save the best model (a Bayesian head in the better of its two modes); True when early stopping
-    says stop. A continued model's start is the first best: training must beat it to replace it."""
+    says stop. A continued model's start is the first best: training replaces it only with a model that validates
+    better (--select_metric), surely better in NLL (`surely_better`) and with no fewer correct calls."""
     config = fold.run.config
-    mode, metrics, _ = better_mode(config, evaluate_modes(fold, model))
+    modes = evaluate_modes(fold, model)
+    chosen = better_mode(config, modes, state)
+    if chosen is not None and not surely_better(fold, state, chosen[2]):
+        chosen = None
+    mode, metrics, _ = chosen or better_mode(config, modes)
     row.update(val_loss=metrics["nll"], val_acc=metrics["accuracy"], val_macro_f1=metrics["macro_f1"], val_ece=metrics["ece"])
     score = SELECTION_METRICS[config.select_metric](metrics)
-    if score > state.best_score:
+    if chosen is not None and score > state.best_score:
         state.best_score = score
         state.bad_rounds = 0
         state.kept = mode
@@ -858,6 +880,17 @@ def validate_and_keep_best(fold: Fold, model: BayesianSparseTransformer, state: 
     else:
         state.bad_rounds += 1
     return state.bad_rounds >= config.patience
+
+
+def surely_better(fold: Fold, state: FoldState, probs: np.ndarray) -> bool:
+    """Whether a trained candidate's validation probabilities (cells, classes) beat the origin's surely enough to
+    replace the model the runs started from: the 95 % upper bound of the paired per-cell NLL difference is below
+    0. Without an origin (a model from scratch), any candidate may be kept."""
+    if state.origin_probs is None:
+        return True
+    paired = paired_comparison(np.asarray(state.origin_probs), probs, fold.run.labels[fold.val_idx],
+                               seed=fold.run.config.seed)
+    return paired["nll_diff_upper"] < 0
 
 
 def set_origin(fold: Fold, state: FoldState, model: BayesianSparseTransformer) -> None:
@@ -870,7 +903,10 @@ def set_origin(fold: Fold, state: FoldState, model: BayesianSparseTransformer) -
     else:
         start = fold.source.checkpoint.model.to(fold.run.device)
         state.origin_probs = evaluate(fold, start)[1].mean(0).tolist()
-    mode, metrics, _ = better_mode(fold.run.config, evaluate_modes(fold, model))
+    state.origin_accuracy = classification_metrics(np.asarray(state.origin_probs), fold.run.labels[fold.val_idx],
+                                                   fold.run.classes)["accuracy"]
+    modes = evaluate_modes(fold, model)
+    mode, metrics, _ = better_mode(fold.run.config, modes, state) or better_mode(fold.run.config, modes)
     state.best_score, state.kept = SELECTION_METRICS[fold.run.config.select_metric](metrics), "start"
     save_best(fold, state, model, _summary_metrics(metrics, model, state.prune_amount, state.kl_step), mode=mode)
     log.info("fold %d: the model it continues: validation NLL %.3f, accuracy %.3f (%s); Stage B must beat it",
@@ -970,7 +1006,7 @@ def set_reference(fold: Fold, state: FoldState, model: BayesianSparseTransformer
     state.reference_widths = widths
     state.reference_positions = {unit: list(range(width)) for unit, width in widths.items()}
     modes = evaluate_paired(fold, model, state)
-    mode, metrics, probs = better_mode(config, modes)
+    mode, metrics, probs = better_mode(config, modes, state) or better_mode(config, modes)
     reference = np.asarray(state.origin_probs) if state.origin_probs is not None else probs
     state.reference_probs = reference.tolist()
     state.reference_f1 = classification_metrics(reference, fold.run.labels[fold.val_idx], fold.run.classes)["macro_f1"]
@@ -1055,9 +1091,13 @@ def judge_level(fold: Fold, state: FoldState, training: Training, level: float, 
     one before."""
     config, model = fold.run.config, training.model
     modes = evaluate_paired(fold, model, state)
-    mode, metrics, probs = better_mode(config, modes)
+    # The paired rule also asks for no fewer correct calls than the origin; --prune_rule f1 has its own tolerance.
+    chosen = better_mode(config, modes, state if config.prune_rule == "paired" else None)
+    mode, metrics, probs = chosen or better_mode(config, modes)
     calls = modes["means" if model.is_bayesian else "trained"][1].argmax(1)
     ok, verdict = keep_pruned(config, state, fold.run.labels[fold.val_idx], metrics, probs, calls)
+    if chosen is None:
+        ok, verdict = False, f"val accuracy {metrics['accuracy']:.3f} below the start's {state.origin_accuracy:.3f}; {verdict}"
     log.info("fold %d: prune level %.0f%% (%s): %s: %s", fold.index, 100 * level, mode, verdict, "kept" if ok else "stop")
     state.level_index = state.level_index + 1 if ok else n_levels
     state.level_applied = False
@@ -1288,20 +1328,35 @@ def write_val_predictions(fold: Fold, probs: np.ndarray) -> None:
         handle.write(buffer.getvalue())
 
 
+def sharpening_only(fitted: float) -> float:
+    """The ensemble temperature applied for a fitted one (see `fit_ensemble_temperature`)."""
+    return min(fitted, 1.0)
+
+
 def fit_ensemble_temperature(files: RunFiles, folds: int, classes: list[str]) -> dict:
-    """One temperature for the pooled ensemble, fitted to the out-of-fold validation predictions: every training
-    cell once, predicted by a fold model that never trained on it, so no cell judges a model it taught. (A fold's
-    own temperature would be fitted to the 1/K of the cells its early stopping and pruning already chose on.)"""
+    """The temperature for the pooled ensemble: fitted to the out-of-fold validation predictions (every training
+    cell once, predicted by a fold model that never trained on it, so no cell judges a model it taught), and
+    applied only where it sharpens (T < 1).
+
+    The fit calibrates one member; prediction pools members geometrically, which makes the pool less confident
+    than its members wherever they disagree, while it is more accurate. So an under-confident member (T < 1)
+    means an at least as under-confident pool, and sharpening by T is a partial, safe correction; an
+    over-confident member (T > 1) says little about the pool, which its pooling has already softened: on inner
+    splits of the bundled data (benchmarks/calibration_inner.py) softening it left the pool under-confident.
+    """
     table = pd.concat([pd.read_csv(files.fold(k, "val_predictions.csv")) for k in range(folds)])
     probs = table[classes].to_numpy(dtype=np.float64)
     labels = pd.Index(classes).get_indexer(table["true_label"].astype(str))
-    temperature = fit_temperature(probs[None], labels)
+    fitted = fit_temperature(probs[None], labels)
+    temperature = sharpening_only(fitted)
     before = classification_metrics(probs, labels, classes)
-    after = classification_metrics(tempered(probs[None], temperature)[0], labels, classes)
-    log.info("ensemble temperature %.3f fitted to the out-of-fold predictions of %d cells: NLL %.3f -> %.3f, ECE %.3f "
-             "-> %.3f", temperature, len(labels), before["nll"], after["nll"], before["ece"], after["ece"])
-    return {"temperature": temperature, "cells": len(labels), "fitted_to": "out-of-fold validation predictions",
-            "nll": [before["nll"], after["nll"]], "ece": [before["ece"], after["ece"]]}
+    after = classification_metrics(tempered(probs[None], fitted)[0], labels, classes)
+    log.info("ensemble temperature %.3f (fitted %.3f to the out-of-fold predictions of %d cells: NLL %.3f -> %.3f, "
+             "ECE %.3f -> %.3f; applied only below 1)", temperature, fitted, len(labels), before["nll"], after["nll"],
+             before["ece"], after["ece"])
+    return {"temperature": temperature, "fitted": fitted, "cells": len(labels),
+            "fitted_to": "out-of-fold validation predictions", "nll": [before["nll"], after["nll"]],
+            "ece": [before["ece"], after["ece"]]}
 
 
 def log_kept(fold: Fold, state: FoldState, metrics: dict) -> None:
@@ -1430,6 +1485,8 @@ def _run_locked(config: TrainConfig, adata: anndata.AnnData | None, ctx: Dist, d
     try:
         log.info("data: %d cells, %d genes, %d classes; %d fold(s); device %s x %d", len(labels), len(data.genes),
                  len(classes), len(splits), device, ctx.world)
+        if isinstance(data.matrix, BackedMatrix):
+            log.info("data: %s", data.matrix.describe())
         setup = RunSetup(config, ctx, device, files, data, labels, classes, run_binning(config, source, data.matrix))
         results = [fit_fold(make_fold(setup, index, train_idx, val_idx, sources[index] if len(sources) > 1 else source))
                    for index, (train_idx, val_idx) in enumerate(splits)]
@@ -1481,10 +1538,18 @@ def read_data(config: TrainConfig, sources: list[Source], adata: anndata.AnnData
     options = dict(label_key=config.label_key, layer=config.layer, use_raw=config.use_raw, normalize=config.normalize,
                    min_cells_per_class=config.min_cells_per_class, gene_symbols=config.gene_symbols,
                    any_scale=config.binning == "quantile")
-    data = dataset_from_anndata(adata, **options) if adata is not None else load_dataset(config.data_path, **options)
+    path = config.data_path if adata is None else adata.filename  # a backed AnnData's file can be read backed too
+    backed, reason = backed_decision(path, config.backed)
+    if backed:
+        data = load_backed_dataset(path, **options)
+        data = replace(data, matrix=replace(data.matrix, reason=reason))
+    elif adata is not None:
+        data = dataset_from_anndata(adata, **options)
+    else:
+        data = load_dataset(config.data_path, **options)
     check_training_labels(data, config.min_cells_per_class)
     if source.genes is not None:
-        data = align_genes(data, source.genes)
+        data = align_columns(data, source.genes)
     elif config.gene_num is not None and config.gene_num != len(data.genes):
         raise UserError(f"--gene_num {config.gene_num} does not match the data's {len(data.genes)} genes; "
                         "drop --gene_num or subset the data")
@@ -1638,11 +1703,12 @@ def pipeline(data: anndata.AnnData | str | os.PathLike | None, run_dir: str | os
 
 def pipeline_summary(run_dir: str | os.PathLike) -> str:
     """A table of every complete stage's out-of-fold validation (each cell predicted by the fold model that never
-    trained on it): cells, accuracy, macro-F1, NLL, ECE, parameters, head sparsity and checkpoint size."""
+    trained on it): cells, accuracy, macro-F1, NLL, ECE, parameters, head sparsity, checkpoint size, the ensemble's
+    temperature and what each fold kept (Stage B: the model it continued, or its head sampled / posterior means)."""
     from sklearn.metrics import accuracy_score, f1_score
 
     lines = [f"{'stage':<10}{'cells':>7}{'accuracy':>10}{'macro-F1':>10}{'NLL':>8}{'ECE':>8}{'params':>10}"
-             f"{'head sparsity':>15}{'ckpt MB':>9}"]
+             f"{'head sparsity':>15}{'ckpt MB':>9}{'temp.':>7}  kept"]
     for name in PIPELINE_STAGES.values():
         directory = Path(run_dir) / name
         if stage_state(directory) != "complete":
@@ -1659,8 +1725,15 @@ def pipeline_summary(run_dir: str | os.PathLike) -> str:
         lines.append(f"{name:<10}{len(true):>7}{accuracy_score(true, pred):>10.4f}"
                      f"{f1_score(true, pred, average='macro'):>10.4f}{summary['nll']['mean']:>8.4f}"
                      f"{summary['ece']['mean']:>8.4f}{int(summary['total_params']['mean']):>10d}"
-                     f"{summary['head_sparsity']['mean']:>15.1%}{megabytes:>9.2f}")
+                     f"{summary['head_sparsity']['mean']:>15.1%}{megabytes:>9.2f}"
+                     f"{ensemble_temperature(directory):>7.2f}  {kept_counts(summary['folds'])}")
     return "\n".join(lines)
+
+
+def kept_counts(folds: list[dict]) -> str:
+    """'3 sampled, 2 start': how many folds kept what (see FoldState.kept)."""
+    kept = [fold.get("kept", "trained") for fold in folds]
+    return ", ".join(f"{kept.count(k)} {k}" for k in sorted(set(kept)))
 
 
 def pipeline_main(argv: list[str]) -> int:

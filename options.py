@@ -182,7 +182,7 @@ class DataOptions:
 
     # Options that say where and how to run, not what to compute: they may differ between a run and its --resume,
     # and they are not part of a preset.
-    RUNTIME = frozenset({"device", "amp", "num_workers", "overwrite", "verbose", "resume", "data_path", "ckpt_dir",
+    RUNTIME = frozenset({"device", "amp", "num_workers", "overwrite", "verbose", "resume", "data_path", "ckpt_dir", "backed",
                          "output_dir", "preset", "stage"})
 
     @property
@@ -207,6 +207,9 @@ class TrainConfig(DataOptions):
 
     min_cells_per_class: int = option(0, "drop cell types with fewer cells (a split needs at least 2)", group="data",
                                       check=at_least(0))
+    backed: bool = option(False, "train from the .h5ad file on disk, reading each batch's cells, instead of loading the "
+                          "matrix (csr or dense, not csc); automatic when loading it would take more than half the "
+                          "available memory (about 24 bytes per stored value)", group="data")
     binning: str | None = option(None, "how values become tokens: quantile = BIN_NUM bins holding equal shares of the "
                                  "training data's non-zero values, cut points kept in the model (any scale: log, CPM, "
                                  "TPM, FPKM); width = floor(value / BIN_WIDTH) clipped to BIN_NUM, scBERT's, for "
@@ -321,8 +324,9 @@ class TrainConfig(DataOptions):
                                        group="training")
     ensemble_temperature: bool = option(True, "after training, fit one temperature for the ensemble to the "
                                         "out-of-fold validation predictions of every training cell (each predicted by a "
-                                        "fold model that never trained on it); prediction from the run directory divides "
-                                        "the pooled log-probabilities by it", group="training")
+                                        "fold model that never trained on it); where it sharpens (below 1: under-"
+                                        "confident members), prediction from the run directory divides the pooled "
+                                        "log-probabilities by it", group="training")
     novelty_fpr: float = option(0.05, "share of known validation cells above the novelty threshold", group="training",
                                 check=in_interval(0, 1, "()"))
     novelty_parts: tuple[str, ...] = option(NOVELTY_PARTS, "views combined into the novelty score", group="training",
@@ -389,6 +393,10 @@ class PredictConfig(DataOptions):
                                           "training); confidence: below it (default 0.5, scBERT's rule); "
                                           "entropy/mutual_info: above it (default 0.5)", group="model and prediction")
     batch_size: int = option(32, "cells per batch", group="model and prediction", check=at_least(1))
+    chunk_size: int | None = option(None, "cells read, checked and predicted at a time from an .h5ad file, which is "
+                                    "read backed: memory follows the chunk, not the file (default 10,000, fewer at "
+                                    "so many genes that a dense chunk would pass 256 MB)", group="model and prediction",
+                                    check=at_least(1))
     # majority voting
     majority_voting: bool = option(False, "also give each cell the label most cells of its cluster got, and the "
                                    "cluster's agreement (CellTypist's majority voting)", group="majority voting")

@@ -1,20 +1,28 @@
 """Predict cell types with Bayesian uncertainty from a checkpoint of finetune_sparse.py.
 
-load the checkpoint -> read the data and align its genes to the model's -> encode each batch once and sample the
-head S times -> per-cell predictions and uncertainties (and, with --majority_voting, each cluster's majority label)
--> CSV tables, an annotated .h5ad and, when the data has labels, metrics and plots. Everything is computed before
-the first file is written. In Python, `annotate(adata, model)` returns the same results as an `AnnotationResult`.
+load the checkpoint -> read the data a chunk of cells at a time and align its genes to the model's -> encode each
+batch once and sample the head S times -> per-cell predictions and uncertainties (and, with --majority_voting,
+each cluster's majority label) -> CSV tables, an annotated .h5ad and, when the data has labels, metrics and plots.
+
+An .h5ad file is read backed, --chunk_size cells at a time, so memory grows with the per-cell results only (about
+1 kB per cell), not with the expression matrix: predictions.csv and probabilities.csv grow a chunk at a time,
+and predictions.h5ad holds the cells' obs, var and obsm with the results but no expression matrix (X is None;
+it stays in the input file). Leiden over-clustering for --majority_voting needs every cell's expression at once
+and reads the file whole; so does a --layer, which anndata loads whole even from a backed file. Outputs go to a
+hidden directory that replaces --output_dir as a whole at the end: a failed or killed run leaves the earlier
+outputs. In Python, `annotate(adata, model)` returns the same results as an `AnnotationResult`.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -36,23 +44,25 @@ from novelty import ensemble_novelty
 from options import DEFAULT_THRESHOLDS, PredictConfig
 from progress import progress
 from run_manifest import ensemble_temperature
+from streaming import CsvAppender, aligned_chunks, chunk_cells, first_rows, read_blocks, subset
 from utils import (
-    BUNDLED_LABEL_KEY,
+    ALL_CELLS,
     UNASSIGNED,
     BinnedDataset,
     ExpressionData,
+    Input,
     UserError,
     accuracy_at_coverage,
-    align_genes,
     atomic_write,
+    cell_reader,
     check_class_names,
     classification_metrics,
     collate_batch,
-    dataset_from_anndata,
     load_dataset,
     misclassification_auroc,
     package_versions,
     pool_members,
+    read_input,
     reliability_bins,
     resolve_device,
     run_cli,
@@ -65,11 +75,13 @@ from utils import (
 
 COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.5)
 CURVE_COVERAGES = tuple(np.round(np.linspace(0.1, 1.0, 10), 2))
-OUTPUT_FILES = ("predictions.csv", "probabilities.csv", "predictions.h5ad", "metrics.json", "run.json")
+CSV_FILES = ("predictions.csv", "probabilities.csv")
+OUTPUT_FILES = (*CSV_FILES, "predictions.h5ad", "metrics.json", "run.json")
 # Per-cell uncertainty columns under the default key, by uncertainty_summary key (annotation.cell_table makes every
 # column; predictions.csv, the .h5ad's obs and AnnotationResult.predicted_labels share its names).
 CELL_COLUMNS = {key: f"{DEFAULT_KEY}_{name}" for key, name in UNCERTAINTY_COLUMNS.items()}
 PLOT_FILES = ("reliability.png", "confusion_matrix.png", "accuracy_coverage.png", "uncertainty_hist.png", "umap.png")
+UMAP_MAX_CELLS = 50_000  # a random sample of larger data sets is drawn: more points only take minutes to draw
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,37 +141,18 @@ def check_model_flags(config: PredictConfig, checkpoint: Checkpoint) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_data(config: PredictConfig, checkpoint: Checkpoint,
-              adata: anndata.AnnData | None = None) -> tuple[ExpressionData, ExpressionData, np.ndarray]:
-    """The requested cells (of `adata`, else --data_path) with genes in the checkpoint's order, the same cells
-    with the data's own genes (for over-clustering), and their row positions in the AnnData."""
-    check_class_names(checkpoint.classes, f"the model {config.model_path}", "retrain it with that class renamed in obs")
-    options = dict(layer=config.layer, use_raw=config.use_raw, normalize=config.normalize,
-                   require_labels=config.label_key is not None, gene_symbols=config.gene_symbols,
-                   any_scale=checkpoint.bin_edges is not None)
-    if adata is not None:
-        data = dataset_from_anndata(adata, label_key=config.label_key, **options)
-    else:
-        label_key = config.label_key
-        if config.data_path is None and label_key is None:
-            label_key = BUNDLED_LABEL_KEY  # evaluation runs out of the box on the bundled example
-        data = load_dataset(config.data_path, label_key=label_key, **options)
-    selected, rows = select_cells(data, config.cells)
-    return align_genes(selected, checkpoint.genes, allow_missing=config.allow_missing_genes), selected, rows
-
-
-def select_cells(data: ExpressionData, cells_file: str | None) -> tuple[ExpressionData, np.ndarray]:
-    """Keep the cells listed in `cells_file` (in data order); UserError when some ids are not in the data."""
-    rows = np.arange(len(data.cell_ids))
+def selected_rows(cell_ids: pd.Index, cells_file: str | None) -> np.ndarray:
+    """Positions of the cells to predict, in data order: those listed in `cells_file`, else all; UserError when
+    some listed ids are not in the data."""
     if cells_file is None:
-        return data, rows
+        return np.arange(len(cell_ids))
     try:
         wanted = [line.strip() for line in Path(cells_file).read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read --cells file {cells_file} ({err}); pass a text file with one cell id per line") from err
     if not wanted:
         raise UserError(f"--cells file {cells_file} lists no cell ids; pass a text file with one cell id per line")
-    index = pd.Index(data.cell_ids)
+    index = pd.Index([str(cell) for cell in cell_ids])
     if not index.is_unique:
         raise UserError("the data's cell ids (obs names) are not unique, so --cells cannot pick cells; run adata.obs_names_make_unique() first")
     positions = index.get_indexer(wanted)
@@ -167,9 +160,7 @@ def select_cells(data: ExpressionData, cells_file: str | None) -> tuple[Expressi
     if unknown:
         examples = ", ".join(repr(cell) for cell in unknown[:3])
         raise UserError(f"{len(unknown)} of {len(wanted)} cell ids in {cells_file} are not in the data (e.g. {examples}); check that the file belongs to this data set")
-    rows = np.unique(positions)
-    labels = data.labels[rows] if data.labels is not None else None
-    return replace(data, matrix=data.matrix[rows], cell_ids=[data.cell_ids[i] for i in rows], labels=labels), rows
+    return np.unique(positions)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,8 +207,45 @@ class Prediction:
         return pd.Index(self.classes).get_indexer(self.true_labels)
 
 
-def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConfig, temperature: float = 1.0) -> Prediction:
-    """Encode each batch once per member, sample its head S times with noise drawn once from --seed, summarise.
+def predict(members: list[Checkpoint], chunks: Iterable[ExpressionData], n_cells: int, config: PredictConfig,
+            temperature: float = 1.0, on_chunk: Callable[[Prediction], None] | None = None) -> Prediction:
+    """Predict and summarise each chunk of cells before the next (see `summarise`); `on_chunk` gets each chunk's
+    Prediction when it is made. The Monte Carlo samples exist for one chunk at a time; the result joins the
+    chunks' per-cell summaries, equal to one chunk of all cells (the head noise is drawn once per member from
+    --seed, the same for every chunk).
+    """
+    set_seed(config.seed)
+    device = resolve_device(config.device)
+    first = members[0]
+    # The first chunk is read and checked before any notice about the model: bad data stays a one-line error.
+    chunks = iter(chunks)
+    chunks = itertools.chain([first_chunk] if (first_chunk := next(chunks, None)) is not None else [], chunks)
+    if not first.model.is_bayesian and config.bayes_mc_samples > 1:
+        warnings.warn(f"the checkpoint's head is deterministic (stage {first.stage}): the {config.bayes_mc_samples} "
+                      "samples of a model agree; use a Stage B (--bayes_head) checkpoint for Bayesian uncertainty",
+                      stacklevel=2)
+    has_novelty = all(member.novelty is not None for member in members)
+    rule = unassign_rule(config, has_novelty)
+    for member in members:
+        member.model.to(device).set_deterministic(config.bayes_mc_samples == 1)
+    started = time.perf_counter()
+    parts = []
+    # One report for all chunks and members: a bar in a terminal or notebook, a line every 10 s (cells/s, time
+    # left) in a log; none with verbose=False.
+    with progress(n_cells * len(members), desc="predicting", unit="cells", enabled=config.verbose) as bar:
+        for number, chunk in enumerate(chunks, 1):
+            summary = summarise(members, chunk, config, temperature, has_novelty, device, bar, number)
+            part = Prediction(chunk.cell_ids, first.classes, summary, unassigned_cells(summary, *rule), chunk.labels,
+                              0.0, rule)
+            if on_chunk is not None:
+                on_chunk(part)
+            parts.append(part)
+    return joined(parts, seconds=time.perf_counter() - started)
+
+
+def summarise(members: list[Checkpoint], data: ExpressionData, config: PredictConfig, temperature: float,
+              has_novelty: bool, device, bar, number: int) -> dict[str, np.ndarray]:
+    """One chunk's per-cell summary: encode each batch once per member, sample its head S times, summarise.
 
     An ensemble's K members contribute S samples each: (K*S, cells, classes). The predicted probabilities pool
     the members' posterior means geometrically (`pool_members`); mutual information counts the disagreement of
@@ -225,42 +253,42 @@ def predict(members: list[Checkpoint], data: ExpressionData, config: PredictConf
     the pooled log-probabilities. Novelty is each member's score divided by its own threshold, averaged
     over members that did not train on the cell (see `ensemble_novelty`): 1.0 is the threshold.
     """
-    set_seed(config.seed)
-    device = resolve_device(config.device)
-    first = members[0]
-    if not first.model.is_bayesian and config.bayes_mc_samples > 1:
-        warnings.warn(f"the checkpoint's head is deterministic (stage {first.stage}): the {config.bayes_mc_samples} "
-                      "samples of a model agree; use a Stage B (--bayes_head) checkpoint for Bayesian uncertainty",
-                      stacklevel=2)
-    loader = DataLoader(BinnedDataset(data.matrix, first.binning), batch_size=config.batch_size,
+    loader = DataLoader(BinnedDataset(data.matrix, members[0].binning), batch_size=config.batch_size,
                         collate_fn=collate_batch, num_workers=config.num_workers)
-    started = time.perf_counter()
-    has_novelty = all(member.novelty is not None for member in members)
     samples, novelty = [], []
-    # One report for all members: a bar in a terminal or notebook, a line every 10 s in a log; none with verbose=False.
-    with progress(len(data.cell_ids) * len(members), desc="predicting", unit="cells", enabled=config.verbose) as bar:
-        for index, member in enumerate(members):
-            if len(members) > 1:
-                bar.set_description(f"predicting (model {index + 1}/{len(members)})")
-            model = member.model.to(device)
-            model.set_deterministic(config.bayes_mc_samples == 1)
-            probs, member_novelty = predict_samples(model, counting(loader, bar), config.bayes_mc_samples,
-                                                    seed=config.seed + index, novelty=member.novelty if has_novelty else None,
-                                                    device=device, amp=config.amp)
-            samples.append(probs)
-            novelty.append(member_novelty)
-    seconds = time.perf_counter() - started
+    for index, member in enumerate(members):
+        models = f", model {index + 1}/{len(members)}" if len(members) > 1 else ""
+        bar.set_description(f"predicting (chunk {number}{models})")
+        probs, member_novelty = predict_samples(member.model, counting(loader, bar), config.bayes_mc_samples,
+                                                seed=config.seed + index, novelty=member.novelty if has_novelty else None,
+                                                device=device, amp=config.amp)
+        samples.append(probs)  # (S, cells, classes)
+        novelty.append(member_novelty)
     pooled = pool_members([np.asarray(s, dtype=np.float64).mean(axis=0) for s in samples])
-    summary = uncertainty_summary(np.concatenate(samples), tempered(pooled[None], temperature)[0])
+    if temperature != 1.0:  # tempering renormalises: without a temperature the pooled mean is kept exactly
+        pooled = tempered(pooled[None], temperature)[0]
+    summary = uncertainty_summary(np.concatenate(samples), pooled)
     if has_novelty:
         trained = None if any(n.trained is None for n in novelty) else np.stack([n.trained for n in novelty])
         summary["novelty"] = ensemble_novelty([n.score for n in novelty], [m.novelty["threshold"] for m in members], trained)
         summary["novelty_pvalues"] = view_pvalues([n.evidence for n in novelty], trained)
     else:
         summary["novelty"] = np.full(len(data.cell_ids), np.nan)
-    rule = unassign_rule(config, has_novelty)
-    unassigned = unassigned_cells(summary, *rule)
-    return Prediction(data.cell_ids, first.classes, summary, unassigned, data.labels, seconds, rule)
+    return summary
+
+
+def joined(parts: list[Prediction], seconds: float) -> Prediction:
+    """The chunks' Predictions as one, cells in chunk order."""
+    first = parts[0]
+    if len(parts) == 1:
+        return replace(first, seconds=seconds)
+    summary = {key: np.concatenate([p.summary[key] for p in parts]) for key in first.summary if key != "novelty_pvalues"}
+    if "novelty_pvalues" in first.summary:
+        summary["novelty_pvalues"] = {view: np.concatenate([p.summary["novelty_pvalues"][view] for p in parts])
+                                      for view in first.summary["novelty_pvalues"]}
+    labels = None if first.true_labels is None else np.concatenate([p.true_labels for p in parts])
+    return Prediction([cell for p in parts for cell in p.cell_ids], first.classes, summary,
+                      np.concatenate([p.unassigned for p in parts]), labels, seconds, first.rule)
 
 
 def counting(batches: Iterable, bar) -> Iterator:
@@ -418,7 +446,8 @@ def umap_figure(coords: np.ndarray, labels: np.ndarray, entropy: np.ndarray) -> 
 
 
 def make_plots(pred: Prediction, metrics: dict | None, umap: np.ndarray | None) -> dict[str, bytes]:
-    """PNG files by name: evaluation plots when labels are known, a UMAP when the data has one."""
+    """PNG files by name: evaluation plots when labels are known, a UMAP when the data has one (of a random
+    UMAP_MAX_CELLS cells of larger data)."""
     plots = {}
     if metrics is not None and "accuracy" in metrics:
         codes = pred.label_codes()
@@ -431,7 +460,10 @@ def make_plots(pred: Prediction, metrics: dict | None, umap: np.ndarray | None) 
         plots["accuracy_coverage.png"] = png(coverage_figure(scores, correct))
         plots["uncertainty_hist.png"] = png(uncertainty_histogram_figure(scores, correct))
     if umap is not None:
-        plots["umap.png"] = png(umap_figure(umap, pred.pred_label, pred.summary["entropy"]))
+        shown = np.arange(len(umap))
+        if len(shown) > UMAP_MAX_CELLS:
+            shown = np.sort(np.random.default_rng(0).choice(len(shown), UMAP_MAX_CELLS, replace=False))
+        plots["umap.png"] = png(umap_figure(umap[shown], pred.pred_label[shown], pred.summary["entropy"][shown]))
     return plots
 
 
@@ -440,30 +472,20 @@ def make_plots(pred: Prediction, metrics: dict | None, umap: np.ndarray | None) 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def predictions_table(annotation: Annotation) -> pd.DataFrame:
-    """predictions.csv: cell_id, then the result's per-cell columns (those of `predicted_labels` and of the .h5ad's
-    obs, in the same order) and, when the data has labels, true_label."""
-    table = annotation.result.predicted_labels.rename_axis("cell_id").reset_index()
-    if annotation.prediction.true_labels is not None:
-        table["true_label"] = annotation.prediction.true_labels
-    return table
+def output_tables(pred: Prediction, key_added: str) -> dict[str, pd.DataFrame]:
+    """The rows of predictions.csv and probabilities.csv for the cells of `pred` (a chunk, or all cells)."""
+    predictions = pred.table(key_added).rename_axis("cell_id").reset_index()
+    if pred.true_labels is not None:
+        predictions["true_label"] = pred.true_labels
+    probabilities = pd.DataFrame(pred.summary["mean_probs"], columns=pred.classes)
+    probabilities.insert(0, "cell_id", pred.cell_ids)
+    return {"predictions.csv": predictions, "probabilities.csv": probabilities}
 
 
-def probabilities_table(pred: Prediction) -> pd.DataFrame:
-    """Mean class probabilities over the head samples, cells x classes."""
-    table = pd.DataFrame(pred.summary["mean_probs"], columns=pred.classes)
-    table.insert(0, "cell_id", pred.cell_ids)
-    return table
-
-
-def write_outputs(directory: Path, tables: dict[str, pd.DataFrame], adata: anndata.AnnData,
-                  plots: dict[str, bytes], jsons: dict[str, dict]) -> None:
-    """Every output into `directory` (a fresh staging directory swapped into place afterwards): the .h5ad first
-    (the likeliest to fail), run.json last."""
+def write_outputs(directory: Path, adata: anndata.AnnData, plots: dict[str, bytes], jsons: dict[str, dict]) -> None:
+    """The outputs but the CSV tables into `directory` (a fresh staging directory swapped into place afterwards):
+    the .h5ad first (the likeliest to fail), run.json last."""
     write_h5ad(directory / "predictions.h5ad", adata)  # built in memory: a full disk is one line, never HDF5 mid-file
-    for name, table in tables.items():
-        with atomic_write(directory / name) as handle:
-            table.to_csv(handle, index=False)
     for name, content in plots.items():
         with atomic_write(directory / name, "wb") as handle:
             handle.write(content)
@@ -532,31 +554,62 @@ class Annotation:
 
     @cached_property
     def adata(self) -> anndata.AnnData:
-        """predictions.h5ad: a copy of the predicted cells with the results in obs, obsm and uns."""
+        """predictions.h5ad: a copy of the predicted cells with the results in obs, obsm and uns (without the
+        expression matrix when the input was read backed, see `AnnotationResult.to_adata`)."""
         return self.result.to_adata(inplace=False)
 
 
-def over_clustering(config: PredictConfig, selected: ExpressionData, rows: np.ndarray) -> tuple[np.ndarray, dict]:
+def over_clustering(config: PredictConfig, obs: pd.DataFrame, cells: ExpressionData | None,
+                    rows: np.ndarray) -> tuple[np.ndarray, dict]:
     """The clusters majority voting runs over, one per predicted cell: --over_clustering's obs column, else a Leiden
-    over-clustering of the cells' log-normalized expression (all their genes, not only the model's); and how they
+    over-clustering of the `cells`' log-normalized expression (all their genes, not only the model's); and how they
     were made, for the metadata."""
     if config.over_clustering is not None:
         source = config.data_path or "the AnnData"
-        return (clusters_from_column(selected.adata.obs, config.over_clustering, rows, source),
+        return (clusters_from_column(obs, config.over_clustering, rows, source),
                 {"over_clustering": f"obs[{config.over_clustering!r}]"})
-    clusters, resolution = leiden_over_clustering(selected.matrix, seed=config.seed)
+    clusters, resolution = leiden_over_clustering(cells.matrix, seed=config.seed)
     return clusters, {"over_clustering": "leiden", "resolution": resolution}
 
 
-def annotate_with(config: PredictConfig, adata: anndata.AnnData | None = None) -> Annotation:
-    """load the model -> read and align the data -> (over-cluster) -> predict -> vote -> evaluate; the CLI and
-    `annotate` share it."""
+def annotate_with(config: PredictConfig, adata: anndata.AnnData | None = None,
+                  on_chunk: Callable[[Prediction], None] | None = None) -> Annotation:
+    """load the model -> open the data (a file backed) -> (over-cluster) -> predict chunk by chunk -> vote ->
+    evaluate; the CLI and `annotate` share it. `on_chunk` gets each chunk's Prediction as it is made (the CLI
+    appends it to the CSV files), except with majority voting, whose labels need every cell first."""
     members = load_ensemble(config.model_path)
-    checkpoint = members[0]
-    check_model_flags(config, checkpoint)
-    data, selected, rows = load_data(config, checkpoint, adata)
-    clusters, voting = over_clustering(config, selected, rows) if config.majority_voting else (None, {})
-    pred = predict(members, data, config, ensemble_temperature(config.model_path))
+    check_model_flags(config, members[0])
+    check_class_names(members[0].classes, f"the model {config.model_path}", "retrain it with that class renamed in obs")
+    if adata is not None:
+        return annotate_input(config, members, Input(adata, "the AnnData", config.label_key, config.use_raw), on_chunk)
+    source = read_input(config.data_path, label_key=config.label_key, layer=config.layer, use_raw=config.use_raw,
+                        backed=True)
+    try:
+        return annotate_input(config, members, source, on_chunk)
+    finally:  # the result keeps the AnnData's obs, obsm and uns, which backed mode holds in memory
+        if source.adata.isbacked:
+            source.adata.file.close()
+
+
+def annotate_input(config: PredictConfig, members: list[Checkpoint], source: Input,
+                   on_chunk: Callable[[Prediction], None] | None) -> Annotation:
+    """`annotate_with` for an opened input: a backed AnnData streams a chunk at a time, unless Leiden
+    over-clustering needs every cell's expression at once; an in-memory AnnData is read and checked whole."""
+    checkpoint, adata = members[0], source.adata
+    rows = selected_rows(adata.obs_names, config.cells)
+    n_genes = max(adata.n_vars, adata.raw.n_vars if adata.raw is not None else 0)
+    size = chunk_cells(n_genes, config.chunk_size)
+    streamed = adata.isbacked and not (config.majority_voting and config.over_clustering is None)
+    reader = cell_reader(adata, label_key=source.label_key, layer=config.layer, use_raw=source.use_raw,
+                         normalize=config.normalize, require_labels=config.label_key is not None,
+                         gene_symbols=config.gene_symbols, source=source.name, any_scale=checkpoint.bin_edges is not None,
+                         first_rows=first_rows(rows, size, streamed))
+    whole = None if streamed else subset(reader.read(ALL_CELLS), rows)
+    blocks = read_blocks(reader, rows, size) if streamed else [whole]
+    clusters, voting = over_clustering(config, adata.obs, whole, rows) if config.majority_voting else (None, {})
+    chunks = aligned_chunks(blocks, size, checkpoint.genes, allow_missing=config.allow_missing_genes)
+    pred = predict(members, chunks, len(rows), config, ensemble_temperature(config.model_path),
+                   None if config.majority_voting else on_chunk)
     if clusters is not None:
         pred.voting = majority_vote(pred.pred_label, clusters)
         voting["n_clusters"] = int(pred.voting["cluster"].nunique())
@@ -570,12 +623,15 @@ def annotate_with(config: PredictConfig, adata: anndata.AnnData | None = None) -
         metadata["metrics"] = {key: metrics[key] for key in ("accuracy", "macro_f1", "ece", "nll")}
     table = pred.table(config.key_added)
     probabilities = pd.DataFrame(pred.summary["mean_probs"], index=table.index, columns=list(pred.classes))
-    result = AnnotationResult(table, probabilities, metrics, metadata, config.key_added, adata=data.adata, rows=rows)
-    return Annotation(result, pred, members, data.label_key)
+    result = AnnotationResult(table, probabilities, metrics, metadata, config.key_added, adata=adata, rows=rows)
+    return Annotation(result, pred, members, reader.label_key)
 
 
 def annotate(adata: anndata.AnnData, model: str | os.PathLike, *, inplace: bool = False, **given) -> AnnotationResult:
-    """Annotate an in-memory AnnData as `predict_updated.py` does a file; returns an `AnnotationResult`.
+    """Annotate an AnnData as `predict_updated.py` does a file; returns an `AnnotationResult`.
+
+    An in-memory AnnData is read and checked whole; a backed one (`anndata.read_h5ad(path, backed="r")`) is
+    streamed `chunk_size` cells at a time, so an atlas needs memory for its per-cell results only.
 
     `result.predicted_labels` holds per cell the label (Unassigned where unsure), the best guess, every uncertainty
     and, with `majority_voting=True`, the cluster's majority label; `result.probability_matrix` the class
@@ -606,21 +662,22 @@ def run(config: PredictConfig) -> dict:
 def _run_locked(config: PredictConfig) -> dict:
     started = time.perf_counter()
     validate_outputs(config)
-    result = annotate_with(config)
-    pred, metrics, label_key = result.prediction, result.metrics, result.label_key
-    checkpoint = result.members[0]
-    report(metrics, pred, label_key)
-    adata = result.adata
-    umap = np.asarray(adata.obsm["X_umap"])[:, :2] if "X_umap" in adata.obsm else None
-    plots = make_plots(pred, metrics, umap)
-    summary = run_summary(pred, metrics, label_key, seconds=time.perf_counter() - started)
-    versions = adata.uns[config.key_added]["versions"]
-    jsons = {"metrics.json": metrics} if metrics is not None else {}
-    jsons["run.json"] = {"args": config.as_dict(), "versions": versions, "checkpoint_versions": checkpoint.versions,
-                         "summary": summary}
-    tables = {"predictions.csv": predictions_table(result), "probabilities.csv": probabilities_table(pred)}
-    with staged_replacement(config.output_dir) as staging:
-        write_outputs(staging, tables, adata, plots, jsons)
+    # CSV rows are written as chunks finish, into the staging directory that replaces the outputs at the end.
+    with staged_replacement(config.output_dir) as staging, CsvAppender(staging, CSV_FILES) as tables:
+        result = annotate_with(config, on_chunk=lambda part: tables.append(output_tables(part, config.key_added)))
+        pred, metrics, label_key = result.prediction, result.metrics, result.label_key
+        if config.majority_voting:  # the cluster's label of every cell is known only now
+            tables.append(output_tables(pred, config.key_added))
+        report(metrics, pred, label_key)
+        adata = result.adata
+        umap = np.asarray(adata.obsm["X_umap"])[:, :2] if "X_umap" in adata.obsm else None
+        plots = make_plots(pred, metrics, umap)
+        summary = run_summary(pred, metrics, label_key, seconds=time.perf_counter() - started)
+        versions = adata.uns[config.key_added]["versions"]
+        jsons = {"metrics.json": metrics} if metrics is not None else {}
+        jsons["run.json"] = {"args": config.as_dict(), "versions": versions,
+                             "checkpoint_versions": result.members[0].versions, "summary": summary}
+        write_outputs(staging, adata, plots, jsons)
     print(f"done: {summary['n_cells']} cells in {time.perf_counter() - started:.1f} s (inference {pred.seconds:.1f} s, "
           f"{summary['cells_per_second']:.0f} cells/s), {summary['unassigned_share']:.1%} unassigned -> {config.output_dir}")
     return summary

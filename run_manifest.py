@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from backed_dataset import BackedMatrix, row_blocks
 from utils import UserError, read_json, write_json
 
 MANIFEST = "manifest.json"
@@ -40,14 +41,20 @@ def _text_digest(values) -> str:
     return _digest("\n".join(map(str, values)).encode("utf-8"))
 
 
-def data_fingerprint(matrix: sp.csr_matrix, cell_ids, genes, labels) -> dict:
-    """Hashes of the training cells, genes, expression values and labels: what --resume must find unchanged."""
-    matrix = sp.csr_matrix(matrix)
-    matrix.sort_indices()
-    values = _digest(np.asarray(matrix.indptr, dtype=np.int64).tobytes(), np.asarray(matrix.indices, dtype=np.int64).tobytes(),
-                     np.asarray(matrix.data, dtype=np.float32).tobytes())
-    return {"n_cells": int(matrix.shape[0]), "n_genes": int(matrix.shape[1]), "cells": _text_digest(cell_ids),
-            "genes": _text_digest(genes), "values": values, "labels": _text_digest(labels)}
+def data_fingerprint(matrix: sp.spmatrix | BackedMatrix, cell_ids, genes, labels) -> dict:
+    """Hashes of the training cells, genes, expression values and labels: what --resume must find unchanged.
+
+    The values are hashed a block of rows at a time, so a matrix in memory and the same matrix on disk (--backed)
+    give one digest, and no copy of a whole matrix is made."""
+    row_sizes, indices, values = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    for block in row_blocks(matrix):  # (cells, genes) csr, indices sorted
+        row_sizes.update(np.diff(block.indptr).astype(np.int64).tobytes())
+        indices.update(np.asarray(block.indices, dtype=np.int64).tobytes())
+        values.update(np.asarray(block.data, dtype=np.float32).tobytes())
+    n_cells, n_genes = matrix.shape
+    return {"n_cells": int(n_cells), "n_genes": int(n_genes), "cells": _text_digest(cell_ids),
+            "genes": _text_digest(genes), "values": _digest(row_sizes.digest(), indices.digest(), values.digest()),
+            "labels": _text_digest(labels)}
 
 
 def fingerprint_changes(saved: dict, current: dict) -> list[str]:

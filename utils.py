@@ -89,6 +89,7 @@ UNLABELLED = -1  # label a BinnedDataset returns for cells without labels
 PROB_EPS = 1e-12  # floor for probabilities inside logarithms
 UNASSIGNED = "Unassigned"  # prediction's label for cells too uncertain to name, so no cell type may be called that
 BACKED_CHUNK_CELLS = 10_000  # cells read at a time from a backed (on-disk) AnnData
+ALL_CELLS = slice(None)  # the rows of every cell, for the readers that take a selection
 
 
 def _one_line(text: object, limit: int = 300) -> str:
@@ -148,31 +149,44 @@ def load_dataset(
 ) -> ExpressionData:
     """Read an .h5ad file (or the bundled pbmc68k_reduced example when `data_path` is None) and validate it.
 
-    See `dataset_from_anndata` for the checks. The bundled example uses its log-normalized `.raw` matrix
-    (its `.X` is scaled) and its 'bulk_labels' column when `label_key` is None or the default.
+    See `dataset_from_anndata` for the checks and `read_input` for the bundled example's defaults.
     """
-    if data_path is None:
-        adata = _bundled_example()
-        source = "the bundled pbmc68k_reduced example"
-        if label_key in (None, DEFAULT_LABEL_KEY):
-            label_key = BUNDLED_LABEL_KEY
-        if use_raw is None and layer is None:
-            use_raw = True  # its .X is scaled: read its log-normalized .raw, without a warning for our own example
-    else:
-        adata = _read_h5ad(Path(data_path))
-        source = str(data_path)
+    source = read_input(data_path, label_key=label_key, layer=layer, use_raw=use_raw)
     return dataset_from_anndata(
-        adata,
-        label_key=label_key,
+        source.adata,
+        label_key=source.label_key,
         layer=layer,
-        use_raw=use_raw,
+        use_raw=source.use_raw,
         normalize=normalize,
         require_labels=require_labels,
         min_cells_per_class=min_cells_per_class,
         gene_symbols=gene_symbols,
-        source=source,
+        source=source.name,
         any_scale=any_scale,
     )
+
+
+class Input(NamedTuple):
+    """An AnnData to read, what messages call it, and the label column and .raw choice to read it with."""
+
+    adata: anndata.AnnData
+    name: str
+    label_key: str | None
+    use_raw: bool | None
+
+
+def read_input(data_path: str | os.PathLike | None, *, label_key: str | None = DEFAULT_LABEL_KEY,
+               layer: str | None = None, use_raw: bool | None = None, backed: bool = False) -> Input:
+    """The AnnData of an .h5ad file (`backed`: opened with .X and .raw left on disk; close `adata.file` after use),
+    or of the bundled pbmc68k_reduced example when `data_path` is None: that one in memory, with its 'bulk_labels'
+    column when `label_key` is None or the default, and its log-normalized `.raw` matrix (its `.X` is scaled)."""
+    if data_path is not None:
+        return Input(_read_h5ad(Path(data_path), backed=backed), str(data_path), label_key, use_raw)
+    if label_key in (None, DEFAULT_LABEL_KEY):
+        label_key = BUNDLED_LABEL_KEY
+    if use_raw is None and layer is None:
+        use_raw = True  # its .X is scaled: read its log-normalized .raw, without a warning for our own example
+    return Input(_bundled_example(), "the bundled pbmc68k_reduced example", label_key, use_raw)
 
 
 def dataset_from_anndata(
@@ -200,15 +214,88 @@ def dataset_from_anndata(
     messages. `any_scale`: values need not be log-normalized (quantile bins take any scale, see binning.py), only
     finite and non-negative; raw integer counts are still refused without `normalize`.
     """
-    matrix, genes = _select_matrix(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, source=source,
-                                   normalize=normalize or any_scale)
-    labels = _read_labels(adata, label_key, require_labels=require_labels, source=source)
-    matrix = _as_log_normalized(matrix, normalize=normalize, source=source, any_scale=any_scale)
-    data = ExpressionData(matrix, genes, [str(c) for c in adata.obs_names], labels, adata,
-                          label_key if labels is not None else None)
-    if labels is not None and min_cells_per_class > 0:
+    reader = cell_reader(adata, label_key=label_key, layer=layer, use_raw=use_raw, normalize=normalize,
+                         require_labels=require_labels, gene_symbols=gene_symbols, source=source, any_scale=any_scale)
+    data = reader.read(ALL_CELLS)
+    if data.labels is not None and min_cells_per_class > 0:
         data = _drop_small_classes(data, min_cells_per_class)
     return data
+
+
+def cell_reader(
+    adata: anndata.AnnData,
+    *,
+    label_key: str | None = DEFAULT_LABEL_KEY,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    normalize: bool = False,
+    require_labels: bool = True,
+    gene_symbols: str | None = None,
+    source: str = "the AnnData",
+    any_scale: bool = False,
+    first_rows: slice | np.ndarray = ALL_CELLS,
+) -> CellReader:
+    """A `CellReader` of `adata`'s cells, with the options and checks of `dataset_from_anndata`.
+
+    The matrix (automatic .raw) is chosen by the cells `first_rows`: all cells, or the first chunk of a stream.
+    """
+    matrix, genes, first_block = _select_matrix(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols,
+                                                source=source, normalize=normalize or any_scale, rows=first_rows)
+    if getattr(matrix, "format", None) == "csc" and not _all_cells(first_rows):
+        matrix = _as_csr(matrix.to_memory())  # a column-compressed file has no cheap row blocks: read it once
+    labels = _read_labels(adata, label_key, require_labels=require_labels, source=source)
+    reader = CellReader(adata, matrix, genes, labels, label_key if labels is not None else None, source, normalize,
+                        any_scale)
+    if first_block is not None:
+        reader.first = (first_rows, first_block)
+    return reader
+
+
+@dataclass(eq=False)
+class CellReader:
+    """The cells of an AnnData read a block of rows at a time, each block checked as `dataset_from_anndata` checks
+    a whole matrix (same one-line errors, naming the block's cells), so prediction can stream a file larger than
+    memory. Whether values are normalized is decided by the first block read and holds for every block.
+    """
+
+    adata: anndata.AnnData
+    matrix: Any  # (cells, genes) .X, a layer or .raw.X as stored: in memory, or on disk for a backed AnnData
+    genes: list[str]
+    labels: np.ndarray | None  # (cells,) str, of every cell
+    label_key: str | None
+    source: str
+    normalize: bool  # after the first block: whether blocks are normalized
+    any_scale: bool
+    first: tuple[slice | np.ndarray, sp.csr_matrix] | None = None  # rows read to choose the matrix, and their block
+    decided: bool = False
+
+    @property
+    def n_cells(self) -> int:
+        return self.matrix.shape[0]
+
+    def read(self, rows: slice | np.ndarray) -> ExpressionData:
+        """The cells `rows` (all cells, or sorted positions) as a validated, log-normalized csr float32 matrix."""
+        if self.first is not None and _same_rows(self.first[0], rows):
+            block = self.first[1]  # read already, to choose the matrix
+        else:
+            block = _read_rows(self.matrix, rows)
+        self.first = None
+        positions = np.arange(self.n_cells)[rows]
+        source = self.source
+        if len(positions) < self.n_cells:
+            source = f"{self.source} (cells {positions[0] + 1:,} to {positions[-1] + 1:,})"
+        if self.decided and self.normalize:
+            _check_values(block, source)
+            matrix = _normalize_log1p(block)
+        else:
+            matrix = _as_log_normalized(block, normalize=self.normalize, source=source, any_scale=self.any_scale)
+            # the first block decides for all (normalized when it is beyond log scale), so every cell is treated alike
+            self.normalize = self.normalize and block.data.size > 0 and float(block.data.max()) > LOG_SCALE_MAX
+            self.decided = True
+        obs_names = self.adata.obs_names
+        cell_ids = [str(c) for c in (obs_names if _all_cells(rows) else obs_names[rows])]
+        labels = self.labels[rows] if self.labels is not None else None
+        return ExpressionData(matrix, self.genes, cell_ids, labels, self.adata, self.label_key)
 
 
 def _bundled_example() -> anndata.AnnData:
@@ -218,14 +305,15 @@ def _bundled_example() -> anndata.AnnData:
     return scanpy.datasets.pbmc68k_reduced()
 
 
-def _read_h5ad(path: Path) -> anndata.AnnData:
-    """Read an .h5ad file fully into memory, turning I/O and format errors into UserError."""
+def _read_h5ad(path: Path, backed: bool = False) -> anndata.AnnData:
+    """Read an .h5ad file into memory (`backed`: all but .X and .raw.X, read when used), turning I/O and format
+    errors into UserError."""
     if not path.exists():
         raise UserError(f"data file not found: {path}; check the path")
     if path.is_dir():
         raise UserError(f"{path} is a directory, not an .h5ad file; pass the path of an .h5ad file")
     try:
-        return anndata.read_h5ad(path)
+        return anndata.read_h5ad(path, backed="r" if backed else None)
     # h5py raises OSError for non-HDF5 or truncated files; anndata raises KeyError/TypeError/ValueError for
     # HDF5 files that do not hold an AnnData.
     except (OSError, KeyError, TypeError, ValueError) as e:
@@ -236,33 +324,38 @@ def _read_h5ad(path: Path) -> anndata.AnnData:
 
 
 def _select_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool | None, gene_symbols: str | None,
-                   source: str, normalize: bool = False):
-    """Pick .X, a layer or .raw; check shape and gene names; return (csr float32 copy, genes).
+                   source: str, normalize: bool = False, rows: slice | np.ndarray = ALL_CELLS):
+    """Pick .X, a layer or .raw; check shape and gene names; return (the matrix as stored, genes, its cells `rows`
+    as csr float32 when they were read to choose, else None).
 
     `use_raw=None` (automatic, without a layer) reads .X unless .X cannot be used as it is (negative values of
     scaled data, NaN, or values beyond log scale without `normalize`) while .raw can: then .raw, with a warning
-    naming use_raw. scanpy's own pbmc68k_reduced is such data: scaled .X, log-normalized .raw.
+    naming use_raw. scanpy's own pbmc68k_reduced is such data: scaled .X, log-normalized .raw. The cells `rows`
+    judge: all of them, or the first chunk of a stream.
     """
     if use_raw is not None or layer is not None or adata.raw is None:
-        return _read_matrix(adata, layer=layer, use_raw=bool(use_raw), gene_symbols=gene_symbols, source=source)
+        return *_matrix_of(adata, layer=layer, use_raw=bool(use_raw), gene_symbols=gene_symbols, source=source), None
     if adata.X is not None:
-        x = _read_matrix(adata, layer=None, use_raw=False, gene_symbols=gene_symbols, source=source)
-        problem = _log_scale_problem(x[0], normalize=normalize)
+        x, genes = _matrix_of(adata, layer=None, use_raw=False, gene_symbols=gene_symbols, source=source)
+        block = _read_rows(x, rows)
+        problem = _log_scale_problem(block, normalize=normalize)
         if problem is None:
-            return x
+            return x, genes, block
     else:
         x, problem = None, "is empty"
     try:
-        raw = _read_matrix(adata, layer=None, use_raw=True, gene_symbols=gene_symbols, source=source)
+        raw, raw_genes = _matrix_of(adata, layer=None, use_raw=True, gene_symbols=gene_symbols, source=source)
+        raw_block = _read_rows(raw, rows)
     except UserError:
         raw = None
-    if raw is None or _log_scale_problem(raw[0], normalize=normalize) is not None:
+    if raw is None or _log_scale_problem(raw_block, normalize=normalize) is not None:
         # .raw cannot help either: .X's own error, naming use_raw and layer, follows
-        return x if x is not None else _read_matrix(adata, layer=None, use_raw=False, gene_symbols=gene_symbols,
-                                                    source=source)
+        if x is None:
+            return *_matrix_of(adata, layer=None, use_raw=False, gene_symbols=gene_symbols, source=source), None
+        return x, genes, block
     warnings.warn(f".X of {source} {problem}; reading adata.raw instead, as use_raw=True (--use_raw) does",
                   stacklevel=4)
-    return raw
+    return raw, raw_genes, raw_block
 
 
 def _log_scale_problem(matrix: sp.csr_matrix, *, normalize: bool) -> str | None:
@@ -277,8 +370,9 @@ def _log_scale_problem(matrix: sp.csr_matrix, *, normalize: bool) -> str | None:
     return None
 
 
-def _read_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, gene_symbols: str | None, source: str):
-    """Read .X, a layer or .raw as asked; check shape and gene names; return (csr float32 copy, genes)."""
+def _matrix_of(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, gene_symbols: str | None, source: str):
+    """.X, a layer or .raw as asked, unread (in memory or on disk); check shape, dtype and gene names; return
+    (matrix, genes)."""
     if use_raw and layer is not None:
         raise UserError("both adata.raw and a layer were asked for; choose one of them", {"use_raw": None, "layer": None})
     if use_raw:
@@ -307,12 +401,27 @@ def _read_matrix(adata: anndata.AnnData, *, layer: str | None, use_raw: bool, ge
     dtype = np.dtype(x.dtype)
     if dtype.kind not in "biuf":
         raise UserError(f"{where} of {source} has non-numeric dtype {dtype}; store expression values as numbers")
+    return x, genes
+
+
+def _all_cells(rows: slice | np.ndarray) -> bool:
+    return isinstance(rows, slice) and rows == ALL_CELLS
+
+
+def _same_rows(first: slice | np.ndarray, second: slice | np.ndarray) -> bool:
+    if isinstance(first, slice) or isinstance(second, slice):
+        return isinstance(first, slice) and isinstance(second, slice) and first == second
+    return np.array_equal(first, second)
+
+
+def _read_rows(x: Any, rows: slice | np.ndarray) -> sp.csr_matrix:
+    """The cells `rows` of a matrix as stored (in memory or on disk) as a csr float32 copy in canonical form."""
     if isinstance(x, np.ndarray) or sp.issparse(x):
-        matrix = _as_csr(x)
+        matrix = _as_csr(x if _all_cells(rows) else x[rows])
     else:
-        matrix = _read_backed(x)
+        matrix = _read_backed(x, rows)
     matrix.sum_duplicates()  # canonical form, so checks on .data see one value per entry
-    return matrix, genes
+    return matrix
 
 
 def _as_csr(x: np.ndarray | sp.spmatrix) -> sp.csr_matrix:
@@ -322,13 +431,19 @@ def _as_csr(x: np.ndarray | sp.spmatrix) -> sp.csr_matrix:
     return sp.csr_matrix(np.asarray(x, dtype=np.float32))
 
 
-def _read_backed(x: Any) -> sp.csr_matrix:
-    """The matrix of a backed AnnData (an h5py dataset, or anndata's on-disk csr/csc matrix) as csr float32, read
-    BACKED_CHUNK_CELLS cells at a time so a dense file is never densified whole; equal to reading it in memory."""
+def _read_backed(x: Any, rows: slice | np.ndarray = ALL_CELLS) -> sp.csr_matrix:
+    """The cells `rows` (a slice, or sorted positions) of a backed AnnData's matrix (an h5py dataset, or anndata's
+    on-disk csr/csc matrix) as csr float32, read BACKED_CHUNK_CELLS cells at a time so a dense file is never
+    densified whole; equal to reading it in memory."""
     if getattr(x, "format", None) == "csc":  # a column-compressed file has no cheap row blocks: read it once
-        return _as_csr(x.to_memory())
-    blocks = (x[start:start + BACKED_CHUNK_CELLS] for start in range(0, x.shape[0], BACKED_CHUNK_CELLS))
-    return sp.vstack([_as_csr(block) for block in blocks], format="csr", dtype=np.float32)
+        return _as_csr(x.to_memory()[rows])
+    positions = np.arange(x.shape[0])[rows]
+    if len(positions) == 0:
+        return sp.csr_matrix((0, x.shape[1]), dtype=np.float32)
+    contiguous = positions[-1] - positions[0] + 1 == len(positions)  # a slice reads far faster than a list of rows
+    blocks = (positions[start:start + BACKED_CHUNK_CELLS] for start in range(0, len(positions), BACKED_CHUNK_CELLS))
+    return sp.vstack([_as_csr(x[block[0]:block[-1] + 1] if contiguous else x[block]) for block in blocks],
+                     format="csr", dtype=np.float32)
 
 
 def _gene_names(var: pd.DataFrame, gene_symbols: str | None, *, var_label: str, source: str) -> list[str]:
@@ -401,20 +516,9 @@ def _read_labels(adata: anndata.AnnData, label_key: str | None, *, require_label
 
 def _as_log_normalized(matrix: sp.csr_matrix, *, normalize: bool, source: str, any_scale: bool = False) -> sp.csr_matrix:
     """Check values are finite, non-negative and log-scale (any scale but raw counts with `any_scale`); normalize
-    raw counts when asked."""
-    values = matrix.data  # stored entries only; implicit zeros are valid in any representation
-    bad = ~np.isfinite(values)
-    if bad.any():
-        rows = np.unique(np.searchsorted(matrix.indptr, np.flatnonzero(bad), side="right") - 1)
-        raise UserError(
-            f"{len(rows)} of {matrix.shape[0]} cells in {source} contain NaN or infinite values; "
-            "remove those cells or fix the matrix"
-        )
-    if values.size and values.min() < 0:
-        raise UserError(
-            f"{source} has negative values (min {values.min():.3g}), so it looks scaled; read the log-normalized "
-            "matrix from adata.raw or a log-normalized layer", {"use_raw": None, "layer": None}
-        )
+    raw counts when asked (those beyond log scale)."""
+    _check_values(matrix, source)
+    values = matrix.data
     max_value = float(values.max()) if values.size else 0.0
     if max_value <= LOG_SCALE_MAX:
         if normalize:
@@ -436,6 +540,23 @@ def _as_log_normalized(matrix: sp.csr_matrix, *, normalize: bool, source: str, a
         f"{source} {found}; normalize it here (normalize_total to 1e4 + log1p) or run sc.pp.normalize_total "
         "and sc.pp.log1p yourself", {"normalize": True}
     )
+
+
+def _check_values(matrix: sp.csr_matrix, source: str) -> None:
+    """UserError for NaN, infinite or negative values."""
+    values = matrix.data  # stored entries only; implicit zeros are valid in any representation
+    bad = ~np.isfinite(values)
+    if bad.any():
+        rows = np.unique(np.searchsorted(matrix.indptr, np.flatnonzero(bad), side="right") - 1)
+        raise UserError(
+            f"{len(rows)} of {matrix.shape[0]} cells in {source} contain NaN or infinite values; "
+            "remove those cells or fix the matrix"
+        )
+    if values.size and values.min() < 0:
+        raise UserError(
+            f"{source} has negative values (min {values.min():.3g}), so it looks scaled; read the log-normalized "
+            "matrix from adata.raw or a log-normalized layer", {"use_raw": None, "layer": None}
+        )
 
 
 def _normalize_log1p(matrix: sp.csr_matrix) -> sp.csr_matrix:

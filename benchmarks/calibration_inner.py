@@ -3,8 +3,9 @@
 For each design seed (11-14, seeds the accuracy benchmark does not use): an outer stratified 80/20 split of a
 dataset; its 80 % training cells are split again 80/20, the demo pipeline (`finetune_sparse.pipeline`) trains on the
 inner 80 %, and each stage predicts the inner 20 % (`predict_updated.py`, the run's ensemble temperature applied).
-The same predictions without the temperature are recovered exactly (the temperature only divides the pooled
-log-probabilities), so both choices are compared on the same cells. Datasets as in accuracy_calibration.
+The predictions are compared on the same cells with the fitted temperature, without it, and with it applied
+only where it sharpens (below 1, what the pipeline ships): the temperature only divides the pooled
+log-probabilities, so each is recovered exactly from one prediction. Datasets as in accuracy_calibration.
 
     python -m benchmarks.calibration_inner
     python -m benchmarks.calibration_inner --smoke
@@ -25,14 +26,16 @@ from benchmarks.common import Report, mean_std, parse_config
 from benchmarks.pipeline import parse_settings, predict_stage, run_pipeline, stage_info
 from benchmarks.standin import cpm_standin
 from benchmarks.training import load_pbmc, write_h5ad
+from finetune_sparse import sharpening_only, stage_state
 from utils import classification_metrics, tempered
 
 NAME = "calibration_inner"
 REAL = dict(datasets=list(DATASETS), seeds=[11, 12, 13, 14], test_size=0.2, mc_samples=8, genes=0, max_cells=0,
-            min_cells_per_class=0, pipeline_options=[""], work_dir="")
+            min_cells_per_class=0, pipeline_options=[""], work_dir="", reuse_runs=False,
+            complete_only=False)
 SMOKE = REAL | {key: ACCURACY_SMOKE[key] for key in ("datasets", "mc_samples", "genes", "max_cells",
                                                      "min_cells_per_class", "pipeline_options")} | dict(seeds=[11])
-VARIANTS = ("with_temperature", "without_temperature")
+VARIANTS = ("fitted_temperature", "no_temperature", "sharpening_only")
 
 
 def inner_split(labels: np.ndarray, seed: int, test_size: float) -> tuple[np.ndarray, np.ndarray]:
@@ -48,14 +51,17 @@ def run_seed(config: dict, data, seed: int, work: Path) -> dict:
     fit, val = inner_split(data.labels, seed, config["test_size"])
     work.mkdir(parents=True, exist_ok=True)
     train_path, val_path = write_h5ad(data, fit, work / "train.h5ad"), write_h5ad(data, val, work / "val.h5ad")
-    run_pipeline(train_path, work / "run", parse_settings(config["pipeline_options"]))
+    run_pipeline(train_path, work / "run", parse_settings(config["pipeline_options"]), reuse=config["reuse_runs"])
     labels = data.labels[val]
     results = {}
     for method, stage in STAGES.items():
         probs, classes, _ = predict_stage(config["mc_samples"], work / "run" / stage, val_path, work / f"pred_{stage}")
-        temperature = stage_info(work / "run" / stage)["ensemble_temperature"]
+        info = stage_info(work / "run" / stage)
+        raw = tempered(probs[None], 1 / info["ensemble_temperature"])[0]  # the pooled probabilities, untempered
+        temperature = info["ensemble_temperature_fitted"]
         codes = np.searchsorted(classes, labels)
-        variants = {"with_temperature": probs, "without_temperature": tempered(probs[None], 1 / temperature)[0]}
+        variants = {"fitted_temperature": tempered(raw[None], temperature)[0], "no_temperature": raw,
+                    "sharpening_only": tempered(raw[None], sharpening_only(temperature))[0]}
         results[method] = {variant: {k: classification_metrics(p, codes, classes)[k] for k in ("accuracy", "nll", "ece")}
                            for variant, p in variants.items()} | {"temperature": temperature}
     return results
@@ -69,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(config["work_dir"] or temporary)
         for name in config["datasets"]:
             data = cpm_standin(bundled) if name == "standin" else bundled
-            per_seed = [run_seed(config, data, seed, root / name / f"seed_{seed}") for seed in config["seeds"]]
+            seeds = [seed for seed in config["seeds"] if not config["complete_only"] or all(
+                stage_state(root / name / f"seed_{seed}" / "run" / stage) == "complete" for stage in STAGES.values())]
+            per_seed = [run_seed(config, data, seed, root / name / f"seed_{seed}") | {"seed": seed} for seed in seeds]
             report.results[name] = per_seed
             rows = []
             for method in STAGES:
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                     values = {k: mean_std([r[method][variant][k] for r in per_seed]) for k in ("accuracy", "nll", "ece")}
                     rows.append([method, variant, values["accuracy"], values["nll"], values["ece"],
                                  mean_std([r[method]["temperature"] for r in per_seed])])
-            report.table(f"{DATASETS[name]}: inner validation cells, mean ± std over {len(per_seed)} design seeds",
+            report.table(f"{DATASETS[name]}: inner validation cells, mean ± std over design seeds {seeds}",
                          ["stage", "variant", "accuracy", "NLL", "ECE", "temperature"], rows)
             print(f"  {name}: " + "; ".join(f"{r[0]} {r[1]} NLL {r[3]['mean']:.3f} ECE {r[4]['mean']:.3f}" for r in rows),
                   flush=True)

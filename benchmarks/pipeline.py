@@ -60,19 +60,20 @@ def parse_settings(pairs: Iterable[str]) -> dict[str, dict[str, str]]:
 
 def run_pipeline(train_path: Path, run_dir: Path, stage_options: dict[str, dict], *,
                  stages: tuple[str, ...] = TRAINING_STAGES, start: Path | None = None,
-                 log_name: str = "pipeline.log") -> float:
+                 log_name: str = "pipeline.log", reuse: bool = False) -> float:
     """`finetune_sparse.pipeline` with the demo preset on the training cells: `stages` into run_dir/stageA, stageB1,
     stageB2, each with the preset's values and its `stage_options` on top; returns the wall time.
 
     `start` is the model the first stage continues (default: the previous stage in run_dir). Every stage listed is
-    trained afresh (a kept --work_dir never hands back an earlier run's models). Console output goes to
+    trained afresh (a kept --work_dir never hands back an earlier run's models), unless `reuse` keeps the complete
+    stages an earlier call trained (on the same cells: the caller's responsibility). Console output goes to
     run_dir/log_name, each stage's log into its own directory; a failure raises the pipeline's own error.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(run_dir / log_name, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
         finetune_sparse.pipeline(train_path, run_dir, PRESET, stages=stages, start=start, stage_options=stage_options,
-                                 overwrite=True, label_key="cell_type", device="cpu", verbose=False)
+                                 overwrite=not reuse, label_key="cell_type", device="cpu", verbose=False)
     return time.perf_counter() - started
 
 
@@ -95,5 +96,7 @@ def stage_info(stage_dir: Path) -> dict:
             "prune_amounts": [f["prune_amount"] for f in folds], "kept": [f.get("kept", "trained") for f in folds],
             "temperature": float(np.mean([f.get("temperature", 1.0) for f in folds])),
             "ensemble_temperature": float((run.manifest.get("calibration") or {}).get("temperature", 1.0)),
+            "ensemble_temperature_fitted": float((run.manifest.get("calibration") or {}).get(
+                "fitted", (run.manifest.get("calibration") or {}).get("temperature", 1.0))),
             "total_params": int(folds[0]["total_params"]), "folds": len(folds),
             "checkpoint_mb": sum(path.stat().st_size for path in run.members) / 2**20}

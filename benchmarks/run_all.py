@@ -16,8 +16,8 @@ from pathlib import Path
 
 from benchmarks.common import DEFAULT_THREADS, RESULTS_DIR, ROOT, SMOKE_RESULTS_DIR, markdown_table
 
-BENCHMARKS = ("speed_reference", "scaling", "mc_cost", "memory", "novelty_fit", "pruning_tradeoff", "accuracy_calibration",
-              "novel_type")
+BENCHMARKS = ("speed_reference", "encoder_profile", "scaling", "mc_cost", "memory", "novelty_fit", "scale",
+              "backed_training", "pruning_tradeoff", "calibration_inner", "accuracy_calibration", "novel_type")
 
 
 def write_summary(out_dir: Path, statuses: dict[str, str]) -> Path:

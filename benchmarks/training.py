@@ -61,6 +61,19 @@ def write_h5ad(data: ExpressionData, rows: np.ndarray, path: Path) -> Path:
     return path
 
 
+def write_resampled(path: Path, data: ExpressionData, n_cells: int, noise: float, seed: int) -> dict:
+    """`n_cells` cells drawn with replacement from `data`, each stored value times exp(noise · N(0, 1)) so no two
+    are equal, as a csr .h5ad like `write_h5ad`'s; returns its size. The benchmarks' large inputs."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(data.labels), n_cells)
+    matrix = data.matrix[rows]  # (cells, genes) csr
+    matrix.data = (matrix.data * np.exp(noise * rng.standard_normal(matrix.nnz))).astype(np.float32)
+    anndata.AnnData(X=matrix, obs=pd.DataFrame({"cell_type": data.labels[rows]}, index=[f"cell{i}" for i in range(n_cells)]),
+                    var=pd.DataFrame(index=data.genes)).write_h5ad(path)
+    return {"cells": n_cells, "genes": matrix.shape[1], "stored_values": int(matrix.nnz),
+            "file_mb": path.stat().st_size / 2**20}
+
+
 def run_finetune(train_path: Path, out_dir: Path, name: str, **options) -> dict:
     """`finetune_sparse.run` on the cells in `train_path` with these options (finetune_sparse.py's, by name), writing
     into out_dir/name, its console output in out_dir/finetune.log.

@@ -10,10 +10,10 @@ from .kernels import (
     RELU_FEATURE_EPS,
     SOFTMAX_FEATURE_EPS,
     default_nb_features,
+    favor_softmax_attention,
     gaussian_orthogonal_random_matrix,
     linear_attention,
     relu_kernel,
-    softmax_kernel,
 )
 
 
@@ -43,12 +43,8 @@ class FastAttention(nn.Module):
             projection = self.projection_matrix.float()
             if self.generalized_attention:
                 q_feat, k_feat = relu_kernel(q, projection), relu_kernel(k, projection)
-                eps = RELU_FEATURE_EPS
-            else:
-                q_feat = softmax_kernel(q, projection, is_query=True)
-                k_feat = softmax_kernel(k, projection, is_query=False)
-                eps = SOFTMAX_FEATURE_EPS
-            return linear_attention(q_feat, k_feat, v, feature_eps=eps)
+                return linear_attention(q_feat, k_feat, v, feature_eps=RELU_FEATURE_EPS)
+            return favor_softmax_attention(q, k, v, projection, SOFTMAX_FEATURE_EPS)
 
 
 class SelfAttention(nn.Module):

@@ -213,3 +213,40 @@ def test_crossover_interpolates_where_favor_becomes_cheaper():
     assert crossover(tokens, [1.0, 1.0, 1.0], [0.1, 1.0, 10.0]) == pytest.approx(1000.0)
     assert crossover(tokens, [1.0, 1.0, 1.0], [0.1, 0.5, 0.9]) is None
     assert crossover(tokens, [1.0, 2.0, 3.0], [5.0, 6.0, 7.0]) == 100.0
+
+
+def test_backed_training_smoke_trains_both_ways_with_equal_accuracy(tmp_path):
+    results = run_smoke("backed_training", tmp_path)
+    for measured in ("data", "train"):
+        assert [point["mode"] for point in results[measured]["points"]] == ["memory", "backed"]
+        for point in results[measured]["points"]:
+            assert_finite(point["epoch_s"], point["peak_rss_mb"])
+    memory, backed = results["train"]["points"]
+    assert memory["accuracy"] == backed["accuracy"]
+    assert len(results["batch_reads"]) == 2
+
+
+def test_scale_smoke_predicts_every_size_streamed_with_the_reference_points(tmp_path):
+    results = run_smoke("scale", tmp_path)
+    assert sorted((p["name"], p["cells"]) for p in results["points"]) == [
+        ("ensemble", 300), ("ensemble", 600), ("single", 300), ("single", 600)]
+    for point in results["points"]:
+        assert_finite(point["peak_extra_mb"], point["cells_per_s"])
+    assert_finite(results["novelty_us_per_cell"], results["logistic_regression"]["cells_per_s"],
+                  *(forward["cells_per_s"] for forward in results["forward"].values()),
+                  *results["throughput_vs_forward"].values())
+
+
+def test_encoder_profile_smoke_profiles_before_and_after_and_bf16(tmp_path):
+    results = run_smoke("encoder_profile", tmp_path)
+    assert_finite(results["flops_per_cell"]["forward"], *results["before_after_max_abs_diff"].values())
+    assert max(results["before_after_max_abs_diff"].values()) < 1e-4  # HEAD's package and ours: same encodings
+    assert "head" in results["before"]["performer_pytorch"] and "head" not in results["after"]["performer_pytorch"]
+    for impl in ("before", "after"):
+        for row in results[impl]["batches"].values():
+            for mode in ("forward", "forward_backward"):
+                assert_finite(row[mode]["cells_per_s"], row[mode]["peak_fraction"], row["peak"]["gflops"])
+                profile = row["profile"][mode]
+                assert profile["top_ops"] and abs(sum(c["percent"] for c in profile["categories"].values()) - 100) < 1e-6
+    for row in results["after"]["batches"].values():
+        assert_finite(row["bf16_forward"]["median_s"], row["bf16_max_abs_diff"])

@@ -29,6 +29,7 @@ import finetune_sparse
 import predict_updated
 from binning import bin_expression
 from checkpoints import checkpoint_paths, load_checkpoint, load_ensemble
+from run_manifest import ensemble_temperature
 from utils import fit_temperature, stratified_splits, tempered
 
 FOLDS = 2
@@ -83,6 +84,7 @@ def test_ensemble_prediction_pools_its_members_probabilities_geometrically(stage
     members = [probabilities(path, 5 + k, f"member{k}") for k, path in enumerate(checkpoint_paths(stage_b_folds.directory))]
     mean_log = np.mean([np.log(m.to_numpy()) for m in members], axis=0)
     expected = np.exp(mean_log) / np.exp(mean_log).sum(1, keepdims=True)
+    expected = tempered(expected[None], ensemble_temperature(stage_b_folds.directory))[0]  # the run's, from its manifest
     np.testing.assert_allclose(ensemble.to_numpy(), expected, atol=1e-5)
     assert not np.allclose(members[0].to_numpy(), members[1].to_numpy())  # two different models
 

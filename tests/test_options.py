@@ -137,7 +137,7 @@ def test_given_options_are_known_exactly_even_when_they_equal_the_default():
 
 def test_a_preset_sets_each_stage_and_what_the_user_gives_wins():
     stage_a = finetune_sparse.default_config(preset="demo")
-    assert (stage_a.dim, stage_a.bin_width, stage_a.cv_splits, stage_a.bayes_head) == (32, 0.25, 5, False)
+    assert (stage_a.dim, stage_a.binning, stage_a.bin_num, stage_a.cv_splits, stage_a.bayes_head) == (32, "quantile", 28, 5, False)
     stage_b2 = finetune_sparse.default_config(preset="demo", stage="B2", epoch=1)
     assert stage_b2.bayes_head and stage_b2.prune_target == 0.6 and stage_b2.epoch == 1
     assert "prune_target" not in stage_b2.given  # a preset's value is not the user's
@@ -149,7 +149,7 @@ def test_a_preset_sets_each_stage_and_what_the_user_gives_wins():
 def test_preset_help_shows_the_preset_values_and_the_pipeline_prints_them():
     result = subprocess.run([sys.executable, "finetune_sparse.py", "--preset", "demo", "--help"], cwd=ROOT,
                             capture_output=True, text=True, check=True)
-    assert "(default: 0.25)" in " ".join(result.stdout.split())  # demo's bin width, not scBERT's 1
+    assert "(default: 28)" in " ".join(result.stdout.split())  # demo's bin count, not scBERT's 5
     printed = subprocess.run([sys.executable, "finetune_sparse.py", "pipeline", "--preset", "demo", "--print_preset"],
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "B2:" in printed and "prune_target=0.6" in printed

@@ -414,3 +414,26 @@ def test_softmax_kernel_custom_backward_matches_autograd(is_query):
     (grad_reference,) = torch.autograd.grad((reference * upstream).sum(), data)
     torch.testing.assert_close(ours, reference)
     torch.testing.assert_close(grad_ours, grad_reference)
+
+
+@pytest.mark.parametrize("tile_elements", [60, 1 << 23], ids=["many-tiles", "one-tile"])
+def test_fused_favor_attention_matches_unfused_kernels_and_their_gradients(monkeypatch, tile_elements):
+    from performer_pytorch import kernels
+
+    monkeypatch.setattr(kernels, "FUSED_TILE_ELEMENTS", tile_elements)  # 60: tiles of 2 rows, 3 heads, 12 features
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 37, 3, 3, 8, dtype=torch.float64, generator=generator).requires_grad_()  # (b, n, 3, h, d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided (b, h, n, d) views, as SelfAttention passes them
+    projection = torch.randn(12, 8, dtype=torch.float64, generator=generator)
+    upstream = torch.randn(2, 3, 37, 8, dtype=torch.float64, generator=generator)
+    eps = kernels.SOFTMAX_FEATURE_EPS
+    unfused = kernels.linear_attention(kernels.softmax_kernel(q, projection, is_query=True),
+                                       kernels.softmax_kernel(k, projection, is_query=False), v, feature_eps=eps)
+    (grad_unfused,) = torch.autograd.grad((unfused * upstream).sum(), qkv)
+    fused = kernels.favor_softmax_attention(q, k, v, projection, eps)
+    (grad_fused,) = torch.autograd.grad((fused * upstream).sum(), qkv)
+    with torch.no_grad():
+        fused_eval = kernels.favor_softmax_attention(q, k, v, projection, eps)
+    torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused_eval, unfused, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_fused, grad_unfused, rtol=1e-10, atol=1e-12)

@@ -136,7 +136,8 @@ def test_training_run_records_seed_versions_and_every_argument_as_json(runs):
     with open(directory / "run_config.json", encoding="utf-8") as handle:
         config = json.load(handle)  # JSON, read without running anything
     expected = options.cli_config(TrainConfig, stage_b_argv(runs["data"], runs["start"], directory), "").as_dict()
-    expected["bin_num"], expected["bin_width"] = 5, 1.0  # recorded as used: the checkpoint's binning, which --bin_num/--bin_width left open
+    # Recorded as used: the checkpoint's binning (scBERT's width bins here), which --binning/--bin_num/--bin_width left open.
+    expected["binning"], expected["bin_num"], expected["bin_width"] = "width", 5, 1.0
     assert config["args"].keys() == expected.keys()
     assert config["args"] == json.loads(json.dumps(expected))
     assert config["args"]["seed"] == SEED

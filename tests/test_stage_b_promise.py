@@ -5,7 +5,8 @@
   so the losses of Stage B and of successive levels add up against one bar.
 - Quantile bins come from the training cells' non-zero values, travel in the checkpoint and make the tokens, and
   so the model, the same for any monotone change of scale (log-normalized vs linear counts per million).
-- One ensemble temperature, fitted to the out-of-fold predictions, divides the pooled log-probabilities.
+- One ensemble temperature, fitted to the out-of-fold predictions, divides the pooled log-probabilities where it
+  sharpens them.
 
 Tiny models on the 160-cell subset of pbmc68k_reduced that tests/test_training.py builds.
 """
@@ -33,7 +34,7 @@ import finetune_sparse
 import predict_updated
 from binning import Binning, bin_expression, quantile_binning
 from checkpoints import load_checkpoint, save_checkpoint
-from finetune_sparse import FoldState, keep_pruned
+from finetune_sparse import FoldState, better_mode, keep_pruned
 from options import TrainConfig, make
 from utils import UserError, load_dataset
 
@@ -82,6 +83,14 @@ def test_stage_b_records_which_mode_it_kept_and_prediction_follows_it(stage_b1, 
                                      "--bayes_mc_samples", "4", "--output_dir", str(out), "--device", "cpu"]) == 0
         outputs.append(pd.read_csv(out / "probabilities.csv", index_col=0).to_numpy())
     assert np.allclose(outputs[0], outputs[1]) == set_means
+
+
+def test_a_mode_with_fewer_correct_calls_than_the_origin_is_not_eligible_whatever_its_nll():
+    config = make(TrainConfig, {"select_metric": "nll"})
+    modes = {"sampled": ({"nll": 0.30, "accuracy": 0.80}, None), "means": ({"nll": 0.40, "accuracy": 0.85}, None)}
+    assert better_mode(config, modes)[0] == "sampled"  # no origin: the better NLL
+    assert better_mode(config, modes, FoldState(origin_accuracy=0.85))[0] == "means"
+    assert better_mode(config, modes, FoldState(origin_accuracy=0.90)) is None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -155,8 +164,8 @@ def test_quantile_tokens_do_not_depend_on_the_scale_of_the_values():
     assert (fixed[fixed > 0] == 28).mean() > 0.9
 
 
-def _cpm_file(data_path, path):
-    adata = anndata.read_h5ad(data_path)
+def _cpm_file(source, path):
+    adata = anndata.read_h5ad(source)
     adata.X = sp.csr_matrix(adata.X, dtype=np.float64)
     adata.X.data = np.expm1(adata.X.data) * 100
     adata.X = adata.X.astype(np.float32)
@@ -200,8 +209,9 @@ def test_bin_width_with_quantile_bins_is_refused():
 def test_the_ensemble_temperature_is_fitted_to_the_out_of_fold_predictions_and_applied(stage_b1, data_path, tmp_path):  # noqa: F811
     manifest = json.loads((stage_b1.directory / "manifest.json").read_text(encoding="utf-8"))
     calibration = manifest["calibration"]
-    assert calibration["cells"] == len(stage_b1.val_cells()) and calibration["temperature"] > 0
+    assert calibration["cells"] == len(stage_b1.val_cells()) and calibration["fitted"] > 0
     assert calibration["nll"][1] <= calibration["nll"][0] + 1e-9  # fitted to minimise exactly this NLL
+    assert calibration["temperature"] == min(calibration["fitted"], 1.0)  # applied only where it sharpens
     outputs = {}
     for name, model in (("run", stage_b1.directory), ("file", stage_b1.best)):  # a lone checkpoint has no temperature
         out = tmp_path / name
