@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 from anndata.io import read_elem
 
-from binning import QUANTILE_SAMPLE, Binning
+from binning import QUANTILE_SAMPLE, Binning, binning_of_sample
 from binning import quantile_binning as quantile_binning_in_memory
 from utils import (
     BinnedDataset,
@@ -359,7 +359,7 @@ def quantile_binning(matrix: sp.spmatrix | BackedMatrix, bin_num: int, seed: int
             sample.append(values)
         seen += values.size
     values = np.concatenate(sample) if sample else np.zeros(0, np.float32)
-    return quantile_binning_in_memory(sp.csr_matrix(values[None, :]), bin_num, seed)  # no more than the sample: not resampled
+    return binning_of_sample(values, bin_num)
 
 
 class BackedDataset(BinnedDataset):

@@ -73,9 +73,14 @@ def quantile_binning(matrix: sp.spmatrix, bin_num: int, seed: int = 0) -> Binnin
     """
     values = sp.csr_matrix(matrix).data
     values = values[values > 0]
-    if values.size == 0:
-        raise ValueError("no non-zero expression values to derive bins from")
     if values.size > QUANTILE_SAMPLE:
         values = np.random.default_rng(seed).choice(values, QUANTILE_SAMPLE, replace=False)
+    return binning_of_sample(values, bin_num)
+
+
+def binning_of_sample(values: np.ndarray, bin_num: int) -> Binning:
+    """Quantile bins cut at the quantiles of these non-zero values (already a sample, if one was drawn)."""
+    if values.size == 0:
+        raise ValueError("no non-zero expression values to derive bins from")
     cuts = np.quantile(values.astype(np.float64), np.arange(1, bin_num) / bin_num)
     return Binning(bin_num=bin_num, edges=tuple(float(c) for c in cuts))
