@@ -34,6 +34,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure  # the object API needs no pyplot and no GUI backend
 from torch.utils.data import DataLoader
 
+import allocator
 import options
 from annotation import DEFAULT_KEY, UNCERTAINTY_COLUMNS, AnnotationResult, cell_table
 from bayesian_sparse_transformer import predict_samples
@@ -240,6 +241,7 @@ def predict(members: list[Checkpoint], chunks: Iterable[ExpressionData], n_cells
             if on_chunk is not None:
                 on_chunk(part)
             parts.append(part)
+            allocator.release_free_memory()
     return joined(parts, seconds=time.perf_counter() - started)
 
 
@@ -600,6 +602,8 @@ def annotate_input(config: PredictConfig, members: list[Checkpoint], source: Inp
     n_genes = max(adata.n_vars, adata.raw.n_vars if adata.raw is not None else 0)
     size = chunk_cells(n_genes, config.chunk_size)
     streamed = adata.isbacked and not (config.majority_voting and config.over_clustering is None)
+    if streamed and len(rows) > size:
+        allocator.map_large_blocks()  # a long stream: flat memory is worth some speed (see allocator)
     reader = cell_reader(adata, label_key=source.label_key, layer=config.layer, use_raw=source.use_raw,
                          normalize=config.normalize, require_labels=config.label_key is not None,
                          gene_symbols=config.gene_symbols, source=source.name, any_scale=checkpoint.bin_edges is not None,
