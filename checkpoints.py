@@ -55,6 +55,8 @@ class Checkpoint:
     origin: list | None = None
     # the novelty statistics (see novelty.missing_statistics for what they hold); None until a fold model is final
     novelty: dict | None = None
+    # training cells per class (the calls' class shares, utils.call_weights); None in checkpoints written before
+    class_counts: list[int] | None = None
 
     @property
     def binning(self) -> Binning:
@@ -76,6 +78,7 @@ def save_checkpoint(
     metrics: dict | None = None,
     training_state: dict | None = None,
     novelty: dict | None = None,
+    class_counts: Sequence[int] | None = None,
 ) -> None:
     """Write everything needed to rebuild and use the model, atomically (a kill never leaves a torn file)."""
     module = model.module if hasattr(model, "module") else model  # unwrap DistributedDataParallel
@@ -99,6 +102,8 @@ def save_checkpoint(
         payload["novelty"] = novelty
     if origin is not None:
         payload["origin"] = origin
+    if class_counts is not None:
+        payload["class_counts"] = [int(count) for count in class_counts]
     # Serialize in memory first: torch.save's C++ writer turns a failed write (disk full) into an opaque
     # RuntimeError, while a plain write keeps the OSError that atomic_write reports with the path.
     buffer = io.BytesIO()
@@ -191,6 +196,7 @@ def checkpoint_from_payload(path: str | Path, payload: dict, map_location: str |
         bin_edges=None if payload.get("bin_edges") is None else tuple(payload["bin_edges"]),
         novelty=payload.get("novelty"),
         origin=payload.get("origin"),
+        class_counts=payload.get("class_counts"),
     )
 
 

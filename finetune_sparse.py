@@ -1311,7 +1311,8 @@ def _save(fold: Fold, kind: str, model: BayesianSparseTransformer, metrics: dict
     save_checkpoint(
         run.files.fold(fold.index, f"{kind}.pth"), model, genes=run.data.genes, classes=run.classes,
         bin_num=run.binning.bin_num, bin_width=run.binning.bin_width, bin_edges=run.binning.edges, stage="B" if model.is_bayesian else "A",
-        args=run.config.as_dict(), metrics=metrics, **extra,
+        args=run.config.as_dict(), metrics=metrics,
+        class_counts=np.bincount(run.labels[fold.train_set.indices], minlength=len(run.classes)), **extra,
     )
 
 

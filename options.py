@@ -392,6 +392,10 @@ class PredictConfig(DataOptions):
     unassign_thres: float | None = option(None, "novelty: Unassigned above it (default 1.0 = the threshold stored at "
                                           "training); confidence: below it (default 0.5, scBERT's rule); "
                                           "entropy/mutual_info: above it (default 0.5)", group="model and prediction")
+    call_balance: float = option(0.75, "how much the call favours rarer cell types: the label maximises probability "
+                                 "x training share^-call_balance; 0 = the most probable type (scBERT), 1 = balanced "
+                                 "accuracy's call; the probabilities are unchanged", group="model and prediction",
+                                 check=in_interval(0.0, 1.0))
     batch_size: int = option(32, "cells per batch", group="model and prediction", check=at_least(1))
     chunk_size: int | None = option(None, "cells read, checked and predicted at a time from an .h5ad file, which is "
                                     "read backed: memory follows the chunk, not the file (default 10,000, fewer at "

@@ -55,6 +55,7 @@ from utils import (
     UserError,
     accuracy_at_coverage,
     atomic_write,
+    call_weights,
     cell_reader,
     check_class_names,
     classification_metrics,
@@ -269,7 +270,7 @@ def summarise(members: list[Checkpoint], data: ExpressionData, config: PredictCo
     pooled = pool_members([np.asarray(s, dtype=np.float64).mean(axis=0) for s in samples])
     if temperature != 1.0:  # tempering renormalises: without a temperature the pooled mean is kept exactly
         pooled = tempered(pooled[None], temperature)[0]
-    summary = uncertainty_summary(np.concatenate(samples), pooled)
+    summary = uncertainty_summary(np.concatenate(samples), pooled, member_call_weights(members, config.call_balance))
     if has_novelty:
         trained = None if any(n.trained is None for n in novelty) else np.stack([n.trained for n in novelty])
         summary["novelty"] = ensemble_novelty([n.score for n in novelty], [m.novelty["threshold"] for m in members], trained)
@@ -277,6 +278,15 @@ def summarise(members: list[Checkpoint], data: ExpressionData, config: PredictCo
     else:
         summary["novelty"] = np.full(len(data.cell_ids), np.nan)
     return summary
+
+
+def member_call_weights(members: list[Checkpoint], balance: float) -> np.ndarray | None:
+    """`utils.call_weights` from the training cells of all members (a cross-fitted ensemble's folds see every
+    training cell four times out of five, so the shares are those of the training set); None when a member
+    predates stored class counts."""
+    if any(member.class_counts is None for member in members):
+        return None
+    return call_weights(np.sum([member.class_counts for member in members], axis=0), balance)
 
 
 def joined(parts: list[Prediction], seconds: float) -> Prediction:
@@ -343,7 +353,8 @@ def evaluate(pred: Prediction) -> dict:
         metrics["unseen_type_auroc"] = {name: misclassification_auroc(s, known) for name, s in scores.items()}
     if not known.any():
         return metrics
-    metrics.update(classification_metrics(pred.summary["mean_probs"][known], codes[known], pred.classes))
+    metrics.update(classification_metrics(pred.summary["mean_probs"][known], codes[known], pred.classes,
+                                          pred.summary["pred"][known]))
     correct = pred.summary["pred"][known] == codes[known]
     metrics["misclassification_auroc"] = {name: misclassification_auroc(s[known], correct) for name, s in scores.items()}
     metrics["accuracy_at_coverage"] = {name: accuracy_at_coverage(s[known], correct, COVERAGES) for name, s in scores.items()}

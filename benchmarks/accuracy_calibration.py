@@ -41,16 +41,32 @@ from benchmarks.standin import baseline_features, cpm_standin
 from benchmarks.training import load_pbmc, write_h5ad
 from finetune_sparse import sharpening_only, stage_state
 from majority_voting import leiden_over_clustering, majority_vote
-from utils import classification_metrics, expected_calibration_error, fit_temperature, reliability_bins, tempered
+from options import PredictConfig
+from utils import (
+    call_weights,
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_bins,
+    tempered,
+)
 
 NAME = "accuracy_calibration"
 STAGES = {"stage_a": "stageA", "stage_b1": "stageB1", "stage_b2": "stageB2"}
 BASELINES = ("logistic_regression", "lr_temperature", "knn")
 FINAL_RAW = "stage_b2_no_temperature"  # the final model's own probabilities, without the ensemble temperature
-METHODS = (*BASELINES, *STAGES, FINAL_RAW)
+FINAL_ARGMAX = "stage_b2_argmax"  # the final model's most probable type, as calls were made before --call_balance
+LR_BALANCED = "lr_balanced_calls"  # logistic regression's probabilities called as the model's are
+METHODS = (*BASELINES, LR_BALANCED, *STAGES, FINAL_RAW, FINAL_ARGMAX)
 LABELS = {"logistic_regression": "logistic regression", "lr_temperature": "LR + temperature scaling",
-          "knn": "kNN (k=15, 50 PCs)", "stage_a": "Stage A", "stage_b1": "Stage B1 (Bayesian, MC)",
-          "stage_b2": "Stage B2 = final model (pruned, MC)", FINAL_RAW: "final model without the ensemble temperature"}
+          "knn": "kNN (k=15, 50 PCs)", LR_BALANCED: "LR, calls balanced as the model's",
+          "stage_a": "Stage A", "stage_b1": "Stage B1 (Bayesian, MC)",
+          "stage_b2": "Stage B2 = final model (pruned, MC)", FINAL_RAW: "final model without the ensemble temperature",
+          FINAL_ARGMAX: "final model, most probable type called"}
+# predict_updated's calls favour rarer types (--call_balance, default from the options): the model's rows are
+# scored with the calls the CLI makes (from the training cells' class shares, which checkpoints now store)
+CALL_BALANCE = PredictConfig.__dataclass_fields__["call_balance"].default
+BALANCED_CALLS = (*STAGES, FINAL_RAW, LR_BALANCED)
 METRICS = ("accuracy", "macro_f1", "ece", "nll")
 VOTED = ("stage_b2", "logistic_regression", "knn")  # methods measured with and without majority voting
 DATASETS = {"pbmc": "bundled PBMC (log-normalized)", "standin": "stand-in (linear CPM, other gene panel)"}
@@ -123,14 +139,19 @@ def run_split(config: dict, name: str, data, seed: int, work: Path) -> tuple[dic
         outputs[method] = (tempered(raw[None], applied)[0], classes, info | {
             "ensemble_temperature": applied, "pipeline_seconds": seconds, "inference_seconds": summary["inference_seconds"]})
     outputs[FINAL_RAW] = (raw, classes, outputs["stage_b2"][2])
-    results = {}
+    outputs[FINAL_ARGMAX] = outputs["stage_b2"]
+    outputs[LR_BALANCED] = outputs["logistic_regression"]
+    results, calls = {}, {}
     for method, (probs, classes, info) in outputs.items():
-        metrics = classification_metrics(probs, np.searchsorted(classes, labels), classes)
+        counts = [int(np.sum(data.labels[train] == c)) for c in classes]
+        weights = call_weights(counts, CALL_BALANCE) if method in BALANCED_CALLS else None
+        calls[method] = (probs if weights is None else probs * weights).argmax(1)
+        metrics = classification_metrics(probs, np.searchsorted(classes, labels), classes, calls[method])
         results[method] = {k: metrics[k] for k in METRICS} | info
     clusters, _ = leiden_over_clustering(baseline_features(name, data.matrix[test]), seed=seed)
     for method in VOTED:
-        probs, classes, _ = outputs[method]
-        voted = majority_vote(np.asarray(classes, dtype=object)[probs.argmax(1)], clusters)["majority_label"].to_numpy()
+        classes = outputs[method][1]
+        voted = majority_vote(np.asarray(classes, dtype=object)[calls[method]], clusters)["majority_label"].to_numpy()
         results[method]["voted_accuracy"] = float(np.mean(voted == labels))
         results[method]["voted_macro_f1"] = float(f1_score(labels, voted, average="macro", labels=np.unique(labels)))
         results[method]["clusters"] = len(np.unique(clusters))

@@ -68,6 +68,10 @@ def test_a_run_directory_is_an_ensemble_of_its_fold_models(stage_a_folds):
     assert [p.name for p in paths] == [f"a{fold}_best.pth" for fold in range(FOLDS)]
     members = load_ensemble(stage_a_folds.directory)
     assert len(members) == FOLDS and all(m.bin_width == 0.5 and m.bin_num == 12 for m in members)
+    # each member stores its training cells per class: every cell trains all members but the one it validates
+    counts = np.array([m.class_counts for m in members])  # (members, classes)
+    assert counts.shape == (FOLDS, len(members[0].classes)) and (counts > 0).all()
+    assert (counts.sum(axis=0) % (FOLDS - 1) == 0).all()
 
 
 def test_ensemble_prediction_pools_its_members_probabilities_geometrically(stage_b_folds, data_path, tmp_path):  # noqa: F811

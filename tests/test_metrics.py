@@ -19,6 +19,7 @@ from utils import (
     UserError,
     accuracy_at_coverage,
     atomic_write,
+    call_weights,
     classification_metrics,
     expected_calibration_error,
     misclassification_auroc,
@@ -210,3 +211,25 @@ def test_read_json_errors_are_user_errors(tmp_path):
         read_json(tmp_path / "missing.json")
 
 
+
+
+def test_call_weights_favour_rare_types_and_vanish_without_counts_or_balance():
+    assert call_weights(None, 0.75) is None and call_weights([5, 5], 0.0) is None
+    np.testing.assert_allclose(call_weights([90, 10], 1.0), [1 / 0.9, 1 / 0.1])
+    np.testing.assert_allclose(call_weights([90, 10], 0.5), [0.9**-0.5, 0.1**-0.5])
+    assert np.isfinite(call_weights([10, 0], 1.0)).all()  # a type without training cells
+    probs = np.array([[[0.55, 0.45], [0.95, 0.05]]])  # (S=1, N=2, C=2)
+    summary = uncertainty_summary(probs, weights=call_weights([90, 10], 0.75))
+    assert summary["pred"].tolist() == [1, 0]  # 0.45 · 0.1^-0.75 > 0.55 · 0.9^-0.75; 0.05 · 5.6 < 0.95 · 1.08
+    np.testing.assert_allclose(summary["confidence"], [0.45, 0.95])  # the probability of the call
+    assert uncertainty_summary(probs)["pred"].tolist() == [0, 0]
+
+
+def test_classification_metrics_score_given_calls_and_keep_probability_scores():
+    probs = np.array([[0.6, 0.4], [0.3, 0.7], [0.55, 0.45]])
+    labels = np.array([1, 1, 0])
+    plain = classification_metrics(probs, labels, ["a", "b"])
+    called = classification_metrics(probs, labels, ["a", "b"], pred=np.array([1, 1, 0]))
+    assert plain["accuracy"] == pytest.approx(2 / 3) and called["accuracy"] == 1.0
+    for key in ("nll", "ece", "brier"):
+        assert called[key] == plain[key]

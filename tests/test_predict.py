@@ -331,3 +331,39 @@ def test_command_line_exit_status_and_message(setup, tmp_path):
     assert result.stderr.strip().startswith("error: checkpoint not found") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_calls_favour_rarer_types_by_call_balance_and_probabilities_stay(setup, tmp_path):
+    checkpoint = load_checkpoint(setup["model"])
+    counts = [200, 20, 2]  # the training shares the calls are weighed against (checkpoints store them)
+    model_path = tmp_path / "counted.pth"
+    save_checkpoint(model_path, checkpoint.model, genes=GENES, classes=CLASSES, bin_num=BIN_NUM, stage="B",
+                    class_counts=counts)
+    assert load_checkpoint(model_path).class_counts == counts
+    runs = {}
+    for balance in ("0", "1"):
+        out = tmp_path / f"balance_{balance}"
+        argv = ["--data_path", str(setup["data"]), "--model_path", str(model_path), "--label_key", "cell_type",
+                "--output_dir", str(out), "--seed", "3", "--call_balance", balance]
+        assert predict_updated.main(argv) == 0
+        runs[balance] = (*read_outputs(out), json.loads((out / "metrics.json").read_text()))
+    plain, plain_probs, plain_metrics = runs["0"]
+    balanced, balanced_probs, balanced_metrics = runs["1"]
+    pd.testing.assert_frame_equal(plain_probs, balanced_probs)  # the probabilities do not move
+    probs = plain_probs[CLASSES].to_numpy()
+    shares = np.asarray(counts) / sum(counts)
+    assert plain["pred_top_label"].tolist() == [CLASSES[i] for i in probs.argmax(1)]
+    expected = (probs / shares).argmax(1)
+    assert balanced["pred_top_label"].tolist() == [CLASSES[i] for i in expected]
+    assert (expected != probs.argmax(1)).any()  # the weights really change some calls here
+    np.testing.assert_allclose(balanced[predict_updated.CELL_COLUMNS["confidence"]], probs[np.arange(len(probs)), expected])
+    truth = balanced["true_label"] if "true_label" in balanced else anndata.read_h5ad(setup["data"]).obs["cell_type"]
+    assert balanced_metrics["accuracy"] == pytest.approx(accuracy_score(truth, balanced["pred_top_label"]))
+    assert balanced_metrics["nll"] == pytest.approx(plain_metrics["nll"])
+
+
+def test_call_balance_outside_zero_to_one_is_refused(setup, tmp_path, capsys):
+    assert predict_updated.main(["--data_path", str(setup["data"]), "--model_path", str(setup["model"]),
+                                 "--output_dir", str(tmp_path / "out"), "--call_balance", "1.5"]) == 2
+    assert "call_balance" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
