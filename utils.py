@@ -821,9 +821,10 @@ def call_weights(class_counts: Sequence[int] | None, balance: float) -> np.ndarr
 
     Calls maximise p(c | cell) · share(c)^-balance: 0 is the plain argmax (accuracy), 1 the argmax of p/share
     (balanced accuracy). Rare types lose ties to common ones under the argmax, and macro-F1 weighs every type
-    alike. On the design splits (seeds 11-12, inner validation cells: benchmarks/calibration_inner.py's runs)
-    0.75 raised the final model's macro-F1 by +0.056 and +0.12 (PBMC) and +0.025 (stand-in) at accuracy 0.000,
-    0.000 and -0.009; 0.5 by +0.028, +0.048 and +0.034. Probabilities are unchanged: NLL and ECE stay theirs.
+    alike. On the design splits' inner validation cells (benchmarks/calibration_inner.py's runs: PBMC seeds 11
+    and 12, stand-in seed 11; no benchmark test cell), 0.75 raised the final model's macro-F1 by +0.010, +0.103
+    and +0.025 at accuracy 0.000, 0.000 and -0.009; 0.5 by +0.010, +0.045 and +0.034; 1.0 by +0.028, +0.075
+    and +0.026 but cost up to 0.027 accuracy. Probabilities are unchanged: NLL and ECE stay theirs.
     None (plain argmax) without counts (checkpoints written before they were stored) or with balance 0.
     """
     if class_counts is None or not balance:
