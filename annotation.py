@@ -6,13 +6,13 @@ names start with `key_added` (default "pred"), scanpy's convention, so two annot
 
     {key}_label               predicted cell type; Unassigned where the cell is too uncertain or novel
     {key}_unassigned          True where the label is Unassigned
-    {key}_confidence          probability of the most probable class
+    {key}_confidence          probability of the called type (the top label)
     {key}_entropy             predictive entropy (nats)
     {key}_expected_entropy    mean entropy of the head samples (aleatoric part)
     {key}_mutual_info         entropy - expected entropy (the samples' disagreement: epistemic part)
     {key}_std                 standard deviation over the head samples of the predicted class's probability
     {key}_novelty             novelty score / threshold (1.0 = the threshold; NaN without novelty statistics)
-    {key}_top_label           the most probable class, also where the label is Unassigned
+    {key}_top_label           the called type (call_balance: rarer types favoured), also where the label is Unassigned
     {key}_novelty_p_<view>    each novelty view's p-value under "a known type" (with novelty statistics)
     {key}_cluster             with majority voting: the cell's cluster (the user's column or the over-clustering)
     {key}_majority_label      with majority voting: the label most cells of the cluster got
