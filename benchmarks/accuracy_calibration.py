@@ -255,8 +255,8 @@ def write_report(report: Report, config: dict, name: str, data, per_split: dict,
         for key in ("prune_amount", "head_sparsity", "ensemble_temperature", "pipeline_seconds", "inference_seconds"):
             summary[method][key] = mean_std([r[key] for r in per_split[method]])
     differences = {f"{m}_minus_{ref}": {k: paired(per_split, m, ref, k) for k in METRICS}
-                   for m, ref in (("stage_b2", "logistic_regression"), ("stage_b2", "knn"), ("stage_b1", "stage_a"),
-                                  ("stage_b2", "stage_a"))}
+                   for m, ref in (("stage_b2", "logistic_regression"), ("stage_b2", LR_BALANCED), ("stage_b2", "knn"),
+                                  ("stage_b1", "stage_a"), ("stage_b2", "stage_a"), ("stage_b2", FINAL_ARGMAX))}
     results = report.results.setdefault("datasets", {})[name] = {
         "data": {"cells": len(data.labels), "genes": len(data.genes), "classes": sorted(set(data.labels.tolist()))},
         "summary": summary, "differences": differences, "per_split": per_split}
