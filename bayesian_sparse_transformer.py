@@ -702,7 +702,8 @@ def predict_samples(
         novelty = numpy_statistics(novelty)
     outputs, scores, trained, evidence = [], [], [], []
     # numpy's BLAS on one thread: its products here are a batch of rows each, too small to share, and its idle
-    # threads spin between batches against torch's (2 cores, ensemble of 5: 46 -> 112 cells/s in the whole CLI)
+    # threads spin between batches against torch's (2 cores, ensemble of 5 on 2,000 cells, one torch thread:
+    # 44 -> 116 cells/s in the whole CLI)
     with threadpool_limits(limits=1, user_api="blas"):
         for tokens, _ in tqdm(loader, desc="predicting", unit="batch", disable=not progress):
             tokens = tokens.to(device)
