@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from tqdm.auto import tqdm
 
+import allocator
 import options
 from backed_dataset import (
     BackedMatrix,
@@ -1488,6 +1489,9 @@ def _run_locked(config: TrainConfig, adata: anndata.AnnData | None, ctx: Dist, d
                  len(classes), len(splits), device, ctx.world)
         if isinstance(data.matrix, BackedMatrix):
             log.info("data: %s", data.matrix.describe())
+            # the reader's many small HDF5 allocations pin the heap between the batches' activations, which then
+            # fragment it: a tiny model's backed epoch over 10^5 cells peaked at 3.5 GB (see allocator)
+            allocator.map_large_blocks()
         setup = RunSetup(config, ctx, device, files, data, labels, classes, run_binning(config, source, data.matrix))
         results = [fit_fold(make_fold(setup, index, train_idx, val_idx, sources[index] if len(sources) > 1 else source))
                    for index, (train_idx, val_idx) in enumerate(splits)]
