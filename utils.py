@@ -487,7 +487,10 @@ def _strip_names(names: Iterable[object]) -> tuple[list[str], list[str]]:
 
 
 def _read_labels(adata: anndata.AnnData, label_key: str | None, *, require_labels: bool, source: str):
-    """Return obs[label_key] as a str array, None when labels are absent and optional, else UserError."""
+    """Return obs[label_key] as an object array of str, None when labels are absent and optional, else UserError.
+
+    Each cell points to its type's one str object (8 bytes a cell): a numpy str array would hold 4 bytes per
+    character of the longest name for every cell, 150 bytes a cell for the bundled types."""
     if label_key is None:
         if require_labels:
             raise UserError("cell type labels are required; name the obs column that holds them", {"label_key": None})
@@ -511,7 +514,8 @@ def _read_labels(adata: anndata.AnnData, label_key: str | None, *, require_label
             warnings.warn(f"{message}; labels ignored, so no metrics are computed", stacklevel=3)
             return None
         raise UserError(f"{message}; remove those cells first, e.g. adata = adata[adata.obs[{label_key!r}].notna()]")
-    return np.asarray(column.astype(str), dtype=str)
+    column = column.astype("category")
+    return np.asarray(column.cat.categories.astype(str), dtype=object)[column.cat.codes.to_numpy()]
 
 
 def _as_log_normalized(matrix: sp.csr_matrix, *, normalize: bool, source: str, any_scale: bool = False) -> sp.csr_matrix:

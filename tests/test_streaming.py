@@ -50,9 +50,10 @@ def test_chunked_cli_outputs_equal_one_chunk_of_all_cells_and_the_in_memory_api(
     api = predict_updated.annotate(anndata.read_h5ad(setup["data"]), setup["model"], **OPTIONS)
     table = pd.read_csv(tmp_path / "chunked" / "predictions.csv", index_col="cell_id")
     probabilities = pd.read_csv(tmp_path / "chunked" / "probabilities.csv", index_col="cell_id")
-    np.testing.assert_allclose(probabilities.to_numpy(), api.probability_matrix.to_numpy(), rtol=0, atol=1e-12)
+    # the outputs keep float32: the CSV's shortest float32 text reads back as the API's float32 value
+    np.testing.assert_array_equal(probabilities.to_numpy(np.float32), api.probability_matrix.to_numpy(np.float32))
     for column in predict_updated.CELL_COLUMNS.values():
-        np.testing.assert_allclose(table[column], api.predicted_labels[column], rtol=0, atol=1e-12, equal_nan=True)
+        np.testing.assert_array_equal(table[column].to_numpy(np.float32), api.predicted_labels[column].to_numpy(np.float32))
     assert table["pred_label"].tolist() == api.labels.astype(str).tolist()
 
 
