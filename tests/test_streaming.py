@@ -57,6 +57,42 @@ def test_chunked_cli_outputs_equal_one_chunk_of_all_cells_and_the_in_memory_api(
     assert table["pred_label"].tolist() == api.labels.astype(str).tolist()
 
 
+def chunk_prediction(rng, cells: int, start: int, views=("knn", "mahalanobis")) -> predict_updated.Prediction:
+    probs = rng.dirichlet(np.ones(3), cells)
+    summary = {"mean_probs": probs, "pred": probs.argmax(1), "confidence": probs.max(1), "novelty": rng.random(cells),
+               "novelty_pvalues": {view: rng.random(cells) for view in views}}
+    return predict_updated.Prediction([f"c{start + i}" for i in range(cells)], ["a", "b", "c"],
+                                      predict_updated.compact(summary), summary["confidence"] < 0.5,
+                                      np.array(["a"] * cells, dtype=object), 0.0)
+
+
+@pytest.mark.parametrize("views", [("knn", "mahalanobis"), ()])
+def test_chunk_results_fill_arrays_for_all_cells_in_float32(views):
+    rng = np.random.default_rng(0)
+    parts = [chunk_prediction(rng, cells, start, views) for cells, start in ((5, 0), (3, 5), (4, 8))]
+    results = predict_updated.CellResults(12)
+    for part in parts:
+        results.add(part)
+    joined = results.prediction(seconds=1.5)
+    assert joined.cell_ids == [f"c{i}" for i in range(12)] and joined.seconds == 1.5
+    for key in ("mean_probs", "pred", "confidence", "novelty"):
+        np.testing.assert_array_equal(joined.summary[key], np.concatenate([p.summary[key] for p in parts]))
+    assert joined.summary["mean_probs"].dtype == np.float32 and joined.summary["pred"].dtype == np.int32
+    assert set(joined.summary["novelty_pvalues"]) == set(views)  # an empty dict stays an empty dict
+    for view in views:
+        np.testing.assert_array_equal(joined.summary["novelty_pvalues"][view],
+                                      np.concatenate([p.summary["novelty_pvalues"][view] for p in parts]))
+    np.testing.assert_array_equal(joined.unassigned, np.concatenate([p.unassigned for p in parts]))
+    assert joined.true_labels.tolist() == ["a"] * 12
+
+
+def test_chunk_results_announced_for_fewer_cells_refuse_more():
+    results = predict_updated.CellResults(4)
+    results.add(chunk_prediction(np.random.default_rng(1), 3, 0))
+    with pytest.raises(RuntimeError, match="more than the 4 cells"):
+        results.add(chunk_prediction(np.random.default_rng(2), 3, 3))
+
+
 def test_chunks_of_any_size_agree_to_float_round_off(setup, tmp_path):  # noqa: F811
     assert predict_cli(setup["model"], setup["data"], tmp_path / "odd", "--chunk_size", "7") == 0
     assert predict_cli(setup["model"], setup["data"], tmp_path / "whole") == 0
