@@ -240,7 +240,7 @@ def predict(members: list[Checkpoint], chunks: Iterable[ExpressionData], n_cells
             if on_chunk is not None:
                 on_chunk(part)
             results.add(part)
-            del summary, part
+            del summary, part  # the chunk's own arrays go now, so the trim below returns their pages
             allocator.release_free_memory()
     return results.prediction(seconds=time.perf_counter() - started)
 
@@ -319,14 +319,15 @@ class CellResults:
         self.cells, self.filled = cells, 0
         self.cell_ids: list[str] = []
         self.arrays: dict[tuple[str, ...], np.ndarray] = {}  # ("pred",), ("novelty_pvalues", view), ...
-        self.first: Prediction | None = None
+        self.first: Prediction | None = None  # the first chunk without its per-cell data: classes, rule, nested keys
 
     def add(self, part: Prediction) -> None:
         fields = dict(_flat(part.summary)) | {("unassigned",): part.unassigned}
         if part.true_labels is not None:
             fields[("true_labels",)] = np.asarray(part.true_labels, dtype=object)
         if self.first is None:
-            self.first = part
+            nested = {key: {} for key, value in part.summary.items() if isinstance(value, dict)}
+            self.first = Prediction([], part.classes, nested, np.zeros(0, dtype=bool), None, 0.0, part.rule)
             self.arrays = {key: np.empty((self.cells, *values.shape[1:]), dtype=values.dtype)
                            for key, values in fields.items()}
         start, stop = self.filled, self.filled + len(part.cell_ids)
@@ -341,7 +342,7 @@ class CellResults:
         if self.first is None:
             raise RuntimeError("no chunk was predicted")
         arrays = {key: values[: self.filled] for key, values in self.arrays.items()}
-        summary: dict = {key: {} for key, value in self.first.summary.items() if isinstance(value, dict)}
+        summary: dict = {key: {} for key in self.first.summary}  # an empty dict (no p-value views) stays one
         for key, values in arrays.items():
             if key[0] not in ("unassigned", "true_labels"):
                 _nest(summary, key, values)
