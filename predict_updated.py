@@ -271,7 +271,7 @@ def summarise(members: list[Checkpoint], data: ExpressionData, config: PredictCo
         bar.set_description(f"predicting (chunk {number}{models})")
         probs, member_novelty = predict_samples(member.model, counting(loader, bar), config.bayes_mc_samples,
                                                 seed=config.seed + index, novelty=member.novelty if has_novelty else None,
-                                                device=device, amp=config.amp)
+                                                device=device, amp=config.amp, cells=len(data.cell_ids))
         samples.append(probs)  # (S, cells, classes)
         novelty.append(member_novelty)
     pooled = pool_members([np.asarray(s, dtype=np.float64).mean(axis=0) for s in samples])
@@ -674,8 +674,6 @@ def annotate_input(config: PredictConfig, members: list[Checkpoint], source: Inp
     n_genes = max(adata.n_vars, adata.raw.n_vars if adata.raw is not None else 0)
     size = chunk_cells(n_genes, config.chunk_size)
     streamed = adata.isbacked and not (config.majority_voting and config.over_clustering is None)
-    if streamed and len(rows) > size:
-        allocator.map_large_blocks()  # a long stream: flat memory is worth some speed (see allocator)
     reader = cell_reader(adata, label_key=source.label_key, layer=config.layer, use_raw=source.use_raw,
                          normalize=config.normalize, require_labels=config.label_key is not None,
                          gene_symbols=config.gene_symbols, source=source.name, any_scale=checkpoint.bin_edges is not None,

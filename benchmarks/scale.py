@@ -17,7 +17,7 @@ cells, so fixed costs cancel. Reference points on the same cells and models:
   time difference per cell is what the novelty views cost;
 - logistic regression (scikit-learn, fitted on the 700 cells): `predict_proba` on the same cells, read whole.
 
-    python -m benchmarks.scale                  # ensemble 10^4 and 5x10^4 cells, single model 10^4, 10^5, 10^6
+    python -m benchmarks.scale                  # ensemble 10^4, 5x10^4, 10^5 cells, single model 10^4, 10^5, 10^6
     python -m benchmarks.scale --single_cells 10000 100000   # without the million (about 30 min less)
     python -m benchmarks.scale --smoke
 
@@ -49,7 +49,7 @@ from benchmarks.common import (
 NAME = "scale"
 # Both sizes span several chunks: memory per cell is the slope between them, and a one-chunk run neither streams
 # nor tunes the allocator (see allocator.py), so it would measure the chunk instead.
-REAL = dict(cells=[10_000, 50_000], single_cells=[10_000, 100_000, 1_000_000], members=5, mc_samples=8, epochs=1, dim=32,
+REAL = dict(cells=[10_000, 50_000, 100_000], single_cells=[10_000, 100_000, 1_000_000], members=5, mc_samples=8, epochs=1, dim=32,
             train_cells=700, chunk_size=5_000, batch_size=32, noise=0.1, forward_cells=5_000, seed=0,
             fresh_process=True, models_dir="", worker_timeout_s=3600, memory_target_kb=1.0, throughput_target=0.8)
 SMOKE = REAL | dict(cells=[300, 600], single_cells=[300, 600], members=2, mc_samples=2, dim=16, train_cells=200,

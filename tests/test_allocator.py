@@ -1,4 +1,4 @@
-"""allocator: glibc's malloc tuned for long streamed predictions, a no-op elsewhere."""
+"""allocator: glibc's malloc tuned for backed training, a no-op elsewhere."""
 
 import platform
 

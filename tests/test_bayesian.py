@@ -13,6 +13,7 @@ from bayesian_sparse_transformer import (
     BayesianSparseTransformer,
     HeadConfig,
     ModelConfig,
+    predict_samples,
 )
 from performer_pytorch import PerformerConfig
 
@@ -160,6 +161,31 @@ def test_mc_with_fixed_noise_does_not_depend_on_batch_companions():
         apart = torch.cat([model.mc_probs(tokens[i : i + 1], 3, noise=noise) for i in range(4)], dim=1)
     torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(together.sum(-1), torch.ones(3, 4))
+
+
+def test_sampled_weights_give_the_networks_their_noise_draws():
+    model = tiny_model(bayes=True)
+    model.head.fc1.in_mask[3] = 0.0  # masks apply to the built weights as to the noise path
+    tokens = random_tokens()
+    noise = model.head.draw_noise(3, torch.Generator().manual_seed(0))
+    weights = model.head.sample_weights(noise)
+    assert weights["fc1"].weight.shape == (3, 12, 16) and weights["fc2"].bias.shape == (3, 8)
+    assert torch.all(weights["fc1"].weight[:, :, 3] == 0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.mc_logits(tokens, 3, noise=weights), model.mc_logits(tokens, 3, noise=noise))
+
+
+def test_predict_samples_needs_the_count_of_an_unsized_loader_and_checks_it():
+    model = tiny_model(bayes=True)
+    batches = [(random_tokens(batch=4, seed=seed), None) for seed in range(3)]  # 12 cells
+    expected, _ = predict_samples(model, iter(batches), 2, cells=12)
+    torch.testing.assert_close(torch.from_numpy(expected)[:, 4:8],
+                               model.mc_probs(batches[1][0], 2, noise=model.head.draw_noise(2, torch.Generator().manual_seed(0))))
+    with pytest.raises(TypeError, match="needs `cells`"):
+        predict_samples(model, iter(batches), 2)
+    for wrong in (11, 13):
+        with pytest.raises(ValueError, match="announced"):
+            predict_samples(model, iter(batches), 2, cells=wrong)
 
 
 def test_mc_draws_are_reproducible_with_a_seeded_generator():
