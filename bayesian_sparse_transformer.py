@@ -151,10 +151,10 @@ class BayesianLinear(StructuredMask):
     def forward(self, x: Tensor, noise: dict[str, Tensor] | SampledWeights | None = None) -> Tensor:
         """x (batch, in) or (S, batch, in); `noise` from `draw_noise` (or its `sample_weights`) gives (S, batch, out),
         else (…, out)."""
-        mask = self.weight_mask()
         if self.deterministic:
-            return F.linear(x, self.weight_mu * mask, self.bias_mu * self.out_mask)
+            return F.linear(x, self.mean_weight(), self.bias_mu * self.out_mask)
         if noise is None and self.local_reparam:
+            mask = self.weight_mask()
             mean = F.linear(x, self.weight_mu * mask, self.bias_mu * self.out_mask)
             # Variances in fp32 even under autocast: in fp16 small ones round to 0 and sqrt's gradient explodes.
             with torch.autocast(device_type=x.device.type, enabled=False):
@@ -684,14 +684,16 @@ def predict_proba_samples(
     device: torch.device | str = "cpu",
     amp: bool = False,
     progress: bool = False,
+    cells: int | None = None,
 ) -> np.ndarray:
     """Class probabilities (S, cells, classes) for every batch of `loader` (batches of (tokens, labels)).
 
     The S head networks are drawn once from `seed` (or given as `noise`, from `draw_noise`) and shared by all
     batches, so a cell's prediction does not depend on the batch it lands in. A deterministic model (or
-    deterministic mode) gives S identical samples.
+    deterministic mode) gives S identical samples. `cells`: as in `predict_samples`.
     """
-    return predict_samples(model, loader, num_samples, seed=seed, noise=noise, device=device, amp=amp, progress=progress)[0]
+    return predict_samples(model, loader, num_samples, seed=seed, noise=noise, device=device, amp=amp, progress=progress,
+                           cells=cells)[0]
 
 
 @torch.no_grad()
@@ -711,7 +713,7 @@ def predict_samples(
     """`predict_proba_samples`, plus each cell's novelty when `novelty` statistics are given.
 
     Both come from one encoding of each batch: the encoder is the expensive part. `cells`: how many cells the
-    loader yields, needed when it has no sized `dataset` (a DataLoader's length is taken from it).
+    loader yields, needed when it has no sized `dataset` (a DataLoader's is counted).
 
     Every batch's outputs are written into arrays allocated once for all cells. Kept per batch instead, those
     small arrays sat between the batches' freed activations and the heap could not reuse the gaps: a 10^5-cell
@@ -726,8 +728,11 @@ def predict_samples(
     elif noise is None:
         noise = model.head.draw_noise(num_samples, torch.Generator().manual_seed(seed))
     # The S networks' weights are built once rather than from the noise for every batch (a fifth of a small
-    # model's time per cell went there).
-    weights = None if noise is None else model.head.sample_weights(noise)
+    # model's time per cell went there); not at all for a head that predicts with its posterior means.
+    sampling = noise is not None and not model.config.head.posterior_means and not all(
+        layer.deterministic for layer in model.head.bayesian_layers().values())
+    weights = model.head.sample_weights(noise) if sampling else None
+    del noise  # drawn here, it would be a second copy of the weights' size for the whole run
     outputs = torch.empty((num_samples, cells, model.config.head.num_classes))  # (S, cells, classes)
     if novelty is not None:
         novelty = numpy_statistics(novelty)
@@ -770,4 +775,4 @@ def _cell_count(loader: Iterable) -> int:
     try:
         return len(loader.dataset)
     except (AttributeError, TypeError):
-        raise TypeError("predict_samples needs `cells` for a loader without a sized dataset") from None
+        raise TypeError("pass `cells` (how many cells the loader yields) for a loader without a sized dataset") from None

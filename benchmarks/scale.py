@@ -47,8 +47,8 @@ from benchmarks.common import (
 )
 
 NAME = "scale"
-# Both sizes span several chunks: memory per cell is the slope between them, and a one-chunk run neither streams
-# nor tunes the allocator (see allocator.py), so it would measure the chunk instead.
+# Every size spans several chunks: memory per cell is the slope between them, and a one-chunk run does not stream,
+# so it would measure the chunk instead.
 REAL = dict(cells=[10_000, 50_000, 100_000], single_cells=[10_000, 100_000, 1_000_000], members=5, mc_samples=8, epochs=1, dim=32,
             train_cells=700, chunk_size=5_000, batch_size=32, noise=0.1, forward_cells=5_000, seed=0,
             fresh_process=True, models_dir="", worker_timeout_s=3600, memory_target_kb=1.0, throughput_target=0.8)

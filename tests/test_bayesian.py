@@ -169,8 +169,10 @@ def test_sampled_weights_give_the_networks_their_noise_draws():
     tokens = random_tokens()
     noise = model.head.draw_noise(3, torch.Generator().manual_seed(0))
     weights = model.head.sample_weights(noise)
-    assert weights["fc1"].weight.shape == (3, 12, 16) and weights["fc2"].bias.shape == (3, 8)
-    assert torch.all(weights["fc1"].weight[:, :, 3] == 0)
+    fc1 = model.head.fc1
+    sigma = fc1.weight_log_sigma.clamp(*LOG_SIGMA_RANGE).exp()
+    torch.testing.assert_close(weights["fc1"].weight, (fc1.weight_mu + sigma * noise["fc1"]["weight"]) * fc1.in_mask)
+    assert weights["fc2"].bias.shape == (3, 8) and torch.all(weights["fc1"].weight[:, :, 3] == 0)
     with torch.no_grad():
         torch.testing.assert_close(model.mc_logits(tokens, 3, noise=weights), model.mc_logits(tokens, 3, noise=noise))
 
@@ -179,9 +181,9 @@ def test_predict_samples_needs_the_count_of_an_unsized_loader_and_checks_it():
     model = tiny_model(bayes=True)
     batches = [(random_tokens(batch=4, seed=seed), None) for seed in range(3)]  # 12 cells
     expected, _ = predict_samples(model, iter(batches), 2, cells=12)
-    torch.testing.assert_close(torch.from_numpy(expected)[:, 4:8],
-                               model.mc_probs(batches[1][0], 2, noise=model.head.draw_noise(2, torch.Generator().manual_seed(0))))
-    with pytest.raises(TypeError, match="needs `cells`"):
+    noise = model.head.draw_noise(2, torch.Generator().manual_seed(0))  # predict_samples' draw for seed 0
+    torch.testing.assert_close(torch.from_numpy(expected)[:, 4:8], model.mc_probs(batches[1][0], 2, noise=noise))
+    with pytest.raises(TypeError, match="pass `cells`"):
         predict_samples(model, iter(batches), 2)
     for wrong in (11, 13):
         with pytest.raises(ValueError, match="announced"):
