@@ -382,12 +382,17 @@ class BayesianSparseTransformer(nn.Module):
             features = self.head.gene_features(self.encode(tokens))  # (batch, fc1_in)
         if self.config.head.posterior_means:
             self.set_deterministic(True)
-        deterministic = not self.is_bayesian or all(layer.deterministic for layer in self.head.bayesian_layers().values())
-        if deterministic:
+        if not self.samples_head():
             return self.head.classify(features).expand(num_samples, -1, -1)
         if noise is None:
             noise = self.head.draw_noise(num_samples, generator)
         return self.head.classify(features, noise)
+
+    def samples_head(self) -> bool:
+        """Whether `mc_logits` draws head networks: a Bayesian head, neither in deterministic mode nor set to
+        predict with its posterior means."""
+        return (self.is_bayesian and not self.config.head.posterior_means
+                and not all(layer.deterministic for layer in self.head.bayesian_layers().values()))
 
     def mc_probs(self, tokens: Tensor, num_samples: int, **kwargs) -> Tensor:
         """Calibrated probabilities (S, batch, classes): softmax of the sampled logits / the head's temperature."""
@@ -717,21 +722,19 @@ def predict_samples(
 
     Every batch's outputs are written into arrays allocated once for all cells. Kept per batch instead, those
     small arrays sat between the batches' freed activations and the heap could not reuse the gaps: a 10^5-cell
-    stream in chunks of 5,000 peaked 390-780 MB above its start (three runs), against 187-189 MB now (see
+    stream in chunks of 5,000 peaked 390-780 MB above its start (three runs), against 187-194 MB now (see
     allocator.py).
     """
     device = torch.device(device)
     model.eval()
     cells = _cell_count(loader) if cells is None else cells
-    if not model.is_bayesian:
+    if not model.samples_head():
         noise = None
     elif noise is None:
         noise = model.head.draw_noise(num_samples, torch.Generator().manual_seed(seed))
     # The S networks' weights are built once rather than from the noise for every batch (a fifth of a small
-    # model's time per cell went there); not at all for a head that predicts with its posterior means.
-    sampling = noise is not None and not model.config.head.posterior_means and not all(
-        layer.deterministic for layer in model.head.bayesian_layers().values())
-    weights = model.head.sample_weights(noise) if sampling else None
+    # model's time per cell went there).
+    weights = None if noise is None else model.head.sample_weights(noise)
     del noise  # drawn here, it would be a second copy of the weights' size for the whole run
     outputs = torch.empty((num_samples, cells, model.config.head.num_classes))  # (S, cells, classes)
     if novelty is not None:

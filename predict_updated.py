@@ -228,6 +228,7 @@ def predict(members: list[Checkpoint], chunks: Iterable[ExpressionData], n_cells
     rule = unassign_rule(config, has_novelty)
     for member in members:
         member.model.to(device).set_deterministic(config.bayes_mc_samples == 1)
+    allocator.reuse_freed_memory()  # each batch's activations on the previous batch's pages (see allocator)
     started = time.perf_counter()
     results = CellResults(n_cells)
     # One report for all chunks and members: a bar in a terminal or notebook, a line every 10 s (cells/s, time
@@ -674,7 +675,6 @@ def annotate_input(config: PredictConfig, members: list[Checkpoint], source: Inp
     n_genes = max(adata.n_vars, adata.raw.n_vars if adata.raw is not None else 0)
     size = chunk_cells(n_genes, config.chunk_size)
     streamed = adata.isbacked and not (config.majority_voting and config.over_clustering is None)
-    allocator.reuse_freed_memory()  # each batch's activations on the previous batch's pages (see allocator)
     reader = cell_reader(adata, label_key=source.label_key, layer=config.layer, use_raw=source.use_raw,
                          normalize=config.normalize, require_labels=config.label_key is not None,
                          gene_symbols=config.gene_symbols, source=source.name, any_scale=checkpoint.bin_edges is not None,

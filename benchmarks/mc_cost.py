@@ -54,7 +54,8 @@ def measure(config: dict, seq_len: int, batch: int) -> dict:
 
     def head_mc() -> torch.Tensor:
         model.set_deterministic(False)
-        return torch.from_numpy(predict_proba_samples(model, loader, samples, seed=config["seed"], cells=batch))  # (S, batch, classes)
+        probs = predict_proba_samples(model, loader, samples, seed=config["seed"], cells=batch)  # (S, batch, classes)
+        return torch.from_numpy(probs)
 
     def naive_mc() -> torch.Tensor:
         model.set_deterministic(False)
